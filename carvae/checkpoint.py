@@ -1,0 +1,152 @@
+"""Checkpoint I/O: one self-describing `model.safetensors`.
+
+Weights are stored as safetensors (never pickle); everything needed to rebuild and use the model lives in
+the safetensors metadata as JSON strings: the model config, the preprocessing policy, training facts and
+metrics, the package version and a SHA-256 content hash of the tensors, verified on load so a bit-flipped
+or truncated file is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from carvae import __version__
+from carvae.model import ARCHITECTURE, VAE, VAEConfig
+from carvae.preprocess import PreprocessPolicy
+
+FORMAT = "carvae-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the problem in one line."""
+
+
+@dataclass
+class Checkpoint:
+    model: VAE
+    config: VAEConfig
+    policy: PreprocessPolicy
+    content_hash: str
+    training: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_id(self) -> str:
+        return f"carvae-{self.config.image_size}px-z{self.config.latent_dim}-{self.content_hash[:12]}"
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target: a crash or a full disk
+    leaves either the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: VAE, policy: PreprocessPolicy, training: dict[str, Any] | None = None
+) -> str:
+    """Atomically write the model + its description. Returns the content hash."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    digest = content_hash(tensors)
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "package_version": __version__,
+        "architecture": model.cfg.architecture,
+        "model_config": json.dumps(model.cfg.to_dict()),
+        "preprocess": json.dumps(policy.to_dict()),
+        "training": json.dumps(training or {}, default=str),
+        "content_hash": digest,
+    }
+    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    return digest
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Only the header: cheap, used to decide whether a checkpoint matches a configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu", verify: bool = True) -> Checkpoint:
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a carvae checkpoint (no '{FORMAT}' metadata)")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"checkpoint {path} has format version {meta.get('format_version')!r}; this carvae reads version {FORMAT_VERSION}"
+        )
+    if meta.get("architecture") != ARCHITECTURE:
+        raise CheckpointError(
+            f"checkpoint {path} is for architecture {meta.get('architecture')!r}; this carvae builds {ARCHITECTURE!r}"
+        )
+    try:
+        cfg = VAEConfig.from_dict(json.loads(meta["model_config"]))
+        policy = PreprocessPolicy.from_dict(json.loads(meta["preprocess"]))
+        training = json.loads(meta.get("training", "{}"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} has invalid metadata ({_one_line(e)})") from None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_one_line(e)})") from None
+    digest = content_hash(tensors)
+    if verify and digest != meta.get("content_hash"):
+        raise CheckpointError(
+            f"checkpoint {path} failed its integrity check (content hash {digest[:12]} != recorded "
+            f"{str(meta.get('content_hash'))[:12]}): the file is corrupt"
+        )
+    model = VAE(cfg)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match its model config ({_one_line(e)})") from None
+    model.to(device).eval()
+    return Checkpoint(model=model, config=cfg, policy=policy, content_hash=digest, training=training, metadata=meta)

@@ -1,0 +1,169 @@
+"""The whole VAE in one file: `VAEConfig` + `VAE`.
+
+Images are float tensors in [0, 1], NCHW. The decoder ends in a sigmoid so its output range is the data
+range. GroupNorm (never BatchNorm) keeps every image's result independent of what else is in its batch,
+which the service's dynamic batching relies on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURE = "carvae-resconv-v1"
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    image_size: int = 64
+    latent_dim: int = 128
+    # channels per resolution level, from the first downsampled level (size/2) to the 4×4 bottleneck;
+    # the number of levels follows from image_size, so the list is stretched/cut to fit.
+    channels: tuple[int, ...] = field(default=(32, 64, 128, 256))
+    blocks_per_level: int = 1
+    architecture: str = ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8 or self.image_size & (self.image_size - 1):
+            raise ValueError(f"image_size must be a power of two >= 8, got {self.image_size}")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if not self.channels or any(c < 8 or c % 8 for c in self.channels):
+            raise ValueError(f"channels must be multiples of 8, got {self.channels}")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+
+    @property
+    def levels(self) -> int:
+        """Number of stride-2 steps from image_size down to 4×4."""
+        return int(math.log2(self.image_size // 4))
+
+    def level_channels(self) -> list[int]:
+        chans = list(self.channels)
+        while len(chans) < self.levels:
+            chans.append(chans[-1])
+        return chans[-self.levels :] if len(chans) > self.levels else chans
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        known = {k: d[k] for k in ("image_size", "latent_dim", "channels", "blocks_per_level", "architecture") if k in d}
+        if "channels" in known:
+            known["channels"] = tuple(known["channels"])
+        return cls(**known)
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(32, ch // 4), num_channels=ch, eps=1e-5)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.norm1 = _norm(ch)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm2 = _norm(ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        # Zero-init the last conv so each block starts as the identity: deep stacks train from step one.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        chans = cfg.level_channels()
+        layers: list[nn.Module] = [nn.Conv2d(3, chans[0], 3, stride=2, padding=1)]  # size -> size/2
+        for i, ch in enumerate(chans):
+            if i > 0:
+                layers.append(nn.Conv2d(chans[i - 1], ch, 3, stride=2, padding=1))
+            layers.extend(ResBlock(ch) for _ in range(cfg.blocks_per_level))
+        layers.extend([_norm(chans[-1]), nn.SiLU(), nn.Flatten()])
+        self.body = nn.Sequential(*layers)
+        flat = chans[-1] * 4 * 4
+        # Two separate heads: μ and log σ² are different quantities and must not share one tensor.
+        self.fc_mu = nn.Linear(flat, cfg.latent_dim)
+        self.fc_logvar = nn.Linear(flat, cfg.latent_dim)
+        # Start with a small posterior variance so early reconstructions are not drowned in noise.
+        nn.init.zeros_(self.fc_logvar.weight)
+        nn.init.constant_(self.fc_logvar.bias, -4.0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        chans = cfg.level_channels()
+        self.bottom = chans[-1]
+        self.fc = nn.Linear(cfg.latent_dim, chans[-1] * 4 * 4)
+        layers: list[nn.Module] = []
+        for i in range(len(chans) - 1, -1, -1):
+            layers.extend(ResBlock(chans[i]) for _ in range(cfg.blocks_per_level))
+            out_ch = chans[i - 1] if i > 0 else chans[0]
+            # Nearest upsample + conv instead of ConvTranspose2d: no checkerboard artefacts.
+            layers.extend([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chans[i], out_ch, 3, padding=1)])
+        layers.extend([_norm(chans[0]), nn.SiLU(), nn.Conv2d(chans[0], 3, 3, padding=1)])
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], self.bottom, 4, 4)
+        return torch.sigmoid(self.body(h))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        # Calibrated decoder noise (log σ of the Gaussian likelihood), tracked during training so ELBO in
+        # nats can be reported for a checkpoint. Not used by reconstruct/sample.
+        self.register_buffer("log_sigma", torch.tensor(0.0))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, 3, H, W) in [0, 1] -> (mu, logvar), each (N, latent_dim)."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (N, latent_dim) -> images (N, 3, H, W) in [0, 1]."""
+        return self.decoder(z)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return mu + eps * torch.exp(0.5 * logvar)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction from a posterior sample, mu, logvar)."""
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction through μ (what the service returns)."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n images from the prior N(0, temperature² I). The noise is drawn on the generator's device (CPU
+        by default) so a seed gives the same cars on every device."""
+        z = torch.randn(n, self.cfg.latent_dim, generator=generator) * temperature
+        p = next(self.parameters())
+        return self.decode(z.to(device=p.device, dtype=p.dtype))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,201 @@
+"""The ONLY code that turns image bytes into model tensors and model tensors back into image bytes.
+
+Trainer and service both call `decode_image` + `to_model_array` with the policy stored in the checkpoint,
+so an image is prepared identically at training and serving time.
+
+Decoding is defensive: the container format is sniffed from the bytes (never the file name or content
+type), the pixel count is checked from the header before any pixel is allocated, and every PIL failure is
+turned into an `ImageError` with a stable code.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from struct import error as struct_error  # raised by a few PIL plugins on garbage data
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats we accept; restricting PIL's plugins means PDF/EPS/SVG-like inputs are never handed to a decoder.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Transparent pixels are composited onto this colour (documented in the README).
+BACKGROUND = (255, 255, 255)
+RESIZE_POLICIES = ("stretch", "center-crop", "pad")
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "lanczos": Image.Resampling.LANCZOS}
+
+# PIL's own bomb guard would fire on the library-wide default; our per-call limit replaces it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """A rejected image. `code` is stable and machine-readable; `status` is the HTTP status it maps to."""
+
+    def __init__(self, code: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 40_000_000  # width × height from the header, checked before decoding
+    min_side: int = 8  # smaller images carry too little to reconstruct
+    max_aspect: float = 10.0  # longer side / shorter side
+
+
+@dataclass(frozen=True)
+class PreprocessPolicy:
+    """How a photo becomes a model input. Stored in every checkpoint; the service uses the stored one."""
+
+    image_size: int = 64
+    resize: str = "stretch"  # whole photo resized to the square (no crop, no padding)
+    resample: str = "bicubic"
+    background: tuple[int, int, int] = BACKGROUND
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {tuple(_RESAMPLE)}, got {self.resample!r}")
+        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["background"] = list(self.background)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessPolicy:
+        return cls(**{k: d[k] for k in ("image_size", "resize", "resample", "background", "version") if k in d})
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16/32-bit greyscale: PIL's convert() clips to 0..255 instead of scaling, which whitens the image.
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode == "RGB":
+        return img
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, limits: DecodeLimits | None = None, draft_size: int | None = None) -> Image.Image:
+    """Bytes of any accepted format -> an RGB PIL image, EXIF orientation applied, first frame only.
+
+    `draft_size` lets JPEG decode at a reduced DCT scale that still covers the target size — a large
+    speed-up for big photos that trainer and service share because both pass the policy's size.
+    """
+    limits = limits or DecodeLimits()
+    if not data:
+        raise ImageError("empty_file", "the uploaded file is empty", 400)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(
+            "unsupported_media_type",
+            f"the file is not an image in a supported format ({', '.join(f.lower() for f in ACCEPTED_FORMATS)})",
+            415,
+        ) from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError("corrupt_image", f"the image header could not be read: {e}", 422) from None
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise ImageError(
+            "image_too_large", f"image is {w}×{h} = {w * h} pixels; the limit is {limits.max_pixels}", 413
+        )
+    if min(w, h) < limits.min_side:
+        raise ImageError("image_too_small", f"image is {w}×{h}; each side must be at least {limits.min_side} px", 422)
+    if max(w, h) / min(w, h) > limits.max_aspect:
+        raise ImageError(
+            "bad_aspect_ratio", f"image is {w}×{h}; the aspect ratio must be at most {limits.max_aspect:g}:1", 422
+        )
+    try:
+        if draft_size and img.format in ("JPEG", "MPO"):
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
+        # exif_transpose after load: it needs the decoded pixels and the EXIF block.
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img, BACKGROUND)
+    except Image.DecompressionBombError as e:
+        raise ImageError("image_too_large", str(e), 413) from None
+    except (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError, struct_error) as e:
+        raise ImageError("corrupt_image", f"the image data is corrupt or truncated ({e})", 422) from None
+
+
+def to_model_array(img: Image.Image, policy: PreprocessPolicy) -> np.ndarray:
+    """RGB image -> (S, S, 3) uint8 array following the policy."""
+    s = policy.image_size
+    resample = _RESAMPLE[policy.resample]
+    if policy.resize == "center-crop":
+        img = ImageOps.fit(img, (s, s), method=resample)
+    elif policy.resize == "pad":
+        img = ImageOps.pad(img, (s, s), method=resample, color=policy.background)
+    elif img.size != (s, s):
+        img = img.resize((s, s), resample)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def prepare(data: bytes, policy: PreprocessPolicy, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Bytes -> (S, S, 3) uint8, the model's view of the image."""
+    return to_model_array(decode_image(data, limits, draft_size=policy.image_size), policy)
+
+
+def to_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 in [0, 1]."""
+    t = torch.as_tensor(batch)
+    if t.ndim == 3:
+        t = t.unsqueeze(0)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, S, S) float in [0, 1] -> (N, S, S, 3) uint8."""
+    t = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return t.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: np.ndarray, nrow: int = 8, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows·H, cols·W, 3) uint8 grid, row-major."""
+    n, h, w, c = images.shape
+    ncol = max(1, min(nrow, n))
+    nrows = (n + ncol - 1) // ncol
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def encode_image(array: np.ndarray, fmt: str = "png", quality: int = 95, png_compress_level: int = 1) -> bytes:
+    """(H, W, 3) uint8 -> encoded bytes. PNG level 1: these are tiny images, and level 6+ costs several
+    times the CPU for a few percent fewer bytes."""
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"format must be one of {tuple(IMAGE_FORMATS)}, got {fmt!r}")
+    buf = io.BytesIO()
+    img = Image.fromarray(array, "RGB")
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=png_compress_level)
+    else:
+        img.save(buf, IMAGE_FORMATS[fmt], quality=quality)
+    return buf.getvalue()
