@@ -93,6 +93,12 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
+def _openable_formats() -> tuple[str, ...]:
+    # Pillow opens MPO through its JPEG opener and registers no "MPO" opener; naming one raises KeyError.
+    Image.init()
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+
 def decode_image(data: bytes, limits: DecodeLimits | None = None, draft_size: int | None = None) -> Image.Image:
     """Bytes of any accepted format -> an RGB PIL image, EXIF orientation applied, first frame only.
 
@@ -105,7 +111,7 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None, draft_size: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            img = Image.open(io.BytesIO(data), formats=_openable_formats())
     except UnidentifiedImageError:
         raise ImageError(
             "unsupported_media_type",

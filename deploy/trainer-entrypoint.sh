@@ -1,0 +1,43 @@
+#!/bin/sh
+# Entrypoint of the trainer image.
+#   With arguments: they go straight to `python -m trainer` (docker run carvae-trainer --help).
+#   Without: the docker-compose one-shot. Trains on /data when it holds images (any file type the
+#   trainer reads), otherwise on the embedded synthetic cars, into $CARVAE_TRAIN_OUT with --if-missing,
+#   so a valid checkpoint for the same configuration makes it exit at once.
+#   Settings (all optional; the trainer's own defaults otherwise):
+#     CARVAE_TRAIN_DATA         auto (default) | synthetic | a folder inside the container
+#     CARVAE_TRAIN_DATA_DIR     the folder "auto" looks in (default /data, where compose mounts ./data)
+#     CARVAE_TRAIN_OUT          run directory (default /models/current)
+#     CARVAE_TRAIN_EPOCHS, CARVAE_TRAIN_MAX_MINUTES, CARVAE_TRAIN_IMAGE_SIZE, CARVAE_TRAIN_LATENT_DIM,
+#     CARVAE_TRAIN_SEED, CARVAE_TRAIN_DEVICE
+#     CARVAE_TRAIN_EXTRA_ARGS   more trainer flags, split on spaces (e.g. "--smoke")
+set -eu
+
+if [ "$#" -gt 0 ]; then
+    exec python -m trainer "$@"
+fi
+
+data="${CARVAE_TRAIN_DATA:-auto}"
+data_dir="${CARVAE_TRAIN_DATA_DIR:-/data}"
+if [ "$data" = auto ]; then
+    data=synthetic
+    if [ -d "$data_dir" ] && find -L "$data_dir" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \
+        -o -iname '*.png' -o -iname '*.webp' -o -iname '*.bmp' -o -iname '*.gif' -o -iname '*.tif' \
+        -o -iname '*.tiff' \) -print 2>/dev/null | head -n 1 | grep -q .; then
+        data="$data_dir"
+    fi
+fi
+echo "trainer: data=$data out=${CARVAE_TRAIN_OUT:-/models/current}"
+
+set -- --data "$data" --out "${CARVAE_TRAIN_OUT:-/models/current}" --if-missing
+[ -n "${CARVAE_TRAIN_EPOCHS:-}" ] && set -- "$@" --epochs "$CARVAE_TRAIN_EPOCHS"
+[ -n "${CARVAE_TRAIN_MAX_MINUTES:-}" ] && set -- "$@" --max-minutes "$CARVAE_TRAIN_MAX_MINUTES"
+[ -n "${CARVAE_TRAIN_IMAGE_SIZE:-}" ] && set -- "$@" --image-size "$CARVAE_TRAIN_IMAGE_SIZE"
+[ -n "${CARVAE_TRAIN_LATENT_DIM:-}" ] && set -- "$@" --latent-dim "$CARVAE_TRAIN_LATENT_DIM"
+[ -n "${CARVAE_TRAIN_SEED:-}" ] && set -- "$@" --seed "$CARVAE_TRAIN_SEED"
+[ -n "${CARVAE_TRAIN_DEVICE:-}" ] && set -- "$@" --device "$CARVAE_TRAIN_DEVICE"
+# Without a terminal (docker compose up, CI logs) progress bars are noise; epoch summaries still print.
+[ -t 1 ] || set -- "$@" --no-progress
+# Word splitting of the extra flags is intended.
+# shellcheck disable=SC2086
+exec python -m trainer "$@" ${CARVAE_TRAIN_EXTRA_ARGS:-}

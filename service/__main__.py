@@ -1,0 +1,102 @@
+"""`python -m service`: load the checkpoint, then serve it with uvicorn.
+
+The checkpoint and device are loaded here, before uvicorn starts, so that a missing, corrupt or
+incompatible checkpoint, a device that is not there or a bad setting ends start-up with ONE line on stderr
+(`carvae: error: ...`) and exit status 2, instead of a traceback from inside the server's lifespan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from carvae.checkpoint import CheckpointError, load_checkpoint
+from carvae.device import DeviceError, pick_device
+from service.config import Settings
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"carvae: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+
+
+def _stop_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+def _settings_help() -> str:
+    lines = ["environment variables (defaults in brackets):"]
+    for name, f in Settings.model_fields.items():
+        default = "unset" if f.default is None or f.default_factory is not None else f.default
+        lines.append(f"  CARVAE_{name:<20} {f.description or ''} [{default}]")
+    return "\n".join(lines)
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = ".".join(str(p) for p in err["loc"])
+        _fail(f"invalid setting CARVAE_{name}: {err['msg']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a carvae checkpoint over HTTP. Every setting is a CARVAE_* environment variable.",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
+    settings = _load_settings()
+    logging.basicConfig(
+        level=settings.LOG_LEVEL.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        device = pick_device(settings.DEVICE)
+        checkpoint = load_checkpoint(settings.CHECKPOINT, device)
+    except DeviceError as e:
+        _fail(str(e))
+    except CheckpointError as e:
+        hint = (
+            ""
+            if settings.CHECKPOINT.exists()
+            else " (train one with `python -m trainer`, or set CARVAE_CHECKPOINT)"
+        )
+        _fail(f"{e}{hint}")
+    except Exception as e:  # e.g. out of device memory while moving the weights: still one line
+        _fail(f"could not load checkpoint {settings.CHECKPOINT}: {type(e).__name__}: {e}")
+
+    # Imported late: the FastAPI/uvicorn stack is not needed to report a configuration error.
+    import uvicorn
+
+    from service.main import create_app
+
+    app = create_app(settings, checkpoint=checkpoint)
+    # uvicorn handles SIGTERM/SIGINT itself (stop accepting, finish accepted requests, run the lifespan
+    # shutdown), then restores the previous handlers and re-raises the signal. With these handlers that
+    # re-raise ends the process with status 0: a requested, graceful stop is a success, not a kill.
+    signal.signal(signal.SIGTERM, _stop_cleanly)
+    signal.signal(signal.SIGINT, _stop_cleanly)
+    uvicorn.run(
+        app,
+        host=settings.HOST,
+        port=settings.PORT,
+        log_level=settings.LOG_LEVEL,
+        access_log=False,  # our RequestContextMiddleware logs one line per request, with its id
+        server_header=False,
+        # On SIGTERM uvicorn stops accepting and waits for accepted requests; give them their deadline.
+        timeout_graceful_shutdown=int(settings.REQUEST_TIMEOUT_S) + 5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

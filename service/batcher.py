@@ -1,0 +1,341 @@
+"""Dynamic batching: many concurrent requests, one forward pass per batch.
+
+Knows nothing about HTTP or about the model. Callers `submit(op, payload)`; one asyncio worker task takes
+queued jobs, groups them by `op` and calls that op's handler once per group with the list of payloads,
+in a single dedicated thread so the event loop never runs model code. A handler returns one result per
+payload, in order.
+
+Policy:
+- A batch holds at most `max_batch_size` rows (a job may carry several rows, e.g. a 16-image sample; a
+  job larger than the limit runs alone rather than being split).
+- The worker waits at most `max_wait_s` after the FIRST job of a batch was queued for more to arrive, and
+  not at all if nothing else is queued when it picks that job: an idle server answers a lone request at
+  once, a busy one fills batches with whatever queued up during the previous forward pass.
+- The queue is bounded: a full queue refuses at once (`Overloaded`) instead of building latency.
+- Every job has a deadline: an expired job is answered `DeadlineExceeded` and never reaches the model; a
+  job whose caller went away (cancelled future) is skipped.
+- An exception in a handler fails only the jobs of that group (`BatchFailed`); the worker carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger("carvae.batcher")
+
+Handler = Callable[[list[Any]], Sequence[Any]]
+T = TypeVar("T")
+
+
+class Overloaded(RuntimeError):
+    """The queue is full (or the batcher is stopping): try again later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(TimeoutError):
+    """The job's deadline passed before its result was ready."""
+
+
+class Abandoned(RuntimeError):
+    """The caller stopped waiting (e.g. the HTTP client disconnected); the job was withdrawn."""
+
+
+class BatchFailed(RuntimeError):
+    """The handler raised for the batch this job was in."""
+
+    def __init__(self, op: str, cause: BaseException) -> None:
+        super().__init__(f"{op} batch failed: {type(cause).__name__}: {cause}")
+        self.op = op
+        self.cause = cause
+
+
+class BatchObserver(Protocol):
+    """What the batcher reports (implemented by service.metrics; a no-op by default)."""
+
+    def queue_depth(self, depth: int) -> None: ...
+
+    def batch(
+        self, op: str, rows: int, batch_wait_s: float, queue_waits_s: Sequence[float], compute_s: float
+    ) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+    def timed_out(self, stage: str) -> None: ...
+
+
+class _NullObserver:
+    def queue_depth(self, depth: int) -> None:
+        pass
+
+    def batch(
+        self, op: str, rows: int, batch_wait_s: float, queue_waits_s: Sequence[float], compute_s: float
+    ) -> None:
+        pass
+
+    def rejected(self, reason: str) -> None:
+        pass
+
+    def timed_out(self, stage: str) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Job:
+    op: str
+    payload: Any
+    rows: int
+    future: asyncio.Future[Any]
+    enqueued: float  # loop.time()
+    deadline: float
+    tag: str | None = None
+
+
+@dataclass
+class _Stats:
+    """Plain counters for tests and logs (the Prometheus side goes through the observer)."""
+
+    batches: int = 0
+    jobs: int = 0
+    max_rows: int = 0
+    expired: int = 0
+    skipped: int = 0
+    failed_batches: int = 0
+    rows_per_batch: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        max_batch_size: int = 32,
+        max_wait_s: float = 0.005,
+        queue_size: int = 256,
+        default_timeout_s: float = 10.0,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
+            raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_s >= 0")
+        self.handlers = dict(handlers)
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self.default_timeout_s = default_timeout_s
+        self.observer: BatchObserver = observer or _NullObserver()
+        self.stats = _Stats()
+        self._pending: deque[_Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._busy = False
+        self._closed = False
+        # One thread: forward passes run one at a time, in order, off the event loop. torch's own
+        # intra-op threads parallelise inside each pass.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carvae-model")
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._worker is not None:
+            return
+        self._closed = False
+        self._worker = asyncio.create_task(self._run(), name="carvae-batcher")
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new jobs, let queued and running ones finish (up to the timeout), then stop."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + drain_timeout_s
+        while (self._pending or self._busy) and loop.time() < end and self.worker_alive:
+            await asyncio.sleep(0.01)
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(Overloaded("the service is shutting down"))
+        self.observer.queue_depth(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._worker is not None and not self._worker.done()
+
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in the model thread, outside any batch (warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- submitting ---------------------------------------------------------------------------------
+    def _enqueue(self, op: str, payload: Any, rows: int, timeout_s: float | None, tag: str | None) -> _Job:
+        if op not in self.handlers:
+            raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self.handlers))}")
+        if self._closed or self._worker is None:
+            self.observer.rejected("not_running")
+            raise Overloaded("the model worker is not running")
+        if len(self._pending) >= self.queue_size:
+            self.observer.rejected("queue_full")
+            raise Overloaded(f"the model queue is full ({self.queue_size} waiting); retry shortly")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout = self.default_timeout_s if timeout_s is None else timeout_s
+        job = _Job(op, payload, max(1, rows), loop.create_future(), now, now + timeout, tag)
+        self._pending.append(job)
+        self._wakeup.set()
+        self.observer.queue_depth(len(self._pending))
+        return job
+
+    async def submit(
+        self,
+        op: str,
+        payload: Any,
+        *,
+        rows: int = 1,
+        timeout_s: float | None = None,
+        tag: str | None = None,
+        cancel_on: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Any:
+        """Queue one job and wait for its result.
+
+        `cancel_on` (optional) makes an awaitable that completes when the caller no longer wants the
+        result, e.g. an HTTP client disconnect: the job is then withdrawn and `Abandoned` raised.
+        Raises Overloaded at once when the queue is full, DeadlineExceeded after `timeout_s`.
+        """
+        job = self._enqueue(op, payload, rows, timeout_s, tag)
+        fut = job.future
+        watcher: asyncio.Future[Any] | None = asyncio.ensure_future(cancel_on()) if cancel_on else None
+        waiting: set[asyncio.Future[Any]] = {fut} if watcher is None else {fut, watcher}
+        remaining = max(0.0, job.deadline - asyncio.get_running_loop().time())
+        try:
+            done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            fut.cancel()  # our own task was cancelled: the worker will skip the job
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if fut in done:
+            return fut.result()
+        fut.cancel()
+        if watcher is not None and watcher in done:
+            raise Abandoned(f"{op} job withdrawn: the caller went away")
+        self.observer.timed_out("wait")
+        raise DeadlineExceeded(f"no result within {job.deadline - job.enqueued:g} s")
+
+    # -- the worker ---------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            try:
+                self._busy = True
+                jobs = await self._collect()
+                if jobs:
+                    await self._execute(jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the service; handlers' errors are caught below
+                log.exception("batcher worker error (continuing)")
+            finally:
+                self._busy = False
+
+    def _alive(self, job: _Job, now: float) -> bool:
+        if job.future.done():  # cancelled: caller timed out or went away
+            self.stats.skipped += 1
+            return False
+        if now >= job.deadline:
+            job.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
+            self.stats.expired += 1
+            self.observer.timed_out("queue")
+            return False
+        return True
+
+    async def _collect(self) -> list[_Job]:
+        """Take the next batch off the queue according to the waiting policy (module docstring)."""
+        loop = asyncio.get_running_loop()
+        batch: list[_Job] = []
+        rows = 0
+        while self._pending and not batch:
+            job = self._pending.popleft()
+            if self._alive(job, loop.time()):
+                batch.append(job)
+                rows = job.rows
+        if not batch:
+            self.observer.queue_depth(len(self._pending))
+            return batch
+        # Nothing else queued and we were idle: run now instead of waiting for company.
+        wait_until = batch[0].enqueued + self.max_wait_s if self._pending else loop.time()
+        while rows < self.max_batch_size:
+            if not self._pending:
+                remaining = wait_until - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                continue
+            nxt = self._pending[0]
+            if rows + nxt.rows > self.max_batch_size:
+                break
+            self._pending.popleft()
+            if self._alive(nxt, loop.time()):
+                batch.append(nxt)
+                rows += nxt.rows
+        self.observer.queue_depth(len(self._pending))
+        return batch
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        groups: dict[str, list[_Job]] = {}
+        for job in jobs:
+            groups.setdefault(job.op, []).append(job)
+        started = loop.time()
+        batch_wait = started - jobs[0].enqueued
+        for op, group in groups.items():
+            now = loop.time()
+            live = [j for j in group if self._alive(j, now)]
+            if not live:
+                continue
+            rows = sum(j.rows for j in live)
+            t0 = time.perf_counter()
+            try:
+                payloads = [j.payload for j in live]
+                results = await loop.run_in_executor(self._executor, self.handlers[op], payloads)
+                if len(results) != len(live):
+                    raise RuntimeError(f"handler returned {len(results)} results for {len(live)} jobs")
+            except Exception as e:
+                self.stats.failed_batches += 1
+                tags = ", ".join(j.tag or "-" for j in live)
+                log.error("%s batch of %d rows failed for request(s) %s", op, rows, tags, exc_info=e)
+                for j in live:
+                    if not j.future.done():
+                        j.future.set_exception(BatchFailed(op, e))
+                continue
+            finally:
+                compute = time.perf_counter() - t0
+                self.observer.batch(op, rows, batch_wait, [started - j.enqueued for j in live], compute)
+                self.stats.batches += 1
+                self.stats.jobs += len(live)
+                self.stats.max_rows = max(self.stats.max_rows, rows)
+                self.stats.rows_per_batch.append(rows)
+                del self.stats.rows_per_batch[:-1000]
+            for j, result in zip(live, results, strict=True):
+                if not j.future.done():
+                    j.future.set_result(result)

@@ -1,0 +1,131 @@
+"""The service's whole configuration: one pydantic-settings object read from `CARVAE_*` variables.
+
+Every knob has a default that is safe on a small CPU host; the README's configuration table mirrors this
+file. Invalid values stop start-up with one line naming the variable (see `service.__main__`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from carvae.device import DEVICE_PATTERN
+
+MiB = 1024 * 1024
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects CPU affinity / container cpusets where the OS exposes it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Field names are the variable names without the `CARVAE_` prefix (case-insensitive in the env)."""
+
+    model_config = SettingsConfigDict(env_prefix="CARVAE_", extra="ignore", validate_default=True)
+
+    CHECKPOINT: Path = Field(
+        default=Path("runs/default/model.safetensors"), description="model.safetensors to serve"
+    )
+    HOST: str = Field(default="127.0.0.1", description="interface to bind; 0.0.0.0 inside a container")
+    PORT: int = Field(default=8000, ge=1, le=65535, description="TCP port")
+    DEVICE: str = Field(default="auto", pattern=DEVICE_PATTERN, description="auto|cpu|cuda|cuda:N|mps")
+
+    # Dynamic batching
+    MAX_BATCH_SIZE: int = Field(default=32, ge=1, le=1024, description="images per forward pass, at most")
+    MAX_WAIT_MS: float = Field(
+        default=5.0, ge=0, le=1000, description="longest wait after the first queued item"
+    )
+    QUEUE_SIZE: int = Field(
+        default=256, ge=1, le=100_000, description="items waiting for the model; beyond: 503"
+    )
+    MAX_IN_FLIGHT: int | None = Field(
+        default=None,
+        ge=1,
+        description="model requests being handled at once (upload to response); default "
+        "QUEUE_SIZE + 2 × MAX_BATCH_SIZE. Beyond it requests get 503 before their body is read",
+    )
+    REQUEST_TIMEOUT_S: float = Field(
+        default=10.0, gt=0, le=3600, description="deadline for a model request; 504"
+    )
+    BATCHING: bool = Field(
+        default=True, description="false: one forward pass per request (benchmark baseline)"
+    )
+
+    # Limits on what clients send
+    MAX_UPLOAD_BYTES: int = Field(default=10 * MiB, ge=1024, description="largest request body")
+    MAX_JSON_BYTES: int = Field(default=1 * MiB, ge=1024, description="largest JSON body (/sample, /decode)")
+    MAX_IMAGE_PIXELS: int = Field(
+        default=40_000_000, ge=64, description="width × height from the image header"
+    )
+
+    # Resources
+    TORCH_THREADS: int | None = Field(
+        default=None, ge=1, le=512, description="torch intra-op threads; default: cores"
+    )
+    WORKERS_DECODE: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="threads decoding uploads and encoding images; default: cores + 1 (2..8)",
+    )
+    PNG_COMPRESS_LEVEL: int = Field(
+        default=1, ge=0, le=9, description="zlib level for PNG responses (1: fast)"
+    )
+
+    # Security and operations
+    API_KEY: SecretStr | None = Field(default=None, description="when set, model endpoints require this key")
+    METRICS_REQUIRE_KEY: bool = Field(default=False, description="put /metrics behind API_KEY too")
+    CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated allowed origins; empty = no CORS headers"
+    )
+    LOG_LEVEL: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="log level"
+    )
+
+    @field_validator("CORS_ORIGINS", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("LOG_LEVEL", mode="before")
+    @classmethod
+    def _lower_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("API_KEY", mode="after")
+    @classmethod
+    def _empty_key_is_none(cls, v: SecretStr | None) -> SecretStr | None:
+        # CARVAE_API_KEY= (empty) in a compose file means "no key", not "the empty key".
+        return v if v is not None and v.get_secret_value() else None
+
+    @property
+    def torch_threads(self) -> int:
+        return self.TORCH_THREADS or available_cores()
+
+    @property
+    def decode_workers(self) -> int:
+        # PIL releases the GIL while decoding/resizing, so one thread more than the cores keeps them busy
+        # while another thread parses; more only adds memory.
+        return self.WORKERS_DECODE or min(8, max(2, available_cores() + 1))
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.MAX_IN_FLIGHT or self.QUEUE_SIZE + 2 * self.MAX_BATCH_SIZE
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.MAX_BATCH_SIZE if self.BATCHING else 1
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.MAX_WAIT_MS / 1000.0 if self.BATCHING else 0.0

@@ -1,0 +1,174 @@
+"""One error shape for every 4xx/5xx: `{"error": {"code", "message", "request_id"}}`.
+
+Exception handlers map the core's and the batcher's exceptions to statuses. Validation errors are
+rebuilt from location + message only: FastAPI's default echoes the input back, and an input holding
+NaN/Infinity cannot be written as JSON (that path used to end in a 500).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import Scope
+
+from carvae.preprocess import ImageError
+from service.batcher import Abandoned, BatchFailed, DeadlineExceeded, Overloaded
+from service.pipeline import InvalidLatents
+
+log = logging.getLogger("carvae.service")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# nginx's code for "client closed the request": only ever seen in our logs and metrics.
+CLIENT_CLOSED = 499
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "overloaded",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    """An error a route raises on purpose, with its status and code."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def new_request_id(incoming: str | None = None) -> str:
+    """Keep a caller's id if it is short and plain (it ends up in our logs), else make one."""
+    if incoming and _SANE_REQUEST_ID.match(incoming):
+        return incoming
+    return uuid.uuid4().hex
+
+
+def request_id_of(scope: Scope) -> str:
+    state = scope.get("state") or {}
+    rid = state.get("request_id") if isinstance(state, Mapping) else None
+    return str(rid) if rid else "-"
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=dict(headers or {}))
+
+
+def _error(
+    request: Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return error_response(status, code, message, request_id_of(request.scope), headers)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[str, str]:
+    """(code, message) from pydantic/FastAPI errors without any of the input values."""
+    if not errors:
+        return "validation_error", "the request is invalid"
+    parts = []
+    for err in errors[:max_items]:
+        loc = ".".join(_clip(str(p), 40) for p in err.get("loc", ()))
+        msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error")
+            msg = f"body is not valid JSON ({detail})" if detail else "body is not valid JSON"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > max_items:
+        parts.append(f"and {len(errors) - max_items} more")
+    missing = all(err.get("type") == "missing" for err in errors)
+    return ("missing_field" if missing else "validation_error"), _clip("; ".join(parts), 1000)
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    err = cast(ApiError, exc)
+    return _error(request, err.status, err.code, err.message, err.headers)
+
+
+async def _image_error(request: Request, exc: Exception) -> Response:
+    err = cast(ImageError, exc)
+    return _error(request, err.status, err.code, err.message)
+
+
+async def _invalid_latents(request: Request, exc: Exception) -> Response:
+    return _error(request, 422, "validation_error", str(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    err = cast(RequestValidationError, exc)
+    code, message = describe_validation_errors(list(err.errors()))
+    return _error(request, 422, code, message)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    err = cast(StarletteHTTPException, exc)
+    code = _STATUS_CODES.get(err.status_code, f"http_{err.status_code}")
+    detail = err.detail if isinstance(err.detail, str) else code.replace("_", " ")
+    if err.status_code == 404:
+        detail = f"no route for {request.method} {_clip(request.url.path, 200)}"
+    elif err.status_code == 405:
+        detail = f"method {request.method} is not allowed here"
+    return _error(request, err.status_code, code, detail, err.headers)
+
+
+async def _overloaded(request: Request, exc: Exception) -> Response:
+    err = cast(Overloaded, exc)
+    return _error(request, 503, "overloaded", str(err), {"Retry-After": str(err.retry_after_s)})
+
+
+async def _deadline(request: Request, exc: Exception) -> Response:
+    return _error(request, 504, "timeout", f"the request took too long: {exc}")
+
+
+async def _abandoned(request: Request, exc: Exception) -> Response:
+    return _error(request, CLIENT_CLOSED, "client_closed_request", "the client disconnected")
+
+
+async def _batch_failed(request: Request, exc: Exception) -> Response:
+    rid = request_id_of(request.scope)
+    # The batcher logged the traceback once for the whole batch; this line ties the request to it.
+    log.error("request_id=%s failed in the model: %s", rid, exc)
+    return _error(request, 500, "internal_error", f"the model failed on this request; quote request id {rid}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ImageError, _image_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(InvalidLatents, _invalid_latents)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(DeadlineExceeded, _deadline)
+    app.add_exception_handler(Abandoned, _abandoned)
+    app.add_exception_handler(BatchFailed, _batch_failed)
+    # Anything else is caught by RequestContextMiddleware (service.middleware): it logs the traceback
+    # with the request id and answers 500 in this same shape.

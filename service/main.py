@@ -1,0 +1,224 @@
+"""`create_app(settings)`: the FastAPI app, its lifespan (load → warm up → ready) and its middleware.
+
+The model is loaded in the lifespan, not at import, so importing the app (tests, tools, OpenAPI export)
+costs nothing. `python -m service` loads the checkpoint first and passes it in, so that a bad checkpoint
+or device is reported as one line before the server starts (service.__main__).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+from starlette.responses import FileResponse
+
+from carvae import __version__
+from carvae.checkpoint import Checkpoint, load_checkpoint
+from carvae.device import describe, pick_device
+from carvae.preprocess import DecodeLimits
+from service.batcher import Batcher
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestContextMiddleware,
+)
+from service.pipeline import Pipeline, Predictor, ServedModel
+from service.routes import images, latent, meta
+from service.routes.common import declare_api_key
+
+log = logging.getLogger("carvae.service")
+
+STATIC_DIR = Path(__file__).parent / "static"
+MODEL_PATHS = ("/reconstruct", "/encode", "/interpolate", "/sample", "/decode")
+JSON_PATHS = ("/sample", "/decode")
+# Open even when CARVAE_API_KEY is set: probes, the page and the API description.
+OPEN_PATHS = (
+    "/",
+    "/healthz",
+    "/readyz",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+    "/favicon.ico",
+)
+OPEN_PREFIXES = ("/static/",)
+
+DESCRIPTION = """A Variational AutoEncoder for car images.
+
+Send a car photo to `/reconstruct` and get the model's reconstruction back; `/encode` gives its latent
+distribution, `/interpolate` morphs between two photos, `/sample` draws new cars and `/decode` renders
+latent vectors. Image endpoints answer image bytes by default and JSON with base64 images under
+`Accept: application/json`. Errors are always `{"error": {"code", "message", "request_id"}}`.
+"""
+
+
+async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint: Checkpoint | None) -> None:
+    started = time.perf_counter()
+    torch.set_num_threads(settings.torch_threads)
+    if checkpoint is None:
+        device = pick_device(settings.DEVICE)
+        checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
+    model = checkpoint.model.eval().requires_grad_(False)
+    served = ServedModel(checkpoint, next(model.parameters()).device)
+    batcher = Batcher(
+        Predictor(served).handlers(),
+        max_batch_size=settings.effective_batch_size,
+        max_wait_s=settings.max_wait_s,
+        queue_size=settings.QUEUE_SIZE,
+        default_timeout_s=settings.REQUEST_TIMEOUT_S,
+        observer=metrics,
+    )
+    await batcher.start()
+    io_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="carvae-io")
+    pipeline = Pipeline(
+        served,
+        batcher,
+        io_pool,
+        DecodeLimits(max_pixels=settings.MAX_IMAGE_PIXELS),
+        settings.REQUEST_TIMEOUT_S,
+        settings.PNG_COMPRESS_LEVEL,
+    )
+    await pipeline.warm_up((1, settings.effective_batch_size))
+    app.state.pipeline = pipeline
+    app.state.io_pool = io_pool
+    metrics.set_model(served.model_id, str(served.device), served.image_size, served.latent_dim)
+    metrics.ready.set(1)
+    app.state.ready = True
+    log.info(
+        "ready: model %s on %s, %d parameters, batch ≤ %d, wait ≤ %g ms, %d torch / %d io threads (%.0f ms)",
+        served.model_id,
+        describe(served.device),
+        checkpoint.model.num_parameters(),
+        settings.effective_batch_size,
+        settings.max_wait_s * 1000,
+        settings.torch_threads,
+        settings.decode_workers,
+        (time.perf_counter() - started) * 1000,
+    )
+
+
+async def _stop(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    app.state.ready = False
+    metrics.ready.set(0)
+    pipeline: Pipeline | None = app.state.pipeline
+    if pipeline is not None:
+        # The server has already finished its in-flight requests; this drains anything still queued.
+        await pipeline.batcher.stop(drain_timeout_s=settings.REQUEST_TIMEOUT_S)
+        app.state.io_pool.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")
+
+
+def _mount_static(app: FastAPI) -> None:
+    if not STATIC_DIR.is_dir():
+        return
+    index = STATIC_DIR / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        if not index.is_file():
+            raise HTTPException(404)
+        return FileResponse(index, media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+
+def _openapi_fitted_to_the_model(app: FastAPI) -> None:
+    """/openapi.json states the loaded model's latent size (z rows of exactly latent_dim values), so
+    clients and schema-driven testers know what a valid /decode body is. Cached once the model is loaded."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        pipeline: Pipeline | None = app.state.pipeline
+        if pipeline is None:
+            app.openapi_schema = None  # not loaded yet: don't cache a schema without the sizes
+            return schema
+        d = pipeline.served.latent_dim
+        decode = schema["components"]["schemas"]["DecodeRequest"]
+        decode["properties"]["z"]["items"].update(minItems=d, maxItems=d)
+        decode["properties"]["z"]["description"] = f"latent vectors of this model: {d} finite floats each"
+        decode["examples"] = [{"z": [[0.0] * d]}]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise
+
+
+def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | None = None) -> FastAPI:
+    """Build the app. `checkpoint`, if given, is served as is; otherwise the lifespan loads
+    `settings.CHECKPOINT` onto `settings.DEVICE`."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await _start(app, settings, metrics, checkpoint)
+        try:
+            yield
+        finally:
+            await _stop(app, settings, metrics)
+
+    app = FastAPI(title="carvae", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    app.state.pipeline = None
+    install_error_handlers(app)
+
+    auth = [Depends(declare_api_key)] if settings.API_KEY else []
+    protected = (images.router, latent.router, meta.model_router)
+    for router in protected:
+        app.include_router(router, dependencies=auth)
+    app.include_router(meta.router)
+    _mount_static(app)
+    _openapi_fitted_to_the_model(app)
+
+    # add_middleware wraps: the last added runs first. Order, outermost first: request id + log +
+    # metrics, CORS (answers preflights without a key), API key, body limits, admission.
+    app.add_middleware(
+        AdmissionMiddleware, paths=MODEL_PATHS, max_in_flight=settings.max_in_flight, metrics=metrics
+    )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.MAX_UPLOAD_BYTES,
+        limits=dict.fromkeys(JSON_PATHS, settings.MAX_JSON_BYTES),
+    )
+    if settings.API_KEY is not None:
+        open_paths = OPEN_PATHS if settings.METRICS_REQUIRE_KEY else (*OPEN_PATHS, "/metrics")
+        app.add_middleware(
+            ApiKeyMiddleware,
+            key=settings.API_KEY.get_secret_value(),
+            open_paths=open_paths,
+            open_prefixes=OPEN_PREFIXES,
+        )
+    if settings.CORS_ORIGINS:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.CORS_ORIGINS,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
+        )
+    known_paths = {
+        path
+        for route in [*app.routes, *(r for router in (*protected, meta.router) for r in router.routes)]
+        if isinstance(path := getattr(route, "path", None), str)
+    }
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, known_paths=known_paths)
+    return app

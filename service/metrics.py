@@ -1,0 +1,117 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps in one process).
+
+Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units. Label values
+are bounded: `route` is the route template (never the raw path; unknown paths are "unmatched"), `op` is
+one of the batcher's ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """All service metrics; also the batcher's observer (see service.batcher.BatchObserver)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        # Resident memory, CPU and open fds of the process: what the overload test watches.
+        ProcessCollector(registry=r)
+        self.requests = Counter(
+            "carvae_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "carvae_request_duration_seconds",
+            "HTTP request latency, first byte in to response sent",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("carvae_in_flight_requests", "model requests being handled now", registry=r)
+        self.queue_depth_gauge = Gauge("carvae_queue_depth", "jobs waiting for the model", registry=r)
+        self.batch_size = Histogram(
+            "carvae_batch_size", "rows per forward pass", ["op"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "carvae_queue_wait_seconds",
+            "time a job waited in the queue before its forward pass started",
+            ["op"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.batch_wait = Histogram(
+            "carvae_batch_wait_seconds",
+            "time from a batch's first job being queued to the batch starting",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "carvae_compute_seconds",
+            "forward pass time per batch",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected_total = Counter(
+            "carvae_rejected", "requests refused with 503 (overload)", ["reason"], registry=r
+        )
+        self.timeouts_total = Counter(
+            "carvae_timeouts", "requests answered 504 (deadline passed)", ["stage"], registry=r
+        )
+        self.model_info = Info("carvae_model", "the served model", registry=r)
+        self.ready = Gauge("carvae_ready", "1 when the model is loaded and warmed up", registry=r)
+
+    # -- BatchObserver ------------------------------------------------------------------------------
+    def queue_depth(self, depth: int) -> None:
+        self.queue_depth_gauge.set(depth)
+
+    def batch(
+        self, op: str, rows: int, batch_wait_s: float, queue_waits_s: Sequence[float], compute_s: float
+    ) -> None:
+        self.batch_size.labels(op).observe(rows)
+        self.batch_wait.observe(batch_wait_s)
+        hist = self.queue_wait.labels(op)
+        for w in queue_waits_s:
+            hist.observe(w)
+        self.compute.labels(op).observe(compute_s)
+
+    def rejected(self, reason: str) -> None:
+        self.rejected_total.labels(reason).inc()
+
+    def timed_out(self, stage: str) -> None:
+        self.timeouts_total.labels(stage).inc()
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_duration.labels(route, method).observe(seconds)
+
+    def set_model(self, model_id: str, device: str, image_size: int, latent_dim: int) -> None:
+        self.model_info.info(
+            {
+                "model_id": model_id,
+                "device": device,
+                "image_size": str(image_size),
+                "latent_dim": str(latent_dim),
+            }
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,57 @@
+"""Shared route pieces: OpenAPI response documentation, auth scheme declaration, Rendered → Response."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from starlette.responses import Response
+
+from service.pipeline import Rendered
+from service.schemas import ErrorResponse
+
+_ERROR_TEXT = {
+    400: "empty file or unreadable body",
+    401: "API key missing or wrong (only when CARVAE_API_KEY is set)",
+    413: "body over CARVAE_MAX_UPLOAD_BYTES, or image over CARVAE_MAX_IMAGE_PIXELS",
+    415: "not an image in a supported format",
+    422: "invalid parameters, corrupt image, image too small or too elongated",
+    500: "the model failed; the message carries the request id",
+    503: "overloaded or not ready (see Retry-After)",
+    504: "the request's deadline passed (CARVAE_REQUEST_TIMEOUT_S)",
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses}
+
+
+def image_responses(description: str, *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """200 documented as image bytes in each format (plus the route's JSON model), and the error statuses."""
+    ok: dict[str, Any] = {
+        "description": description,
+        "content": {"image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY},
+    }
+    return {200: ok, **errors(*statuses)}
+
+
+MODEL_ERRORS = (400, 401, 413, 415, 422, 500, 503, 504)
+LATENT_ERRORS = (400, 401, 413, 422, 500, 503, 504)
+
+
+def to_response(rendered: Rendered) -> Response:
+    return Response(rendered.body, media_type=rendered.media_type, headers=rendered.headers)
+
+
+_bearer = HTTPBearer(auto_error=False, description="the CARVAE_API_KEY value")
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the CARVAE_API_KEY value")
+
+
+def declare_api_key(
+    _bearer_token: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    _header_key: Annotated[str | None, Security(_api_key)],
+) -> None:
+    """Puts the two accepted key schemes into OpenAPI. The key is checked earlier, before the body is
+    read, by service.middleware.ApiKeyMiddleware; by the time this runs the request is authorised."""

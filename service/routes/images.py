@@ -1,0 +1,82 @@
+"""Endpoints that take car photos: /reconstruct, /encode, /interpolate."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from starlette.responses import Response
+
+from service.deps import CallDep, FormatQuery, PipelineDep, WantsJSON, single_upload
+from service.routes.common import MODEL_ERRORS, errors, image_responses, to_response
+from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
+
+router = APIRouter(tags=["images"])
+
+PHOTO = "a car photo: JPEG, PNG, WebP, BMP, GIF or TIFF (sniffed from the bytes; names and types are ignored)"
+MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 2, 32, 8
+
+
+@router.post(
+    "/reconstruct",
+    summary="Reconstruct a car photo through the VAE",
+    description="The model's reconstruction of the photo (through the posterior mean), at the model's size. "
+    "`Accept: application/json` returns the reconstruction, the input as the model saw it, μ and the PSNR.",
+    response_model=ReconstructResponse,
+    responses=image_responses("the reconstruction (default PNG)", *MODEL_ERRORS),
+)
+async def reconstruct(
+    request: Request,
+    file: Annotated[UploadFile, File(description=PHOTO)],
+    pipeline: PipelineDep,
+    ctx: CallDep,
+    as_json: WantsJSON,
+    fmt: FormatQuery = "png",
+) -> Response:
+    data = await single_upload(request, "file", file)
+    return to_response(await pipeline.reconstruct(data, fmt, as_json, ctx))
+
+
+@router.post(
+    "/encode",
+    summary="Encode a car photo to its latent distribution",
+    response_model=EncodeResponse,
+    responses=errors(*MODEL_ERRORS),
+)
+async def encode(
+    request: Request,
+    file: Annotated[UploadFile, File(description=PHOTO)],
+    pipeline: PipelineDep,
+    ctx: CallDep,
+) -> Response:
+    data = await single_upload(request, "file", file)
+    return to_response(await pipeline.encode(data, ctx))
+
+
+@router.post(
+    "/interpolate",
+    summary="Frames between two cars in latent space",
+    description="Encodes both photos and decodes `steps` latents evenly spaced between their means, both "
+    "ends included: one PNG strip (one row), or JSON with one image per frame.",
+    response_model=ImagesResponse,
+    responses=image_responses("the frames as one strip (default PNG)", *MODEL_ERRORS),
+)
+async def interpolate(
+    request: Request,
+    file_a: Annotated[UploadFile, File(description=f"first {PHOTO}")],
+    file_b: Annotated[UploadFile, File(description="second car photo")],
+    pipeline: PipelineDep,
+    ctx: CallDep,
+    as_json: WantsJSON,
+    steps: Annotated[
+        int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="number of frames (form)")
+    ] = None,
+    steps_query: Annotated[
+        int | None, Query(alias="steps", ge=MIN_STEPS, le=MAX_STEPS, description="number of frames (query)")
+    ] = None,
+    fmt: FormatQuery = "png",
+) -> Response:
+    data_a = await single_upload(request, "file_a", file_a)
+    data_b = await single_upload(request, "file_b", file_b)
+    n = steps if steps is not None else steps_query if steps_query is not None else DEFAULT_STEPS
+    return to_response(await pipeline.interpolate(data_a, data_b, n, fmt, as_json, ctx))

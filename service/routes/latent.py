@@ -1,0 +1,48 @@
+"""Endpoints that start from latent space: /sample (from the prior) and /decode (given latents)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body
+from starlette.responses import Response
+
+from service.deps import CallDep, FormatQuery, PipelineDep, WantsJSON
+from service.routes.common import LATENT_ERRORS, image_responses, to_response
+from service.schemas import DecodeRequest, ImagesResponse, SampleRequest, SampleResponse
+
+router = APIRouter(tags=["latent"])
+
+
+@router.post(
+    "/sample",
+    summary="New cars drawn from the prior",
+    description="`n` images decoded from z ~ N(0, temperature² I): a PNG grid with 8 per row, or JSON with "
+    "one image each. The same seed gives the same cars; without one a seed is drawn. Either way the "
+    "seed used is in the `X-Seed` header (and in the JSON body). An empty body means all defaults.",
+    response_model=SampleResponse,
+    responses=image_responses("the grid of samples (default PNG); header X-Seed", *LATENT_ERRORS),
+)
+async def sample(
+    pipeline: PipelineDep,
+    ctx: CallDep,
+    as_json: WantsJSON,
+    body: Annotated[SampleRequest | None, Body()] = None,
+    fmt: FormatQuery = "png",
+) -> Response:
+    req = body or SampleRequest()
+    return to_response(await pipeline.sample(req.n, req.seed, req.temperature, fmt, as_json, ctx))
+
+
+@router.post(
+    "/decode",
+    summary="Decode latent vectors to images",
+    description="Each row of `z` (latent_dim finite floats) becomes one image: a PNG grid with 8 per row, "
+    "or JSON with one image per row.",
+    response_model=ImagesResponse,
+    responses=image_responses("the grid of decoded images (default PNG)", *LATENT_ERRORS),
+)
+async def decode(
+    body: DecodeRequest, pipeline: PipelineDep, ctx: CallDep, as_json: WantsJSON, fmt: FormatQuery = "png"
+) -> Response:
+    return to_response(await pipeline.decode(body.z, fmt, as_json, ctx))

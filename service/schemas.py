@@ -1,0 +1,202 @@
+"""Request and response bodies of the HTTP API (docs/ARCHITECTURE.md, "HTTP API"), with /docs examples."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+MAX_IMAGES = 64  # per /sample or /decode request: one grid of 8×8
+MAX_SEED = 2**53 - 1  # seeds round-trip exactly through JSON numbers in every client (JavaScript included)
+MAX_ABS_LATENT = 1000.0  # the prior is N(0, I); larger values only overflow activations
+MAX_LATENT_DIM = 4096
+
+_B64_PNG = "iVBORw0KGgoAAAANSUhEUgAAAEAAAABACAIAAAAlC+aJAAAA..."
+
+
+def _json_number_only(value: Any) -> Any:
+    """JSON Schema's rules, not Python's: 8.0 is an integer, "8" and true are not numbers."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+# An integer as JSON Schema defines it (8 and 8.0 pass; 8.5, "8" and true do not).
+JsonInt = Annotated[int, BeforeValidator(_json_number_only)]
+# A latent value: a finite JSON number (NaN/Infinity are refused), bounded, strict (no "1.5" strings).
+LatentValue = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_LATENT, le=MAX_ABS_LATENT)]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. corrupt_image")
+    message: str = Field(description="what went wrong, for humans")
+    request_id: str = Field(description="also in the X-Request-ID header and the service log")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer has this shape."""
+
+    error: ErrorBody
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "corrupt_image",
+                        "message": "the image data is corrupt or truncated (image file is truncated)",
+                        "request_id": "6f1c2b9e8a2d4f0e9b7c1a3d5e7f9a1b",
+                    }
+                }
+            ]
+        }
+    )
+
+
+class ReconstructResponse(BaseModel):
+    model_id: str
+    image_size: int = Field(description="side of the square images the model sees and produces, in pixels")
+    format: ImageFormat = Field(description="encoding of `image`")
+    image: str = Field(description="the reconstruction, base64-encoded in `format`")
+    input: str = Field(description="the input as the model saw it after preprocessing, base64 PNG")
+    mu: list[float] = Field(description="posterior mean: the image's latent code (latent_dim floats)")
+    psnr: float = Field(description="PSNR in dB between `input` and `image` (as 8-bit pixels)")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "carvae-64px-z128-3f2a9c1b7d4e",
+                    "image_size": 64,
+                    "format": "png",
+                    "image": _B64_PNG,
+                    "input": _B64_PNG,
+                    "mu": [0.12, -1.3, 0.7],
+                    "psnr": 24.8,
+                }
+            ]
+        }
+    )
+
+
+class EncodeResponse(BaseModel):
+    model_id: str
+    latent_dim: int
+    mu: list[float] = Field(description="posterior mean μ(x)")
+    logvar: list[float] = Field(description="posterior log-variance log σ²(x)")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "carvae-64px-z128-3f2a9c1b7d4e",
+                    "latent_dim": 128,
+                    "mu": [0.12, -1.3],
+                    "logvar": [-4.1, -3.8],
+                }
+            ]
+        }
+    )
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"n": 16, "seed": 42, "temperature": 1.0}]}
+    )
+
+    n: JsonInt = Field(default=16, ge=1, le=MAX_IMAGES, description="number of cars")
+    seed: JsonInt | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="same seed, same cars; omitted: drawn and returned",
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0,
+        le=5,
+        strict=True,
+        allow_inf_nan=False,
+        description="scales the prior's standard deviation",
+    )
+
+
+class ImagesResponse(BaseModel):
+    model_id: str
+    format: ImageFormat
+    images: list[str] = Field(description="one base64-encoded image per row of the request, in order")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"model_id": "carvae-64px-z128-3f2a9c1b7d4e", "format": "png", "images": [_B64_PNG]}]
+        }
+    )
+
+
+class SampleResponse(ImagesResponse):
+    seed: int = Field(description="the seed used (also in the X-Seed header)")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "carvae-64px-z128-3f2a9c1b7d4e",
+                    "seed": 42,
+                    "format": "png",
+                    "images": [_B64_PNG],
+                }
+            ]
+        }
+    )
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.2, 0.3]]}]}
+    )
+
+    z: list[Annotated[list[LatentValue], Field(min_length=1, max_length=MAX_LATENT_DIM)]] = Field(
+        min_length=1, max_length=MAX_IMAGES, description="latent vectors, each latent_dim finite floats"
+    )
+
+
+class ModelResponse(BaseModel):
+    model_id: str
+    content_hash: str = Field(description="SHA-256 of the weights, verified at load")
+    architecture: str
+    image_size: int
+    latent_dim: int
+    preprocess: dict[str, Any] = Field(description="the preprocessing policy stored in the checkpoint")
+    training: dict[str, Any] = Field(description="training facts and metrics stored in the checkpoint")
+    device: str
+    parameters: int
+    package_version: str
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "carvae-64px-z128-3f2a9c1b7d4e",
+                    "content_hash": "3f2a9c1b7d4e…",
+                    "architecture": "carvae-resconv-v1",
+                    "image_size": 64,
+                    "latent_dim": 128,
+                    "preprocess": {"image_size": 64, "resize": "stretch", "resample": "bicubic"},
+                    "training": {"epochs": 100, "best": {"val_psnr": 24.1}},
+                    "device": "cpu",
+                    "parameters": 3100000,
+                    "package_version": "0.1.0",
+                }
+            ]
+        }
+    )
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"

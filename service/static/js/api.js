@@ -1,0 +1,105 @@
+// The one place the page talks HTTP: adds the optional API key, asks for JSON, and turns every failure
+// (HTTP error, network error, unreadable body) into an ApiError with a message a person can read.
+
+const KEY_STORAGE = "carvae.apiKey";
+
+export function getApiKey() {
+  try {
+    return sessionStorage.getItem(KEY_STORAGE) || "";
+  } catch {
+    return ""; // storage disabled (privacy mode): the page still works without a key
+  }
+}
+
+export function setApiKey(key) {
+  try {
+    if (key) sessionStorage.setItem(KEY_STORAGE, key);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  } catch {
+    /* storage disabled: nothing to persist */
+  }
+}
+
+export class ApiError extends Error {
+  constructor(status, code, message, requestId = null, retryAfter = null) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+    this.requestId = requestId;
+    this.retryAfter = retryAfter;
+  }
+}
+
+/**
+ * Call the service. `json` sends a JSON body, `form` a FormData (multipart) body.
+ * Resolves to the parsed JSON body; rejects with ApiError (or AbortError when `signal` fires).
+ */
+export async function api(path, { method = "GET", json, form, signal } = {}) {
+  const headers = { Accept: "application/json" };
+  const key = getApiKey();
+  if (key) headers["X-API-Key"] = key;
+  let body;
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  } else if (form !== undefined) {
+    body = form; // the browser sets the multipart boundary itself
+  }
+
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body, signal });
+  } catch (e) {
+    if (e && e.name === "AbortError") throw e;
+    throw new ApiError(0, "network_error", "the service could not be reached (is it running?)");
+  }
+  const text = await res.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch {
+    data = null;
+  }
+  if (!res.ok) {
+    const err = data && typeof data === "object" && data.error ? data.error : {};
+    throw new ApiError(
+      res.status,
+      err.code || `http_${res.status}`,
+      err.message || text.slice(0, 300) || res.statusText || "no details",
+      err.request_id || res.headers.get("X-Request-ID"),
+      res.headers.get("Retry-After"),
+    );
+  }
+  if (data === null || typeof data !== "object") {
+    throw new ApiError(res.status, "bad_response", "the service sent an answer this page cannot read");
+  }
+  return data;
+}
+
+/** A sentence for a person: what went wrong and what to do, then the details for a bug report. */
+export function describeError(e, action) {
+  if (!(e instanceof ApiError)) {
+    return `${action} failed: ${e && e.message ? e.message : String(e)}`;
+  }
+  const m = String(e.message).trim().replace(/[.\s]+$/, ""); // sentences below add their own full stop
+  let text;
+  if (e.status === 0) {
+    text = `${action} failed: ${m}.`;
+  } else if (e.status === 401 || e.status === 403) {
+    text = `${action} needs an API key: open “API key” at the top of the page and enter it (${m}).`;
+  } else if (e.status === 503) {
+    const wait = e.retryAfter ? ` in ${e.retryAfter} s` : " in a moment";
+    text = `The service is busy right now (${m}). Please try again${wait}.`;
+  } else if (e.status === 504) {
+    text = `The service took too long to answer (${m}). Please try again.`;
+  } else if (e.status === 413) {
+    text = `That file is too large: ${m}.`;
+  } else if (e.status >= 400 && e.status < 500) {
+    text = `${action} failed — the service could not use that input: ${m}.`;
+  } else {
+    text = `${action} failed on the server (HTTP ${e.status}): ${m}.`;
+  }
+  const details = [e.code && `code ${e.code}`, e.requestId && `request ${e.requestId}`].filter(Boolean).join(", ");
+  return details ? `${text}\n(${details})` : text;
+}

@@ -1,0 +1,130 @@
+// The latent explorer: one slider per latent dimension that matters, re-decoding through POST /decode as
+// the user moves them. Dimensions are ranked once per model by how much a step along each one changes the
+// decoded image around z = 0 (the prior's mean).
+
+import { api, describeError } from "./api.js";
+import { dataUrl, debounce, meanAbsDiff, pixelsOf, say } from "./util.js";
+
+const SLIDERS = 12; // how many dimensions get a slider
+const PROBE = 2; // the step (in prior standard deviations) used to rank dimensions
+const RANGE = 3; // sliders span ±RANGE
+const MAX_ROWS = 64; // the API's limit on rows per /decode call
+const DEBOUNCE_MS = 80;
+
+function el(tag, props = {}) {
+  return Object.assign(document.createElement(tag), props);
+}
+
+export function createExplorer(els, model) {
+  const dim = model.latent_dim;
+  let base = new Array(dim).fill(0); // what "Reset" returns to
+  let z = base.slice();
+  let order = []; // [{dim, effect}] most effective first
+  let seq = 0; // only the newest decode may update the image
+
+  async function decode() {
+    const mine = ++seq;
+    els.root.setAttribute("aria-busy", "true");
+    try {
+      const res = await api("decode", { method: "POST", json: { z: [z] } });
+      if (mine !== seq) return; // a newer request is on its way
+      els.img.src = dataUrl(res.images[0], res.format);
+      say(els.msg, "");
+    } catch (e) {
+      if (mine === seq) say(els.msg, describeError(e, "Decoding the latent code"), "error");
+    } finally {
+      if (mine === seq) els.root.removeAttribute("aria-busy");
+    }
+  }
+  const decodeSoon = debounce(decode, DEBOUNCE_MS);
+
+  function syncSliders() {
+    for (const input of els.sliders.querySelectorAll("input[type=range]")) {
+      const d = Number(input.dataset.dim);
+      input.value = String(z[d]);
+      input.parentElement.querySelector("output").textContent = z[d].toFixed(2);
+    }
+  }
+
+  function renderSliders() {
+    els.sliders.textContent = "";
+    const top = order.slice(0, Math.min(SLIDERS, dim));
+    const strongest = top.length ? top[0].effect || 1 : 1;
+    top.forEach(({ dim: d, effect }, rank) => {
+      // Built with DOM calls, no markup strings: works under a strict Content-Security-Policy.
+      const row = el("div", { className: "slider" });
+      const input = el("input", { id: `z-${d}`, type: "range", min: -RANGE, max: RANGE, step: 0.05 });
+      input.dataset.dim = String(d);
+      input.setAttribute("aria-describedby", "explore-help");
+      const label = el("label", { htmlFor: input.id, textContent: `Dimension ${d}` });
+      const output = el("output", { textContent: "0.00" });
+      output.htmlFor = input.id;
+      const bar = el("span", { className: "effect" });
+      bar.title = `Rank ${rank + 1}: mean pixel change ${effect.toFixed(1)} / 255 for a step of ${PROBE}`;
+      const fill = el("span");
+      fill.style.width = `${Math.max(4, (100 * effect) / strongest).toFixed(0)}%`;
+      bar.append(fill);
+      row.append(label, output, input, bar);
+      input.addEventListener("input", () => {
+        z[d] = Number(input.value);
+        output.textContent = z[d].toFixed(2);
+        decodeSoon();
+      });
+      els.sliders.append(row);
+    });
+    syncSliders();
+  }
+
+  // One probe row per dimension (z = PROBE·e_d) plus z = 0, decoded in as few calls as the row limit allows.
+  async function rank() {
+    say(els.msg, "Finding the dimensions that matter most…");
+    const rows = [new Array(dim).fill(0)];
+    for (let d = 0; d < dim; d++) {
+      const row = new Array(dim).fill(0);
+      row[d] = PROBE;
+      rows.push(row);
+    }
+    const images = [];
+    for (let i = 0; i < rows.length; i += MAX_ROWS) {
+      const res = await api("decode", { method: "POST", json: { z: rows.slice(i, i + MAX_ROWS) } });
+      images.push(...res.images.map((b64) => dataUrl(b64, res.format)));
+    }
+    const pixels = await Promise.all(images.map(pixelsOf));
+    order = pixels
+      .slice(1)
+      .map((p, d) => ({ dim: d, effect: meanAbsDiff(pixels[0], p) }))
+      .sort((a, b) => b.effect - a.effect);
+    renderSliders();
+    say(els.msg, "");
+  }
+
+  function load(latent, label) {
+    base = latent.map(Number);
+    z = base.slice();
+    els.source.textContent = label;
+    syncSliders();
+    decode();
+  }
+
+  els.reset.addEventListener("click", () => {
+    z = base.slice();
+    syncSliders();
+    decode();
+  });
+  els.zero.addEventListener("click", () => load(new Array(dim).fill(0), "The prior's mean, z = 0"));
+
+  return {
+    async start() {
+      try {
+        await rank();
+      } catch (e) {
+        // Still usable without the ranking: show the first dimensions in their natural order.
+        order = Array.from({ length: dim }, (_, d) => ({ dim: d, effect: 0 }));
+        renderSliders();
+        say(els.msg, describeError(e, "Ranking the latent dimensions"), "error");
+      }
+      decode();
+    },
+    load,
+  };
+}

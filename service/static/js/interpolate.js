@@ -1,0 +1,115 @@
+// Two photos → POST /interpolate → a player: the current frame large, every frame in a strip, a play/pause
+// button and a frame slider. Playback bounces A → B → A.
+
+import { api, describeError } from "./api.js";
+import { dataUrl, fileDropTarget, say } from "./util.js";
+
+const FRAME_MS = 140;
+
+export function createInterpolator(els) {
+  const files = { a: null, b: null };
+  let frames = [];
+  let current = 0;
+  let direction = 1;
+  let timer = null;
+  let seq = 0;
+
+  function pick(which, file) {
+    files[which] = file;
+    const thumb = els[`thumb_${which}`];
+    if (thumb.dataset.url) URL.revokeObjectURL(thumb.dataset.url);
+    thumb.dataset.url = URL.createObjectURL(file);
+    thumb.src = thumb.dataset.url;
+    thumb.alt = `Car ${which.toUpperCase()}: ${file.name}`;
+    thumb.hidden = false;
+    els[`name_${which}`].textContent = file.name;
+    els.button.disabled = !(files.a && files.b);
+  }
+
+  function show(i) {
+    current = i;
+    els.frame.src = frames[i];
+    els.frame.alt = `Frame ${i + 1} of ${frames.length}, between car A and car B`;
+    els.slider.value = String(i);
+    els.frameOut.textContent = `${i + 1} of ${frames.length}`;
+    els.strip.querySelectorAll("button").forEach((b, j) => b.setAttribute("aria-current", j === i ? "true" : "false"));
+  }
+
+  function setPlaying(on) {
+    clearInterval(timer);
+    timer = null;
+    // The label itself says what pressing does (so no aria-pressed, which would contradict it).
+    els.play.dataset.playing = String(on);
+    els.play.textContent = on ? "Pause" : "Play";
+    if (!on || frames.length < 2) return;
+    timer = setInterval(() => {
+      if (current + direction < 0 || current + direction >= frames.length) direction = -direction;
+      show(current + direction);
+    }, FRAME_MS);
+  }
+
+  function render(images, format) {
+    frames = images.map((b64) => dataUrl(b64, format));
+    els.slider.max = String(frames.length - 1);
+    els.strip.textContent = "";
+    frames.forEach((url, i) => {
+      const item = document.createElement("div");
+      item.setAttribute("role", "listitem");
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "frame-thumb";
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = `Frame ${i + 1}`;
+      b.append(img);
+      b.addEventListener("click", () => {
+        setPlaying(false);
+        show(i);
+      });
+      item.append(b);
+      els.strip.append(item);
+    });
+    els.player.hidden = false;
+    direction = 1;
+    show(0);
+    // Motion only when the visitor has not asked the system for less of it.
+    setPlaying(!window.matchMedia("(prefers-reduced-motion: reduce)").matches);
+  }
+
+  async function interpolate() {
+    const mine = ++seq;
+    const form = new FormData();
+    form.append("file_a", files.a, files.a.name);
+    form.append("file_b", files.b, files.b.name);
+    form.append("steps", els.steps.value);
+    say(els.msg, "Interpolating…");
+    els.root.setAttribute("aria-busy", "true");
+    els.button.disabled = true;
+    try {
+      const res = await api("interpolate", { method: "POST", form });
+      if (mine !== seq) return;
+      render(res.images, res.format);
+      say(els.msg, `${res.images.length} frames from “${files.a.name}” to “${files.b.name}”.`, "ok");
+    } catch (e) {
+      if (mine === seq) say(els.msg, describeError(e, "Interpolating"), "error");
+    } finally {
+      if (mine === seq) {
+        els.root.removeAttribute("aria-busy");
+        els.button.disabled = !(files.a && files.b);
+      }
+    }
+  }
+
+  fileDropTarget(els.zoneA, els.inputA, (f) => pick("a", f));
+  fileDropTarget(els.zoneB, els.inputB, (f) => pick("b", f));
+  els.form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    if (files.a && files.b) interpolate();
+  });
+  els.play.addEventListener("click", () => setPlaying(timer === null));
+  els.slider.addEventListener("input", () => {
+    setPlaying(false);
+    show(Number(els.slider.value));
+  });
+  return { interpolate };
+}

@@ -1,0 +1,47 @@
+// Upload → POST /reconstruct: shows the model's view of the photo beside its reconstruction, the PSNR
+// between them and a download link, then hands the photo's latent mean to the explorer.
+
+import { api, describeError } from "./api.js";
+import { dataUrl, fileDropTarget, say } from "./util.js";
+
+export function createReconstructor(els, model, explorer) {
+  const size = `${model.image_size}×${model.image_size}`;
+  let seq = 0;
+
+  async function reconstruct(file) {
+    const mine = ++seq;
+    const form = new FormData();
+    form.append("file", file, file.name);
+    say(els.msg, `Reconstructing “${file.name}”…`);
+    els.root.setAttribute("aria-busy", "true");
+    try {
+      const res = await api("reconstruct", { method: "POST", form });
+      if (mine !== seq) return;
+      const recon = dataUrl(res.image, res.format);
+      els.original.src = dataUrl(res.input, "png");
+      els.original.alt = `${file.name} resized to ${size} pixels, the model's input`;
+      els.recon.src = recon;
+      els.recon.alt = `The model's ${size} reconstruction of ${file.name}`;
+      els.psnr.textContent = `${Number(res.psnr).toFixed(2)} dB`;
+      els.download.href = recon;
+      els.download.download = `${file.name.replace(/\.[^.]*$/, "") || "car"}-reconstruction.${res.format}`;
+      els.compare.hidden = false;
+      els.resultBar.hidden = false;
+      say(els.msg, `Reconstructed “${file.name}”: PSNR ${Number(res.psnr).toFixed(2)} dB.`, "ok");
+      // /reconstruct returns μ; older services may not, so fall back to /encode.
+      const mu = Array.isArray(res.mu) ? res.mu : (await api("encode", { method: "POST", form })).mu;
+      if (mine === seq) explorer.load(mu, `The latent mean of “${file.name}”`);
+    } catch (e) {
+      if (mine !== seq) return;
+      // Hide the previous result: it would read as the answer for this file.
+      els.compare.hidden = true;
+      els.resultBar.hidden = true;
+      say(els.msg, describeError(e, `Reconstructing “${file.name}”`), "error");
+    } finally {
+      if (mine === seq) els.root.removeAttribute("aria-busy");
+    }
+  }
+
+  fileDropTarget(els.zone, els.input, reconstruct);
+  return { reconstruct };
+}

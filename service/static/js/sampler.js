@@ -1,0 +1,97 @@
+// Samples from the prior. The latent codes are drawn here with a seeded generator and decoded by
+// POST /decode, so the page knows each car's exact code: clicking a car loads that code into the explorer.
+
+import { api, describeError } from "./api.js";
+import { dataUrl, gaussianRows, say } from "./util.js";
+
+const COUNT = 16;
+const MAX_SEED = 4294967295;
+
+export function createSampler(els, model, explorer) {
+  let seq = 0;
+
+  function newSeed() {
+    els.seed.value = String(Math.floor(Math.random() * MAX_SEED));
+  }
+
+  function readSeed() {
+    const seed = Number(els.seed.value);
+    if (els.seed.value.trim() === "" || !Number.isInteger(seed) || seed < 0 || seed > MAX_SEED) {
+      throw new Error(`the seed must be a whole number from 0 to ${MAX_SEED}`);
+    }
+    return seed;
+  }
+
+  function render(images, format, rows, seed, temperature) {
+    els.grid.textContent = "";
+    images.forEach((b64, i) => {
+      const item = document.createElement("div");
+      item.setAttribute("role", "listitem");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "sample";
+      button.setAttribute("aria-pressed", "false");
+      const img = document.createElement("img");
+      img.src = dataUrl(b64, format);
+      img.alt = `Sampled car ${i + 1} of ${images.length}`;
+      img.width = 96;
+      img.height = 96;
+      button.append(img);
+      button.title = "Load this car's latent code into the sliders";
+      button.addEventListener("click", () => {
+        for (const b of els.grid.querySelectorAll("button[aria-pressed=true]")) b.setAttribute("aria-pressed", "false");
+        button.setAttribute("aria-pressed", "true");
+        explorer.load(rows[i], `Sample ${i + 1} (seed ${seed}, temperature ${temperature})`);
+        say(els.msg, `Loaded sample ${i + 1} into the latent sliders.`, "ok");
+      });
+      item.append(button);
+      els.grid.append(item);
+    });
+  }
+
+  async function sample() {
+    const mine = ++seq;
+    let seed;
+    try {
+      seed = readSeed();
+    } catch (e) {
+      say(els.msg, `Sampling failed: ${e.message}.`, "error");
+      return;
+    }
+    const temperature = Number(els.temperature.value);
+    const rows = gaussianRows(seed, COUNT, model.latent_dim, temperature);
+    say(els.msg, `Sampling ${COUNT} cars with seed ${seed}…`);
+    els.root.setAttribute("aria-busy", "true");
+    els.button.disabled = true;
+    try {
+      const res = await api("decode", { method: "POST", json: { z: rows } });
+      if (mine !== seq) return;
+      render(res.images, res.format, rows, seed, temperature.toFixed(1));
+      say(els.msg, `${COUNT} cars from seed ${seed}, temperature ${temperature.toFixed(1)}. Select one to explore its latent code.`, "ok");
+    } catch (e) {
+      if (mine === seq) say(els.msg, describeError(e, "Sampling"), "error");
+    } finally {
+      if (mine === seq) {
+        els.root.removeAttribute("aria-busy");
+        els.button.disabled = false;
+      }
+    }
+  }
+
+  els.form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    sample();
+  });
+  els.newSeed.addEventListener("click", () => {
+    newSeed();
+    sample();
+  });
+  els.temperature.addEventListener("input", () => {
+    els.tempOut.textContent = Number(els.temperature.value).toFixed(1);
+  });
+
+  if (!els.seed.value) newSeed();
+  // The first grid is drawn for the visitor, unless they have already asked for one themselves.
+  const sampleIfIdle = () => (seq === 0 ? sample() : undefined);
+  return { sample, sampleIfIdle };
+}

@@ -1,0 +1,104 @@
+// Small helpers shared by the page's sections: status messages, debouncing, a seeded Gaussian generator,
+// and reading pixels back from base64 images.
+
+/** Show a message in a section's aria-live region; kind is "info", "ok" or "error". */
+export function say(el, text, kind = "info") {
+  el.classList.remove("info", "ok", "error");
+  if (!text) {
+    el.textContent = "";
+    return;
+  }
+  el.classList.add(kind);
+  // Clearing first makes screen readers announce a repeated identical message again.
+  el.textContent = "";
+  requestAnimationFrame(() => {
+    el.textContent = text;
+  });
+}
+
+export function debounce(fn, ms) {
+  let timer = null;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+/** data: URL for a base64 image from the API; `format` is the API's format name (png, jpeg, webp). */
+export function dataUrl(b64, format = "png") {
+  return `data:image/${format};base64,${b64}`;
+}
+
+// mulberry32: a tiny, well-mixed 32-bit generator. Being defined here (not Math.random) is what makes a seed
+// give the same latent codes in every browser.
+function mulberry32(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** rows × cols matrix of N(0, temperature²) draws from `seed` (Box–Muller). */
+export function gaussianRows(seed, rows, cols, temperature = 1) {
+  const next = mulberry32(seed);
+  const out = [];
+  for (let r = 0; r < rows; r++) {
+    const row = new Array(cols);
+    for (let c = 0; c < cols; c += 2) {
+      const u1 = 1 - next(); // (0, 1]: log(0) would be -Infinity
+      const u2 = next();
+      const radius = Math.sqrt(-2 * Math.log(u1));
+      row[c] = radius * Math.cos(2 * Math.PI * u2) * temperature;
+      if (c + 1 < cols) row[c + 1] = radius * Math.sin(2 * Math.PI * u2) * temperature;
+    }
+    out.push(row);
+  }
+  return out;
+}
+
+/** RGBA pixels of an image URL, drawn at its natural size. */
+export async function pixelsOf(url) {
+  const img = new Image();
+  img.src = url;
+  await img.decode();
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.drawImage(img, 0, 0);
+  return ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+}
+
+/** Mean absolute difference per RGB channel value (0..255) between two same-sized RGBA buffers. */
+export function meanAbsDiff(a, b) {
+  let sum = 0;
+  let n = 0;
+  for (let i = 0; i < a.length; i += 4) {
+    sum += Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]) + Math.abs(a[i + 2] - b[i + 2]);
+    n += 3;
+  }
+  return n ? sum / n : 0;
+}
+
+/** Wire a label-wrapped file input as a drop target; `onFile` gets the first dropped or picked file. */
+export function fileDropTarget(zone, input, onFile) {
+  input.addEventListener("change", () => {
+    if (input.files && input.files[0]) onFile(input.files[0]);
+    input.value = ""; // so picking the same file again fires "change" again
+  });
+  zone.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("dragging");
+    const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
+    if (file) onFile(file);
+  });
+}

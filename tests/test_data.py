@@ -1,0 +1,280 @@
+"""trainer.data: folder scan, odd files, the decode cache, fingerprints, the seeded split, batches."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import trainer.data as data_mod
+from carvae.preprocess import PreprocessPolicy, prepare, to_tensor
+from trainer.data import (
+    DataError,
+    augment,
+    data_fingerprint,
+    epoch_batches,
+    load_folder,
+    load_synthetic,
+    make_split,
+    parse_augment,
+    scan_images,
+    to_batch,
+)
+
+POLICY = PreprocessPolicy(image_size=16)
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"  # ../shared seen from the project root
+REAL_PHOTOS = SHARED / "datasets" / "stanford-cars-dev" / "images"
+
+
+def _save(path: Path, img: Image.Image, fmt: str, **kw: object) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _halves(w: int, h: int, left: tuple[int, int, int], right: tuple[int, int, int]) -> Image.Image:
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = left
+    arr[:, w // 2 :] = right
+    return Image.fromarray(arr, "RGB")
+
+
+RED, BLUE = (220, 20, 20), (20, 20, 220)
+
+
+@pytest.fixture
+def odd_folder(tmp_path: Path) -> Path:
+    """One folder with every kind of file a user's photo folder contains."""
+    root = tmp_path / "photos"
+    rgb = _halves(40, 30, RED, BLUE)
+    _save(root / "a_plain.jpg", rgb, "JPEG", quality=95)
+    _save(root / "nested" / "deeper" / "B_UPPER.JPG", rgb, "JPEG")
+    _save(root / "c.png", rgb, "PNG")
+    _save(root / "d.webp", rgb, "WEBP")
+    _save(root / "e.bmp", rgb, "BMP")
+    _save(root / "f.tiff", rgb, "TIFF")
+    frames = [_halves(24, 24, RED, BLUE), _halves(24, 24, BLUE, RED)]
+    frames[0].save(root / "g_anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    _save(root / "h_cmyk.jpg", rgb.convert("CMYK"), "JPEG")
+    grad16 = (np.tile(np.linspace(0, 65535, 32), (32, 1))).astype(np.uint16)
+    _save(root / "i_16bit.png", Image.fromarray(grad16), "PNG")
+    pal = Image.new("P", (24, 24), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.paste(1, (12, 0, 24, 24))  # right half index 1 (blue), left half index 0 (red) ...
+    _save(root / "j_palette_alpha.png", pal, "PNG", transparency=0)  # ... and index 0 is transparent
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display": the stored left (red) edge becomes the top
+    _save(root / "k_exif_rotated.jpg", _halves(40, 20, RED, BLUE), "JPEG", exif=exif.tobytes())
+    _save(root / "l_huge.jpg", Image.new("RGB", (4000, 3000), (40, 160, 90)), "JPEG", quality=70)
+    # files that must be skipped and counted, never crash the run
+    _save(root / "m_tiny.png", Image.new("RGB", (4, 4)), "PNG")
+    (root / "n_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
+    good = _save(root / "tmp.jpg", rgb, "JPEG")
+    (root / "tmp.jpg").unlink()
+    (root / "o_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "p_text.png").write_text("this is not an image")
+    (root / "q_empty.webp").write_bytes(b"")
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+KEPT = [
+    "a_plain.jpg", "c.png", "d.webp", "e.bmp", "f.tiff", "g_anim.gif", "h_cmyk.jpg", "i_16bit.png",
+    "j_palette_alpha.png", "k_exif_rotated.jpg", "l_huge.jpg", "nested/deeper/B_UPPER.JPG",
+]  # fmt: skip
+
+
+def test_scan_is_recursive_case_insensitive_and_sorted(odd_folder: Path) -> None:
+    names = [p.relative_to(odd_folder).as_posix() for p in scan_images(odd_folder)]
+    assert names == sorted(names)
+    assert "nested/deeper/B_UPPER.JPG" in names and "notes.txt" not in names
+    assert len(names) == len(KEPT) + 5  # the kept ones + five unusable image-named files
+
+
+def test_odd_files_are_decoded_or_skipped_and_counted(
+    odd_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        ds = load_folder(odd_folder, POLICY)
+    assert ds.images.shape == (len(KEPT), 16, 16, 3) and ds.images.dtype == torch.uint8
+    assert ds.source["skipped"] == 5 and ds.source["files"] == len(KEPT) + 5
+    reasons = ds.source["skipped_reasons"]
+    assert reasons["image_too_small"] == 1 and reasons["empty_file"] == 1
+    assert reasons["unsupported_media_type"] == 1 and reasons.get("corrupt_image", 0) >= 2
+    assert "skipped 5" in caplog.text
+    by_name = dict(zip(KEPT, ds.images.numpy(), strict=True))
+    # every kept file is exactly what the service's prepare() makes of the same bytes
+    for name in KEPT:
+        np.testing.assert_array_equal(by_name[name], prepare((odd_folder / name).read_bytes(), POLICY))
+    # EXIF orientation applied: red on top, blue at the bottom (not left/right as stored)
+    rot = by_name["k_exif_rotated.jpg"].astype(int)
+    assert rot[:6, :, 0].mean() > 150 and rot[:6, :, 2].mean() < 80
+    assert rot[-6:, :, 2].mean() > 150 and rot[-6:, :, 0].mean() < 80
+    # 16-bit greyscale scaled to 8 bits (not clipped to white): a dark-to-light ramp
+    g = by_name["i_16bit.png"].astype(int)
+    assert g[:, 0].mean() < 30 and g[:, -1].mean() > 225 and (g[..., 0] == g[..., 2]).all()
+    # palette + transparency: the transparent half composited on white, the opaque half stays blue
+    p = by_name["j_palette_alpha.png"].astype(int)
+    assert (p[:, :6] > 240).all() and p[:, -6:, 2].mean() > 240 and p[:, -6:, 0].mean() < 15
+    # CMYK converted to RGB: still red on the left
+    c = by_name["h_cmyk.jpg"].astype(int)
+    assert c[:, :6, 0].mean() > 150 and c[:, :6, 2].mean() < 100
+    # the 12-megapixel photo is kept, resized whole
+    assert np.abs(by_name["l_huge.jpg"].astype(int) - (40, 160, 90)).max() <= 3
+
+
+def test_folder_without_usable_images_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "missing", POLICY)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_folder(tmp_path / "empty", POLICY)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="none of the 1 image files"):
+        load_folder(tmp_path / "bad", POLICY)
+
+
+def test_second_load_comes_from_the_cache_without_decoding(
+    odd_folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    cache = tmp_path / "cache"
+    first = load_folder(odd_folder, POLICY, cache_dir=cache)
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".npy"]  # numpy + json, no pickle
+    np.load(next(cache.glob("*.npy")), allow_pickle=False)
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded although the cache is valid")
+
+    monkeypatch.setattr(data_mod, "prepare", no_decoding)
+    second = load_folder(odd_folder, POLICY, cache_dir=cache)
+    assert torch.equal(first.images, second.images) and second.source["skipped"] == first.source["skipped"]
+    assert second.fingerprint == first.fingerprint
+
+    # a changed file, or another policy, misses the cache (and so must decode)
+    monkeypatch.undo()
+    calls: list[str] = []
+
+    def counting_prepare(data: bytes, *rest: object) -> np.ndarray:
+        calls.append("decoded")
+        return prepare(data, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(data_mod, "prepare", counting_prepare)
+    _save(odd_folder / "c.png", _halves(40, 30, BLUE, RED), "PNG")
+    load_folder(odd_folder, POLICY, cache_dir=cache)
+    assert calls
+    calls.clear()
+    load_folder(odd_folder, PreprocessPolicy(image_size=16, resize="center-crop"), cache_dir=cache)
+    assert calls
+
+
+def test_unwritable_cache_is_only_a_warning(odd_folder: Path, tmp_path: Path, caplog) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        ds = load_folder(odd_folder, POLICY, cache_dir=blocker / "cache")
+    assert len(ds) == len(KEPT) and "could not write the decode cache" in caplog.text
+
+
+def test_parallel_decoding_equals_serial(tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    rng = np.random.default_rng(0)
+    for i in range(70):  # above the size where the worker pool is used
+        _save(
+            root / f"{i:03d}.png", Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)), "PNG"
+        )
+    (root / "050_bad.png").write_bytes(b"nope")
+    serial = load_folder(root, POLICY, workers=1)
+    parallel = load_folder(root, POLICY, workers=2)
+    assert torch.equal(serial.images, parallel.images) and parallel.source["skipped"] == 1
+
+
+def test_fingerprint_follows_content_not_location(odd_folder: Path, tmp_path: Path) -> None:
+    fp = data_fingerprint(str(odd_folder), 16, 0)
+    assert fp == load_folder(odd_folder, POLICY).fingerprint
+    moved = tmp_path / "moved"
+    odd_folder.rename(moved)
+    assert data_fingerprint(str(moved), 16, 0) == fp
+    (moved / "c.png").rename(moved / "c2.png")
+    assert data_fingerprint(str(moved), 16, 0) != fp
+    assert data_fingerprint("synthetic", 64, 100) != data_fingerprint("synthetic", 64, 101)
+
+
+def test_synthetic_data_is_deterministic_and_parallel_equals_serial(tmp_path: Path) -> None:
+    a = load_synthetic(300, 16, workers=1)
+    b = load_synthetic(300, 16, workers=2, cache_dir=tmp_path)
+    c = load_synthetic(300, 16, cache_dir=tmp_path)  # from the cache
+    assert a.images.shape == (300, 16, 16, 3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.images, c.images)
+    assert a.fingerprint == b.fingerprint and a.source["source"] == "synthetic"
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    s1, s2, s3 = make_split(100, 0.1, seed=0), make_split(100, 0.1, seed=0), make_split(100, 0.1, seed=1)
+    assert len(s1.val) == 10 and len(s1.train) == 90
+    assert np.array_equal(s1.val, s2.val) and s1.val_hash == s2.val_hash
+    assert not np.array_equal(s1.val, s3.val) and s1.val_hash != s3.val_hash
+    assert set(s1.train).isdisjoint(s1.val) and set(s1.train) | set(s1.val) == set(range(100))
+    assert s1.describe() == {"seed": 0, "val_fraction": 0.1, "train": 90, "val": 10, "val_hash": s1.val_hash}
+    assert len(make_split(3, 0.01, 0).val) == 1  # at least one validation image
+    with pytest.raises(DataError):
+        make_split(1, 0.1, 0)
+    with pytest.raises(ValueError):
+        make_split(10, 0.0, 0)
+
+
+def test_epoch_batches_cover_the_train_set_in_a_seeded_order() -> None:
+    train = np.arange(0, 200, 2)  # 100 indices
+    b0 = epoch_batches(train, epoch=0, seed=5, batch_size=16)
+    assert len(b0) == 6 and all(len(b) == 16 for b in b0)  # the partial 7th batch is dropped
+    seen = np.concatenate(b0)
+    assert len(set(seen)) == 96 and set(seen) <= set(train)
+    again = epoch_batches(train, epoch=0, seed=5, batch_size=16)
+    assert all(np.array_equal(x, y) for x, y in zip(b0, again, strict=True))
+    assert not np.array_equal(np.concatenate(epoch_batches(train, 1, 5, 16)), seen)
+    # two ranks: same number of batches, different images
+    r0, r1 = epoch_batches(train, 0, 5, 16, 0, 2), epoch_batches(train, 0, 5, 16, 1, 2)
+    assert len(r0) == len(r1) == 3 and set(np.concatenate(r0)).isdisjoint(np.concatenate(r1))
+    assert len(epoch_batches(train[:5], 0, 5, 16)) == 1  # fewer images than a batch: one short batch
+
+
+def test_batches_use_the_service_conversion() -> None:
+    images = torch.randint(0, 256, (10, 8, 8, 3), dtype=torch.uint8)
+    idx = np.array([3, 1, 7])
+    x = to_batch(images, idx, torch.device("cpu"), channels_last=True)
+    torch.testing.assert_close(x, to_tensor(images[[3, 1, 7]]))
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_augmentation_is_opt_in_and_hflip_flips() -> None:
+    assert parse_augment(None) == () and parse_augment("none") == () and parse_augment("") == ()
+    assert parse_augment("hflip, shift") == ("hflip", "shift")
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        parse_augment("rotate")
+    x = torch.rand(32, 3, 8, 8)
+    assert augment(x, (), torch.Generator()) is x
+    out = augment(x, ("hflip",), torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(out[i], x[i].flip(-1))) for i in range(32)]
+    kept = [bool(torch.equal(out[i], x[i])) for i in range(32)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 4 < sum(flipped) < 28
+    shifted = augment(x, ("shift", "color"), torch.Generator().manual_seed(0))
+    assert shifted.shape == x.shape and shifted.min() >= 0 and shifted.max() <= 1
+
+
+@pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason="../shared/datasets/stanford-cars-dev is not here")
+def test_real_car_photos_decode_exactly_as_the_service_does(tmp_path: Path) -> None:
+    photos = sorted(REAL_PHOTOS.iterdir())[:24]
+    for p in photos:
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    ds = load_folder(tmp_path, PreprocessPolicy(image_size=64))
+    assert ds.images.shape == (24, 64, 64, 3) and ds.source["skipped"] == 0
+    first = prepare(photos[0].read_bytes(), PreprocessPolicy(image_size=64))
+    np.testing.assert_array_equal(ds.images[0].numpy(), first)

@@ -1,0 +1,193 @@
+"""The Docker deliverables without a Docker engine: the trainer image's entrypoint (run with a stand-in
+`python` that records its arguments), the PNG checker the Docker CI relies on, and the consistency of
+docker-compose.yml / Dockerfile with the code they configure. The real images and stack are exercised
+by `make docker-test` (.ci/docker-test.sh)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINT = ROOT / "deploy" / "trainer-entrypoint.sh"
+
+
+def _load_smoke() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docker_smoke", ROOT / ".ci" / "docker_smoke.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["docker_smoke"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+smoke = _load_smoke()
+
+
+# --- trainer entrypoint ----------------------------------------------------------------------------------
+@pytest.fixture
+def run_entrypoint(tmp_path: Path):
+    """Run the entrypoint with a fake `python` first on PATH; returns the argv it would have exec'd."""
+    if shutil.which("sh") is None:
+        pytest.skip("needs a POSIX sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    record = "import json, sys; print(json.dumps(sys.argv[1:]))"
+    fake.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "{record}" "$@"\n')
+    fake.chmod(0o755)
+
+    def run(*args: str, **env: str) -> list[str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CARVAE_TRAIN_")}
+        base["PATH"] = f"{bin_dir}{os.pathsep}{base.get('PATH', '')}"
+        base.setdefault("CARVAE_TRAIN_DATA_DIR", str(tmp_path / "no-such-dir"))
+        out = subprocess.run(
+            ["sh", str(ENTRYPOINT), *args], env={**base, **env}, capture_output=True, text=True, check=True
+        ).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    return run
+
+
+def test_entrypoint_passes_arguments_straight_to_the_trainer(run_entrypoint) -> None:
+    assert run_entrypoint("--help") == ["-m", "trainer", "--help"]
+    assert run_entrypoint("--data", "x y", "--out", "o") == ["-m", "trainer", "--data", "x y", "--out", "o"]
+
+
+def test_entrypoint_without_images_trains_on_synthetic_cars(run_entrypoint, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "README.md").write_text("put car photos here")
+    argv = run_entrypoint(CARVAE_TRAIN_DATA_DIR=str(data))
+    assert argv[:7] == ["-m", "trainer", "--data", "synthetic", "--out", "/models/current", "--if-missing"]
+    assert "--no-progress" in argv  # stdout is a pipe here, as under docker compose
+
+
+def test_entrypoint_uses_the_data_folder_when_it_holds_images(run_entrypoint, tmp_path: Path) -> None:
+    nested = tmp_path / "data" / "brand"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(nested / "car.JPG")
+    argv = run_entrypoint(CARVAE_TRAIN_DATA_DIR=str(tmp_path / "data"))
+    assert argv[argv.index("--data") + 1] == str(tmp_path / "data")
+
+
+def test_entrypoint_maps_every_setting_to_its_flag(run_entrypoint) -> None:
+    argv = run_entrypoint(
+        CARVAE_TRAIN_DATA="synthetic",
+        CARVAE_TRAIN_OUT="/models/other",
+        CARVAE_TRAIN_EPOCHS="3",
+        CARVAE_TRAIN_MAX_MINUTES="1.5",
+        CARVAE_TRAIN_IMAGE_SIZE="128",
+        CARVAE_TRAIN_LATENT_DIM="32",
+        CARVAE_TRAIN_SEED="7",
+        CARVAE_TRAIN_DEVICE="cpu",
+        CARVAE_TRAIN_EXTRA_ARGS="--smoke --batch-size 8",
+    )
+    for flag, value in {
+        "--data": "synthetic",
+        "--out": "/models/other",
+        "--epochs": "3",
+        "--max-minutes": "1.5",
+        "--image-size": "128",
+        "--latent-dim": "32",
+        "--seed": "7",
+        "--device": "cpu",
+    }.items():
+        assert argv[argv.index(flag) + 1] == value, (flag, argv)
+    assert argv[-3:] == ["--smoke", "--batch-size", "8"]
+
+
+def test_empty_settings_leave_the_trainer_defaults(run_entrypoint) -> None:
+    argv = run_entrypoint(CARVAE_TRAIN_EPOCHS="", CARVAE_TRAIN_DEVICE="")
+    assert "--epochs" not in argv and "--device" not in argv
+
+
+# --- the PNG checker -------------------------------------------------------------------------------------
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), "red" if mode != "L" else 128).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "mode"), [((64, 64), "RGB"), ((530, 134), "RGB"), ((3, 5), "RGBA"), ((7, 2), "L")]
+)
+def test_png_size_reads_valid_pngs(size: tuple[int, int], mode: str) -> None:
+    assert smoke.png_size(_png(*size, mode=mode)) == size
+
+
+def test_png_size_rejects_broken_pngs() -> None:
+    good = _png(16, 16)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(jpeg, "JPEG")
+    for bad in (b"", good[:20], good[:-12], bytes(flipped), jpeg.getvalue(), b'{"error": {}}'):
+        with pytest.raises(ValueError):
+            smoke.png_size(bad)
+
+
+# --- compose / Dockerfile agree with the code ------------------------------------------------------------
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_training_settings_are_all_read_by_the_entrypoint() -> None:
+    script = ENTRYPOINT.read_text()
+    names = _compose()["services"]["trainer"]["environment"]
+    assert names, "the trainer's settings are documented in the compose file"
+    for name in names:
+        assert f"${{{name}" in script, f"{name} is set in docker-compose.yml but unused by the entrypoint"
+
+
+def test_compose_service_settings_exist_in_the_service_config() -> None:
+    from service.config import Settings
+
+    fields = {f"CARVAE_{name}" for name in Settings.model_fields}
+    for name in _compose()["services"]["service"]["environment"]:
+        assert name in fields, f"{name} in docker-compose.yml is not a service setting"
+
+
+def test_service_reads_the_checkpoint_the_trainer_writes() -> None:
+    compose = _compose()["services"]
+    checkpoint = compose["service"]["environment"]["CARVAE_CHECKPOINT"]
+    default_out = re.search(r"CARVAE_TRAIN_OUT:-([^}]+)}", ENTRYPOINT.read_text())
+    assert default_out is not None
+    assert checkpoint == f"{default_out.group(1)}/model.safetensors"
+    assert f"CARVAE_CHECKPOINT={checkpoint}" in (ROOT / "Dockerfile").read_text()
+    assert "models:/models" in compose["trainer"]["volumes"]
+    assert "models:/models:ro" in compose["service"]["volumes"]
+
+
+def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    sources = [
+        src.rstrip("/")
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from=" not in line
+        for src in line.split()[1:-1]
+    ]
+    assert sources
+    for src in sources:
+        assert any(src == a or src.startswith(a + "/") for a in allowed), (
+            f"{src} is excluded by .dockerignore"
+        )
+        assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which is not in the repository"

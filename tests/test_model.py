@@ -1,0 +1,100 @@
+"""carvae.model: shapes at every supported size, separate μ / log σ² heads, batch independence, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from carvae.model import VAE, VAEConfig
+
+
+def tiny(size: int = 32, latent: int = 8) -> VAE:
+    torch.manual_seed(0)
+    return VAE(VAEConfig(image_size=size, latent_dim=latent, channels=(8, 16, 16)))
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
+def test_shapes_at_each_size(size: int) -> None:
+    model = tiny(size, latent=12).eval()
+    x = torch.rand(3, 3, size, size)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, 12)
+    assert model.decode(mu).shape == (3, 3, size, size)
+    x_hat, mu2, logvar2 = model(x)
+    assert x_hat.shape == x.shape and mu2.shape == (3, 12) and logvar2.shape == (3, 12)
+    assert model.reconstruct(x).shape == x.shape
+    assert model.sample(5).shape == (5, 3, size, size)
+    # one stride-2 level per halving down to 4×4
+    assert model.cfg.levels == {16: 2, 32: 3, 64: 4, 128: 5}[size]
+
+
+def test_mu_and_logvar_come_from_separate_heads() -> None:
+    model = tiny()
+    enc = model.encoder
+    assert enc.fc_mu is not enc.fc_logvar
+    assert enc.fc_mu.weight.data_ptr() != enc.fc_logvar.weight.data_ptr()
+    x = torch.rand(2, 3, 32, 32)
+    mu_before, logvar_before = model.encode(x)
+    with torch.no_grad():
+        enc.fc_logvar.bias.add_(1.0)
+    mu_after, logvar_after = model.encode(x)
+    torch.testing.assert_close(mu_after, mu_before)
+    torch.testing.assert_close(logvar_after, logvar_before + 1.0)
+
+
+def test_output_is_in_the_data_range_even_for_extreme_codes() -> None:
+    model = tiny().eval()
+    out = model.decode(torch.randn(4, 8) * 100)
+    assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+def test_no_batchnorm_and_results_do_not_depend_on_the_batch() -> None:
+    model = tiny()
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    x = torch.rand(6, 3, 32, 32)
+    for mode in (True, False):  # GroupNorm behaves the same in train and eval mode
+        model.train(mode)
+        with torch.no_grad():
+            together = model.reconstruct(x)
+            alone = torch.cat([model.reconstruct(x[i : i + 1]) for i in range(6)])
+        torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+
+
+def test_reconstruct_is_deterministic_and_forward_samples() -> None:
+    model = tiny()
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(model.reconstruct(x), model.reconstruct(x))
+    with torch.no_grad():
+        model.encoder.fc_logvar.bias.fill_(0.0)  # unit posterior variance: samples clearly differ
+    torch.manual_seed(1)
+    a, _, _ = model(x)
+    b, _, _ = model(x)
+    assert not torch.allclose(a, b)
+
+
+def test_sampling_is_seeded_and_temperature_scales_the_prior() -> None:
+    model = tiny().eval()
+    s1 = model.sample(4, torch.Generator().manual_seed(3))
+    s2 = model.sample(4, torch.Generator().manual_seed(3))
+    s3 = model.sample(4, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(s1, s2)
+    assert not torch.allclose(s1, s3)
+    cold = model.sample(3, torch.Generator().manual_seed(3), temperature=0.0)
+    torch.testing.assert_close(cold, model.decode(torch.zeros(3, 8)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"image_size": 48}, {"image_size": 4}, {"latent_dim": 0}, {"channels": (12, 16)}, {"channels": ()}],
+)
+def test_invalid_configs_are_refused(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        VAEConfig(**kwargs)
+
+
+def test_config_round_trip_and_level_channels() -> None:
+    cfg = VAEConfig(image_size=128, latent_dim=64, channels=(16, 32), blocks_per_level=2)
+    assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.level_channels() == [16, 32, 32, 32, 32]  # stretched to 5 levels
+    assert VAEConfig(image_size=16, channels=(8, 16, 32, 64)).level_channels() == [32, 64]  # cut to 2

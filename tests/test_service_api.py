@@ -1,0 +1,521 @@
+"""HTTP contracts of every endpoint and its error paths, in-process (TestClient, lifespan included)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from service_fixtures import TINY, decode_png, photo_bytes
+
+from carvae.losses import psnr
+from carvae.preprocess import prepare, to_tensor, to_uint8
+from service.main import STATIC_DIR
+from service.pipeline import Pipeline
+
+pytest_plugins = ["service_fixtures"]
+
+S = TINY.image_size
+JSON_ACCEPT = {"Accept": "application/json"}
+
+
+def upload(
+    data: bytes | None = None, name: str = "file", filename: str = "car.png", ctype: str = "image/png"
+) -> Any:
+    return {name: (filename, photo_bytes() if data is None else data, ctype)}
+
+
+def assert_error(r: Any, status: int, code: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["code"] == code, err
+    assert err["message"]
+    assert err["request_id"] == r.headers["x-request-id"]
+    return dict(err)
+
+
+def pipeline_of(client: TestClient) -> Pipeline:
+    pipeline: Pipeline = client.app.state.pipeline  # type: ignore[attr-defined]
+    return pipeline
+
+
+def metric_samples(text: str, name: str) -> list[Any]:
+    return [s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+
+
+# -- happy paths -----------------------------------------------------------------------------------
+def test_reconstruct_png_matches_the_model_on_the_shared_preprocessing(client: TestClient) -> None:
+    data = photo_bytes(60, 45, seed=3)
+    r = client.post("/reconstruct", files=upload(data))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert len(r.headers["x-request-id"]) >= 8
+    got = decode_png(r.content)
+    assert got.shape == (S, S, 3)
+    ck = pipeline_of(client).served.checkpoint
+    view = prepare(data, ck.policy)  # the trainer's preprocessing
+    with torch.inference_mode():
+        expected = to_uint8(ck.model.reconstruct(to_tensor(view)))[0]
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "media", "magic"), [("jpeg", "image/jpeg", b"\xff\xd8"), ("webp", "image/webp", b"RIFF")]
+)
+def test_reconstruct_other_formats(client: TestClient, fmt: str, media: str, magic: bytes) -> None:
+    r = client.post(f"/reconstruct?format={fmt}", files=upload())
+    assert r.status_code == 200 and r.headers["content-type"] == media
+    assert r.content.startswith(magic)
+    with Image.open(io.BytesIO(r.content)) as img:
+        assert img.size == (S, S)
+
+
+def test_reconstruct_json_carries_input_view_mu_and_psnr(client: TestClient) -> None:
+    data = photo_bytes(seed=5)
+    r = client.post("/reconstruct", files=upload(data), headers=JSON_ACCEPT)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert body["model_id"] == pipeline_of(client).served.model_id
+    assert body["image_size"] == S and body["format"] == "png"
+    view = decode_png(base64.b64decode(body["input"]))
+    recon = decode_png(base64.b64decode(body["image"]))
+    assert np.array_equal(view, prepare(data, pipeline_of(client).served.policy))
+    assert body["psnr"] == pytest.approx(float(psnr(to_tensor(recon), to_tensor(view))[0]), abs=1e-3)
+    enc = client.post("/encode", files=upload(data)).json()
+    assert len(body["mu"]) == TINY.latent_dim
+    assert np.allclose(body["mu"], enc["mu"], atol=1e-6)
+
+
+def test_encode_returns_the_posterior(client: TestClient) -> None:
+    data = photo_bytes(seed=9)
+    r = client.post("/encode", files=upload(data))
+    assert r.status_code == 200
+    body = r.json()
+    assert body["latent_dim"] == TINY.latent_dim
+    ck = pipeline_of(client).served.checkpoint
+    with torch.inference_mode():
+        mu, logvar = ck.model.encode(to_tensor(prepare(data, ck.policy)))
+    assert np.allclose(body["mu"], mu[0].numpy(), atol=1e-5)
+    assert np.allclose(body["logvar"], logvar[0].numpy(), atol=1e-5)
+
+
+def test_sample_is_reproducible_and_equals_model_sample(client: TestClient) -> None:
+    r1 = client.post("/sample", json={"n": 3, "seed": 123, "temperature": 0.8}, headers=JSON_ACCEPT)
+    r2 = client.post("/sample", json={"n": 3, "seed": 123, "temperature": 0.8}, headers=JSON_ACCEPT)
+    assert r1.status_code == 200 and r1.headers["x-seed"] == "123"
+    assert r1.json()["images"] == r2.json()["images"]
+    assert r1.json()["seed"] == 123
+    model = pipeline_of(client).served.checkpoint.model
+    with torch.inference_mode():
+        expected = to_uint8(model.sample(3, generator=torch.Generator().manual_seed(123), temperature=0.8))
+    got = np.stack([decode_png(base64.b64decode(b)) for b in r1.json()["images"]])
+    assert np.array_equal(got, expected)
+
+
+def test_sample_without_seed_reports_the_seed_it_drew(client: TestClient) -> None:
+    r = client.post("/sample")  # no body at all: every default
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    seed = int(r.headers["x-seed"])
+    grid = decode_png(r.content)
+    assert grid.shape == (2 * (S + 2) + 2, 8 * (S + 2) + 2, 3)  # 16 images, 8 per row, 2 px padding
+    again = client.post("/sample", json={"seed": seed})
+    assert again.content == r.content
+
+
+def test_decode_grid_and_json(client: TestClient) -> None:
+    z = [[0.0] * TINY.latent_dim, [0.5] * TINY.latent_dim, [-1.0] * TINY.latent_dim]
+    r = client.post("/decode", json={"z": z})
+    assert r.status_code == 200 and decode_png(r.content).shape == (S + 4, 3 * (S + 2) + 2, 3)
+    body = client.post("/decode?format=webp", json={"z": z}, headers=JSON_ACCEPT).json()
+    assert body["format"] == "webp" and len(body["images"]) == 3
+    png = client.post("/decode", json={"z": z[:1]}, headers=JSON_ACCEPT).json()["images"][0]
+    model = pipeline_of(client).served.checkpoint.model
+    with torch.inference_mode():
+        expected = to_uint8(model.decode(torch.zeros(1, TINY.latent_dim)))[0]
+    assert np.array_equal(decode_png(base64.b64decode(png)), expected)
+
+
+def test_interpolate_strip_ends_at_the_two_inputs(client: TestClient) -> None:
+    a, b = photo_bytes(seed=1), photo_bytes(seed=2)
+    files = {"file_a": ("a.png", a, "image/png"), "file_b": ("b.jpg", b, "image/png")}
+    r = client.post("/interpolate", files=files, data={"steps": "5"})
+    assert r.status_code == 200 and decode_png(r.content).shape == (S + 4, 5 * (S + 2) + 2, 3)
+    r = client.post("/interpolate?steps=3", files=files, headers=JSON_ACCEPT)
+    frames = [decode_png(base64.b64decode(x)) for x in r.json()["images"]]
+    assert len(frames) == 3
+    recon_a = decode_png(client.post("/reconstruct", files=upload(a)).content)
+    recon_b = decode_png(client.post("/reconstruct", files=upload(b)).content)
+    assert np.abs(frames[0].astype(int) - recon_a).max() <= 1
+    assert np.abs(frames[-1].astype(int) - recon_b).max() <= 1
+    default = client.post("/interpolate", files=files, headers=JSON_ACCEPT).json()
+    assert len(default["images"]) == 8
+
+
+def test_model_health_ready(client: TestClient) -> None:
+    info = client.get("/v1/model").json()
+    for key in (
+        "model_id",
+        "content_hash",
+        "architecture",
+        "image_size",
+        "latent_dim",
+        "preprocess",
+        "training",
+        "device",
+        "parameters",
+        "package_version",
+    ):
+        assert key in info
+    assert info["device"] == "cpu" and info["latent_dim"] == TINY.latent_dim and info["parameters"] > 0
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_readyz_is_503_when_not_ready(client: TestClient) -> None:
+    client.app.state.ready = False  # type: ignore[attr-defined]
+    try:
+        assert_error(client.get("/readyz"), 503, "not_ready")
+        assert_error(client.post("/reconstruct", files=upload()), 503, "overloaded")
+    finally:
+        client.app.state.ready = True  # type: ignore[attr-defined]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_upload_errors(client: TestClient) -> None:
+    assert_error(client.post("/reconstruct", files=upload(b"")), 400, "empty_file")
+    assert_error(client.post("/reconstruct"), 422, "missing_field")
+    assert_error(client.post("/reconstruct", files=upload(name="image")), 422, "missing_field")
+    two = [("file", ("a.png", photo_bytes(), "image/png")), ("file", ("b.png", photo_bytes(), "image/png"))]
+    assert (
+        "one 'file' part"
+        in assert_error(client.post("/reconstruct", files=two), 422, "validation_error")["message"]
+    )
+    assert_error(
+        client.post("/encode", files=upload(b"<html>hello</html>", filename="car.jpg")),
+        415,
+        "unsupported_media_type",
+    )
+    png = photo_bytes()
+    assert_error(client.post("/reconstruct", files=upload(png[: len(png) // 2])), 422, "corrupt_image")
+    assert_error(client.post("/reconstruct", files=upload(photo_bytes(4, 4))), 422, "image_too_small")
+    assert_error(client.post("/reconstruct", files=upload(photo_bytes(400, 8))), 422, "bad_aspect_ratio")
+    assert_error(client.post("/reconstruct?format=gif", files=upload()), 422, "validation_error")
+    err = assert_error(
+        client.post(
+            "/interpolate",
+            files={"file_a": ("a.png", png, "image/png"), "file_b": ("b.png", b"xx", "image/png")},
+        ),
+        415,
+        "unsupported_media_type",
+    )
+    assert err["message"].startswith("file_b:")
+    files = {"file_a": ("a.png", png, "image/png"), "file_b": ("b.png", png, "image/png")}
+    assert_error(client.post("/interpolate", files=files, data={"steps": "1"}), 422, "validation_error")
+    assert_error(client.post("/interpolate?steps=33", files=files), 422, "validation_error")
+    # the service is still healthy after all that
+    assert client.post("/reconstruct", files=upload()).status_code == 200
+
+
+def test_image_pixel_limit_comes_from_settings(make_client: Any) -> None:
+    client = make_client(MAX_IMAGE_PIXELS=1000)
+    assert_error(client.post("/reconstruct", files=upload(photo_bytes(48, 40))), 413, "image_too_large")
+    assert client.post("/reconstruct", files=upload(photo_bytes(30, 30))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"z": [[NaN, 0, 0, 0, 0, 0, 0, 0]]}',
+        b'{"z": [[Infinity, 0, 0, 0, 0, 0, 0, 0]]}',
+        b'{"z": [[1e999, 0, 0, 0, 0, 0, 0, 0]]}',
+        b'{"z": [[1e300, 0, 0, 0, 0, 0, 0, 0]]}',
+        b'{"z": [["1", 0, 0, 0, 0, 0, 0, 0]]}',
+        b'{"z": [[0, 0, 0]]}',
+        b'{"z": []}',
+        b'{"z": [[0]]}',
+        b'{"z": 5}',
+        b'{"zz": [[0]]}',
+        b"[1, 2]",
+        b'{"z": [[0, 0, 0, 0, 0, 0, 0, 0]], "extra": NaN}',
+        b"{not json",
+        b"[" * 50_000 + b"]" * 50_000,
+    ],
+)
+def test_decode_rejects_bad_latents_without_500(client: TestClient, body: bytes) -> None:
+    r = client.post("/decode", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["code"] in ("validation_error", "missing_field", "bad_request")
+
+
+def test_decode_row_limit(client: TestClient) -> None:
+    z = [[0.0] * TINY.latent_dim] * 65
+    assert_error(client.post("/decode", json={"z": z}), 422, "validation_error")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"n": NaN}',
+        b'{"n": 0}',
+        b'{"n": 65}',
+        b'{"n": 1.5}',
+        b'{"n": true}',
+        b'{"temperature": 0}',
+        b'{"temperature": Infinity}',
+        b'{"temperature": -1}',
+        b'{"seed": -1}',
+        b'{"seed": 1e400}',
+        b'{"seed": 9007199254740992}',
+        b'{"seed": ' + b"9" * 5000 + b"}",
+        b'{"N": 4}',
+    ],
+)
+def test_sample_rejects_bad_parameters_without_500(client: TestClient, body: bytes) -> None:
+    r = client.post("/sample", content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
+
+
+def test_body_limits(make_client: Any) -> None:
+    client = make_client(MAX_UPLOAD_BYTES=4096, MAX_JSON_BYTES=2048)
+    big = photo_bytes(64, 64)  # ~12 KB of noise
+    assert len(big) > 4096
+    assert_error(client.post("/reconstruct", files=upload(big)), 413, "payload_too_large")
+
+    def chunks() -> Any:  # no Content-Length: counted while streaming
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = client.post(
+        "/reconstruct", content=chunks(), headers={"content-type": "multipart/form-data; boundary=zz"}
+    )
+    assert_error(r, 413, "payload_too_large")
+    z = [[0.123456789] * TINY.latent_dim] * 40  # a valid body, but over the 2 KB JSON limit
+    assert_error(client.post("/decode", json={"z": z}), 413, "payload_too_large")
+    assert client.post("/reconstruct", files=upload(photo_bytes(20, 20))).status_code == 200
+
+
+def test_request_ids_and_unknown_routes(client: TestClient) -> None:
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123.def"})
+    assert r.headers["x-request-id"] == "abc-123.def"
+    r = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces" + "x" * 100})
+    assert len(r.headers["x-request-id"]) == 32
+    assert_error(client.get("/no/such/thing"), 404, "not_found")
+    err = assert_error(client.get("/reconstruct"), 405, "method_not_allowed")
+    assert "GET" in err["message"]
+    assert_error(client.put("/sample"), 405, "method_not_allowed")
+
+
+# -- security --------------------------------------------------------------------------------------
+def test_api_key(make_client: Any) -> None:
+    client = make_client(API_KEY="s3cret-key", METRICS_REQUIRE_KEY=False)
+    assert_error(client.post("/reconstruct", files=upload()), 401, "unauthorized")
+    assert_error(
+        client.post("/sample", json={"n": 1}, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized"
+    )
+    assert_error(client.get("/v1/model", headers={"X-API-Key": "s3cret-ke"}), 401, "unauthorized")
+    assert (
+        client.post(
+            "/reconstruct", files=upload(), headers={"Authorization": "Bearer s3cret-key"}
+        ).status_code
+        == 200
+    )
+    assert client.post("/sample", json={"n": 1}, headers={"X-API-Key": "s3cret-key"}).status_code == 200
+    for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        assert client.get(open_path).status_code == 200, open_path
+    schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert {s["type"] for s in schemes.values()} == {"http", "apiKey"}
+
+    locked = make_client(API_KEY="k", METRICS_REQUIRE_KEY=True)
+    assert_error(locked.get("/metrics"), 401, "unauthorized")
+    assert locked.get("/metrics", headers={"X-API-Key": "k"}).status_code == 200
+
+
+def test_no_key_no_auth_and_cors_closed_by_default(client: TestClient) -> None:
+    r = client.post("/sample", json={"n": 1}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 200
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_when_configured(make_client: Any) -> None:
+    client = make_client(CORS_ORIGINS=["https://cars.example"])
+    r = client.options(
+        "/reconstruct", headers={"Origin": "https://cars.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://cars.example"
+    r = client.post("/sample", json={"n": 1}, headers={"Origin": "https://other.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+# -- batching, faults, overload, deadlines ---------------------------------------------------------
+def test_results_do_not_depend_on_batching(client: TestClient) -> None:
+    """The same image alone and inside a batch of 32 (one forward pass) gives the same μ within 1e-5."""
+    target = photo_bytes(seed=42)
+    alone = client.post("/encode", files=upload(target)).json()["mu"]
+    batcher = pipeline_of(client).batcher
+    batcher.max_wait_s = 0.5  # let all 32 concurrent requests gather into one batch
+    before = batcher.stats.max_rows
+    datas = [target] + [photo_bytes(seed=100 + i) for i in range(31)]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda d: client.post("/encode", files=upload(d)), datas))
+    assert all(r.status_code == 200 for r in results)
+    assert batcher.stats.max_rows > max(before, 1), "no batch formed"
+    assert np.allclose(results[0].json()["mu"], alone, atol=1e-5)
+
+
+def test_fault_in_a_batch_fails_only_that_request(client: TestClient) -> None:
+    batcher = pipeline_of(client).batcher
+    original = batcher.handlers["reconstruct"]
+    calls = {"n": 0}
+
+    def flaky(payloads: list[Any]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return original(payloads)
+
+    batcher.handlers["reconstruct"] = flaky
+    err = assert_error(client.post("/reconstruct", files=upload()), 500, "internal_error")
+    assert err["request_id"] in err["message"]
+    assert client.post("/reconstruct", files=upload()).status_code == 200
+
+
+def test_unexpected_exception_is_a_logged_500(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    encoder = pipeline_of(client).encoder
+
+    def broken(*_: Any) -> Any:
+        raise ZeroDivisionError("bug")
+
+    encoder.latents = broken  # type: ignore[method-assign,assignment]  # fault injection
+    err = assert_error(client.post("/encode", files=upload()), 500, "internal_error")
+    assert any(err["request_id"] in rec.getMessage() for rec in caplog.records)
+    assert "bug" not in err["message"]  # internals stay in the log
+
+
+def _blocked_handler(client: TestClient) -> tuple[threading.Event, threading.Event]:
+    """Make the reconstruct handler wait on a gate; returns (entered, gate)."""
+    batcher = pipeline_of(client).batcher
+    original = batcher.handlers["reconstruct"]
+    entered, gate = threading.Event(), threading.Event()
+
+    def blocked(payloads: list[Any]) -> Any:
+        entered.set()
+        gate.wait(10)
+        return original(payloads)
+
+    batcher.handlers["reconstruct"] = blocked
+    return entered, gate
+
+
+def test_full_queue_gives_503_with_retry_after(make_client: Any) -> None:
+    client = make_client(QUEUE_SIZE=1, MAX_BATCH_SIZE=1)
+    entered, gate = _blocked_handler(client)
+    batcher = pipeline_of(client).batcher
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/reconstruct", files=upload())
+        assert entered.wait(5)
+        queued = pool.submit(client.post, "/reconstruct", files=upload())
+        deadline = time.monotonic() + 5
+        while batcher.depth() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        r = client.post("/reconstruct", files=upload())
+        assert time.perf_counter() - t0 < 2
+        assert_error(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+        gate.set()
+        assert running.result().status_code == 200 and queued.result().status_code == 200
+    text = client.get("/metrics").text
+    assert sum(s.value for s in metric_samples(text, "carvae_rejected_total")) >= 1
+
+
+def test_in_flight_cap_refuses_before_reading_the_body(make_client: Any) -> None:
+    client = make_client(MAX_IN_FLIGHT=1)
+    entered, gate = _blocked_handler(client)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.post, "/reconstruct", files=upload())
+        assert entered.wait(5)
+        r = client.post("/reconstruct", files=upload())
+        assert_error(r, 503, "overloaded")
+        assert r.headers["retry-after"] == "1"
+        assert client.get("/healthz").status_code == 200  # only model routes are capped
+        gate.set()
+        assert running.result().status_code == 200
+    text = client.get("/metrics").text
+    refused = [s for s in metric_samples(text, "carvae_requests_total") if s.labels["status"] == "503"]
+    assert [s.labels["route"] for s in refused] == ["/reconstruct"]  # labelled although never routed
+
+
+def test_deadline_gives_504(make_client: Any) -> None:
+    client = make_client(REQUEST_TIMEOUT_S=0.3)
+    _entered, gate = _blocked_handler(client)
+    try:
+        assert_error(client.post("/reconstruct", files=upload()), 504, "timeout")
+    finally:
+        gate.set()
+    text = client.get("/metrics").text
+    assert sum(s.value for s in metric_samples(text, "carvae_timeouts_total")) >= 1
+    assert client.post("/reconstruct", files=upload()).status_code == 200
+
+
+# -- metrics and docs ------------------------------------------------------------------------------
+def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
+    client.post("/reconstruct", files=upload())
+    client.get("/no/such/path/12345")
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    routes = {s.labels["route"] for s in metric_samples(text, "carvae_requests_total")}
+    assert "/reconstruct" in routes and "unmatched" in routes
+    assert not any("12345" in route for route in routes)
+    (info,) = metric_samples(text, "carvae_model_info")
+    assert info.labels["device"] == "cpu" and info.labels["latent_dim"] == str(TINY.latent_dim)
+    assert metric_samples(text, "carvae_ready")[0].value == 1
+    for name in (
+        "carvae_batch_size_count",
+        "carvae_queue_wait_seconds_count",
+        "carvae_batch_wait_seconds_count",
+        "carvae_compute_seconds_count",
+        "carvae_request_duration_seconds_count",
+        "carvae_queue_depth",
+    ):
+        assert metric_samples(text, name), name
+
+
+def test_openapi_documents_images_errors_and_examples(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    ops = {(path, m): op for path, item in spec["paths"].items() for m, op in item.items()}
+    for path in ("/reconstruct", "/sample", "/decode", "/interpolate"):
+        content = ops[(path, "post")]["responses"]["200"]["content"]
+        assert {"image/png", "image/jpeg", "image/webp", "application/json"} <= set(content), path
+    for (path, _), op in ops.items():
+        if path in ("/reconstruct", "/encode", "/sample", "/decode", "/interpolate"):
+            for status in ("413", "422", "503"):
+                ref = json.dumps(op["responses"][status])
+                assert "ErrorResponse" in ref, (path, status)
+    schemas = spec["components"]["schemas"]
+    for name in ("SampleRequest", "DecodeRequest", "ReconstructResponse", "EncodeResponse", "ErrorResponse"):
+        assert schemas[name].get("examples"), name
+    assert "HTTPValidationError" not in schemas  # FastAPI's default 422 shape is not what we send
+
+
+@pytest.mark.skipif(not (STATIC_DIR / "index.html").is_file(), reason="the web page is not there")
+def test_web_page_and_static_files_stay_open(make_client: Any) -> None:
+    client = make_client(API_KEY="k")
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    asset = next(p for p in STATIC_DIR.rglob("*") if p.is_file())
+    r = client.get("/static/" + asset.relative_to(STATIC_DIR).as_posix())
+    assert r.status_code == 200 and r.content == asset.read_bytes()
+    assert_error(client.get("/static/no-such-file.js"), 404, "not_found")
+    assert_error(client.get("/static/%2e%2e/config.py"), 404, "not_found")  # no way out of the folder

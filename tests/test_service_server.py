@@ -1,0 +1,218 @@
+"""The service as deployed: `python -m service` start-up failures, and real uvicorn servers on loopback
+with concurrent clients (batching, the README's curl line, client disconnects, SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from service_fixtures import ServerProcess, decode_png, free_port, make_settings, photo_bytes, run_service
+
+from service.main import create_app
+
+pytest_plugins = ["service_fixtures"]
+pytestmark = pytest.mark.slow
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("carvae: error: ")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "truncated", "bit-flipped"])
+def test_bad_checkpoint_stops_startup_with_one_line(
+    case: str, service_checkpoint: Path, tmp_path: Path
+) -> None:
+    good = service_checkpoint.read_bytes()
+    path = tmp_path / "model.safetensors"
+    if case == "garbage":
+        path.write_bytes(b"this is not a checkpoint" * 10)
+    elif case == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif case == "bit-flipped":
+        flipped = bytearray(good)
+        flipped[-10] ^= 0x01  # inside the last tensor's data
+        path.write_bytes(bytes(flipped))
+    line = _one_line_error(run_service(CHECKPOINT=path, DEVICE="cpu"))
+    assert str(path) in line
+    expected = {
+        "missing": "does not exist",
+        "garbage": "not a readable",
+        "truncated": "",
+        "bit-flipped": "integrity",
+    }[case]
+    assert expected in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(service_checkpoint: Path) -> None:
+    assert "CUDA is not available" in _one_line_error(
+        run_service(CHECKPOINT=service_checkpoint, DEVICE="cuda")
+    )
+
+
+def test_invalid_setting_is_named(service_checkpoint: Path) -> None:
+    assert "CARVAE_PORT" in _one_line_error(run_service(CHECKPOINT=service_checkpoint, PORT="eighty"))
+
+
+# -- a real `python -m service` --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(service_checkpoint: Path) -> Iterator[ServerProcess]:
+    srv = ServerProcess(
+        CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, MAX_WAIT_MS=10, LOG_LEVEL="warning"
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+async def _hammer(url: str, datas: list[bytes], concurrency: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def one(data: bytes) -> httpx.Response:
+            async with sem:
+                return await client.post(
+                    "/encode",
+                    files={"file": ("car.png", data, "image/png")},
+                    headers={"Accept": "application/json"},
+                )
+
+        return list(await asyncio.gather(*(one(d) for d in datas)))
+
+
+def test_concurrent_clients_form_batches_with_identical_results(server: ServerProcess) -> None:
+    target = photo_bytes(seed=7)
+    alone = httpx.post(server.url + "/encode", files={"file": ("car.png", target, "image/png")}).json()["mu"]
+    datas = [target if i % 8 == 0 else photo_bytes(seed=i) for i in range(128)]
+    responses = asyncio.run(_hammer(server.url, datas, concurrency=32))
+    assert [r.status_code for r in responses] == [200] * len(datas)
+    for i in range(0, len(datas), 8):  # the target, answered from whatever batch it landed in
+        assert np.allclose(responses[i].json()["mu"], alone, atol=1e-5)
+
+    text = httpx.get(server.url + "/metrics").text
+    samples = {
+        (s.name, s.labels.get("le")): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name.startswith("carvae_batch_size") and s.labels.get("op") == "encode"
+    }
+    batches, rows = samples[("carvae_batch_size_count", None)], samples[("carvae_batch_size_sum", None)]
+    singles = samples[("carvae_batch_size_bucket", "1.0")]
+    assert rows == len(datas) + 1
+    assert batches < rows and singles < batches, samples  # some forward passes carried several requests
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_readme_curl_line(server: ServerProcess, tmp_path: Path) -> None:
+    (tmp_path / "car.jpg").write_bytes(photo_bytes(80, 50, seed=1, fmt="JPEG"))
+    subprocess.run(
+        ["curl", "-sS", "-f", "-F", "file=@car.jpg", f"{server.url}/reconstruct", "-o", "reconstruction.png"],
+        cwd=tmp_path,
+        check=True,
+        timeout=30,
+    )
+    assert decode_png((tmp_path / "reconstruction.png").read_bytes()).shape == (32, 32, 3)
+
+
+def test_sigterm_exits_cleanly(server: ServerProcess) -> None:
+    t0 = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - t0 < 15
+
+
+# -- in-process uvicorn, so a slow model can be injected -------------------------------------------
+class ThreadedServer:
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        end = time.monotonic() + 60
+        while not self.server.started and time.monotonic() < end:
+            time.sleep(0.05)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def _raw_upload(port: int, data: bytes) -> socket.socket:
+    """Send a complete multipart /reconstruct request on a raw socket and return it without reading."""
+    boundary = "carvaeboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        "POST /reconstruct HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(head + body)
+    return sock
+
+
+def test_disconnected_client_costs_no_forward_pass(service_checkpoint: Path) -> None:
+    app = create_app(make_settings(service_checkpoint, MAX_BATCH_SIZE=1))
+    with ThreadedServer(app) as srv:
+        batcher = app.state.pipeline.batcher
+        original = batcher.handlers["reconstruct"]
+        entered, gate, seen = threading.Event(), threading.Event(), []
+
+        def slow(payloads: list[Any]) -> Any:
+            seen.append(len(payloads))
+            entered.set()
+            gate.wait(10)
+            return original(payloads)
+
+        batcher.handlers["reconstruct"] = slow
+        first = _raw_upload(srv.port, photo_bytes(seed=1))
+        assert entered.wait(10)
+        leaver = _raw_upload(srv.port, photo_bytes(seed=2))
+        end = time.monotonic() + 5
+        while batcher.depth() < 1 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert batcher.depth() == 1
+        leaver.close()  # the client gives up while its job waits for the model
+        end = time.monotonic() + 5
+        while batcher.depth() and time.monotonic() < end:
+            time.sleep(0.01)  # withdrawn: the future is cancelled; the worker drops it on its next pass
+        gate.set()
+        first.settimeout(10)
+        assert first.recv(64).startswith(b"HTTP/1.1 200")
+        first.close()
+        ok = httpx.post(
+            f"http://127.0.0.1:{srv.port}/reconstruct", files={"file": ("c.png", photo_bytes(), "image/png")}
+        )
+        assert ok.status_code == 200
+        assert seen == [1, 1], seen  # the first request and the last one; never the abandoned one
+        assert batcher.stats.skipped == 1

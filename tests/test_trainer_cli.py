@@ -1,0 +1,283 @@
+"""`python -m trainer` and `python -m trainer.evaluate` end to end on tiny runs: outputs, metadata,
+--help, --if-missing, the time budget, and the exit-2 paths (bad input, read-only or full disk)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import carvae.checkpoint as ckpt_mod
+import trainer.state as state_mod
+from carvae.checkpoint import load_checkpoint
+from trainer import evaluate as evaluate_mod
+from trainer.__main__ import build_parser, main
+from trainer.state import load_state, read_metrics
+
+DOCUMENTED_FLAGS = (
+    "--data --out --epochs --batch-size --image-size --latent-dim --channels --blocks-per-level --lr "
+    "--lr-schedule --lr-step-epoch --recipe --beta --kl-warmup-epochs --seed --val-fraction --device "
+    "--workers --threads --max-minutes --synthetic-count --augment --resize-policy --cache-dir --if-missing "
+    "--resume "
+    "--smoke --eval-every"
+)
+FAST = ["--no-progress", "--threads", "1", "--workers", "1"]
+RUN_FILES = {"model.safetensors", "metrics.jsonl", "run.json", "train_state.pt"} | {
+    f"{name}.png" for name in ("loss", "reconstructions", "samples")
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> tuple[Path, str]:
+    """One real `python -m trainer --smoke` in a subprocess, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    cmd = [sys.executable, "-m", "trainer", "--smoke", "--out", str(out), *FAST]
+    proc = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:
+        img.load()
+        return img.size
+
+
+def test_help_documents_every_flag_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in DOCUMENTED_FLAGS.split():
+        assert flag in text, flag
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    assert text.count("(default:") == len(options)
+    assert "sigma-vae" in text and "cosine" in text and "stretch" in text
+
+
+def test_smoke_run_writes_every_file_with_full_metadata(smoke_run: tuple[Path, str]) -> None:
+    out, stdout = smoke_run
+    assert {p.name for p in out.iterdir()} >= RUN_FILES
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert "epoch 1/1" in stdout and "done: best epoch 1" in stdout
+    rows = read_metrics(out)
+    assert len(rows) == 1
+    row = rows[0]
+    keys = (
+        "train_loss",
+        "train_recon",
+        "train_kl",
+        "val_loss",
+        "val_recon",
+        "val_kl",
+        "val_psnr",
+        "val_ssim",
+    )
+    for key in (*keys, "seconds", "images_per_s", "lr"):
+        assert isinstance(row[key], float) and np.isfinite(row[key]), key
+
+    ck = load_checkpoint(out / "model.safetensors")
+    t = ck.training
+    assert t["complete"] and t["epochs_done"] == 1 and t["best_epoch"] == 1 and t["recipe"] == "sigma-vae"
+    assert (
+        t["data"]["source"] == "synthetic"
+        and t["data"]["count"] == 48
+        and len(t["data"]["fingerprint"]) == 64
+    )
+    assert t["split"]["seed"] == 0 and t["split"]["val"] == 5 and t["split"]["train"] == 43
+    assert (
+        t["best_val"]["psnr"] == pytest.approx(row["val_psnr"]) and t["final_val"]["ssim"] == row["val_ssim"]
+    )
+    assert t["torch_version"] and t["train_images_per_s"] > 0 and t["lr_schedule"]["kind"] == "cosine"
+    # the calibrated decoder σ of the training set is stored for ELBO reporting
+    assert float(ck.model.get_buffer("log_sigma")) == pytest.approx(t["log_sigma"]) != 0.0
+    assert ck.policy.image_size == 64 and ck.policy.resize == "stretch"
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "complete" and run["config"]["synthetic_count"] == 48
+    assert _png_size(out / "samples.png") == (8 * 66 + 2, 8 * 66 + 2)  # 8×8 grid of 64 px, 2 px padding
+    assert _png_size(out / "reconstructions.png") == (5 * 66 + 2, 2 * 66 + 2)  # 5 val images over 2 rows
+    assert _png_size(out / "loss.png")[0] > 500
+
+
+def test_evaluate_prints_vae_and_pca_scores_as_json(smoke_run: tuple[Path, str], capsys) -> None:
+    out, _ = smoke_run
+    assert evaluate_mod.main(["--checkpoint", str(out / "model.safetensors"), "--data", "synthetic"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"]["matches_training"] and result["split"] == "val" and result["images"] == 5
+    for key in ("psnr", "ssim", "elbo_nats_per_image"):
+        assert set(result[key]) == {"mean", "median"}, key
+    # the evaluator and the training loop compute the same validation PSNR
+    assert result["psnr"]["mean"] == pytest.approx(read_metrics(out)[0]["val_psnr"], abs=1e-4)
+    assert result["pca"]["k"] == 16 and result["pca"]["fit_on"] == "training split"
+    assert result["pca"]["fit_images"] == 43 and set(result["pca"]["psnr"]) == {"mean", "median"}
+    assert result["vae_minus_pca_psnr_db"] == pytest.approx(
+        result["psnr"]["mean"] - result["pca"]["psnr"]["mean"]
+    )
+    assert np.isfinite(result["bits_per_dim"])
+
+    args = [
+        "--checkpoint",
+        str(out / "model.safetensors"),
+        "--data",
+        "synthetic",
+        "--split",
+        "all",
+        "--limit",
+        "7",
+    ]
+    assert evaluate_mod.main([*args, "--no-pca"]) == 0
+    limited = json.loads(capsys.readouterr().out)
+    assert limited["images"] == 7 and "pca" not in limited
+
+
+def test_evaluate_on_foreign_data_and_bad_input(smoke_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    out, _ = smoke_run
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(buf, "PNG")
+        (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+    assert evaluate_mod.main(["--checkpoint", str(out / "model.safetensors"), "--data", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert not result["data"]["matches_training"] and result["split"] == "all" and result["images"] == 6
+    assert result["pca"]["fit_on"].startswith("evaluated images")
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    assert evaluate_mod.main(["--checkpoint", str(junk), "--data", "synthetic"]) == 2
+    assert capsys.readouterr().err.startswith("error: checkpoint")
+
+
+def test_training_on_a_folder_records_the_source_and_skips_bad_files(tmp_path: Path, capsys) -> None:
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (30 + i, 60, 3), dtype=np.uint8)).save(buf, "JPEG")
+        (photos / ("sub" if i % 2 else ".") / f"car{i:02d}.jpg").write_bytes(buf.getvalue())
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 a JPEG header, then nothing usable")
+    args = ["--data", str(photos), "--out", str(tmp_path / "run"), "--image-size", "16", "--channels", "8,16"]
+    assert main([*args, "--latent-dim", "8", "--batch-size", "8", "--epochs", "1", *FAST]) == 0
+    assert "skipped 1 (1 corrupt_image)" in capsys.readouterr().out
+    t = load_checkpoint(tmp_path / "run" / "model.safetensors").training
+    assert t["data"]["source"] == "folder" and t["data"]["count"] == 20 and t["data"]["skipped"] == 1
+    assert t["split"]["val"] == 2 and t["split"]["train"] == 18
+
+
+def test_if_missing_exits_at_once_for_the_same_config_and_retrains_otherwise(
+    smoke_run: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    src, _ = smoke_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ckpt = out / "model.safetensors"
+    before = ckpt.stat().st_mtime_ns
+    assert main(["--smoke", "--out", str(out), "--if-missing", *FAST]) == 0
+    assert "nothing to do" in capsys.readouterr().out and ckpt.stat().st_mtime_ns == before
+
+    assert main(["--smoke", "--out", str(out), "--if-missing", "--latent-dim", "8", *FAST]) == 0
+    assert "configuration differs in latent_dim" in capsys.readouterr().out
+    assert load_checkpoint(ckpt).config.latent_dim == 8
+
+
+def test_time_budget_stops_after_the_epoch_that_reaches_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["--smoke", "--out", str(out), "--epochs", "5", "--max-minutes", "0.0001", *FAST]) == 0
+    rows = read_metrics(out)
+    assert len(rows) == 1 and rows[0]["val_psnr"] is not None
+    t = load_checkpoint(out / "model.safetensors").training
+    assert t["stopped_by_budget"] and t["epochs_done"] == 1 and t["epochs_requested"] == 5 and t["complete"]
+
+
+def _fail_writes(monkeypatch: pytest.MonkeyPatch, err: int, only: str | None = None) -> None:
+    """Make the atomic writer fail (for one file name, or all) the way a full or read-only disk does."""
+    real = state_mod.atomic_write_bytes
+
+    def failing(path: os.PathLike[str], data: bytes) -> None:
+        if only is None or Path(path).name == only:
+            raise OSError(err, os.strerror(err))
+        real(path, data)
+
+    monkeypatch.setattr(state_mod, "atomic_write_bytes", failing)
+    monkeypatch.setattr(ckpt_mod, "atomic_write_bytes", failing)
+
+
+def test_read_only_output_folder_is_one_error_line_and_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    _fail_writes(monkeypatch, errno.EROFS)
+    out = tmp_path / "run"
+    assert main(["--smoke", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write") and "Read-only file system" in err and "\n" not in err
+    assert not any(out.iterdir())
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder_for_real(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert main(["--smoke", "--out", str(out), *FAST]) == 2
+        assert capsys.readouterr().err.startswith("error:") and not any(out.iterdir())
+    finally:
+        out.chmod(0o755)
+
+
+@pytest.mark.parametrize("victim", ["train_state.pt", "model.safetensors", "samples.png"])
+def test_full_disk_mid_run_keeps_every_file_whole(tmp_path: Path, monkeypatch, capsys, victim: str) -> None:
+    out = tmp_path / "run"
+    assert main(["--smoke", "--out", str(out), *FAST]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _fail_writes(monkeypatch, errno.ENOSPC, only=victim)
+    assert main(["--resume", str(out), "--epochs", "2", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("error: cannot write") and victim in err and "No space left" in err and "\n" not in err
+    )
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # the file that failed still holds its previous, complete version
+    assert (out / victim).read_bytes() == before[victim]
+    load_checkpoint(out / "model.safetensors")
+    assert load_state(out)["progress"]["epochs_done"] in (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{tmp}/missing", "--out", "{tmp}/run"], "does not exist"),
+        (["--out", "{tmp}/run"], "--data and --out are required"),
+        (
+            ["--data", "synthetic", "--out", "{tmp}/run", "--channels", "12,16"],
+            "channels must be multiples of 8",
+        ),
+        (["--data", "synthetic", "--out", "{tmp}/run", "--image-size", "48"], "power of two"),
+        (["--data", "synthetic", "--out", "{tmp}/run", "--augment", "rotate"], "unknown augmentation"),
+        (["--data", "synthetic", "--out", "{tmp}/run", "--device", "tpu"], "unknown device"),
+        (["--resume", "{tmp}/nothing"], "not a run folder"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args] + FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_resume_refuses_to_change_what_is_trained(
+    smoke_run: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    assert main(["--resume", str(out), "--latent-dim", "32", *FAST]) == 2
+    assert "--latent-dim cannot change on --resume" in capsys.readouterr().err
+    assert load_state(out)["progress"]["epochs_done"] == 1

@@ -1,0 +1,72 @@
+"""trainer.schedule and trainer.metrics: LR schedules, KL warm-up, budget planning, whole-set means."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from trainer.metrics import ImageScores, WeightedMeans, validation_summary
+from trainer.schedule import MIN_LR_RATIO, LRSchedule, kl_weight, plan_epochs
+
+
+def test_cosine_warms_up_peaks_and_anneals_to_the_floor_at_the_planned_end() -> None:
+    s = LRSchedule("cosine", lr=1e-3, steps_per_epoch=100, warmup_steps=50)
+    lrs = [s.at(i, planned_epochs=10) for i in range(1000)]
+    assert lrs[0] == pytest.approx(1e-3 / 50) and lrs[49] == pytest.approx(1e-3)
+    assert all(a < b for a, b in itertools.pairwise(lrs[:50]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[49:]))
+    assert lrs[-1] == pytest.approx(1e-3 * MIN_LR_RATIO, rel=1e-3)
+    # a shorter plan (the budget) anneals sooner: same step, lower rate
+    assert s.at(400, planned_epochs=5) < s.at(400, planned_epochs=10)
+    # warm-up never takes more than a tenth of a short run
+    assert LRSchedule("cosine", 1e-3, 10, warmup_steps=500).at(1, planned_epochs=2) == pytest.approx(1e-3)
+
+
+def test_step_schedule_is_the_seed_recipe_and_constant_is_constant() -> None:
+    s = LRSchedule("step", lr=1e-3, steps_per_epoch=10, step_epoch=3)
+    assert s.at(29, 100) == pytest.approx(1e-3) and s.at(30, 100) == pytest.approx(1e-4)
+    assert LRSchedule("constant", 2e-4, 10).at(12345, 3) == 2e-4
+    with pytest.raises(ValueError):
+        LRSchedule("linear", 1e-3, 10)
+
+
+def test_kl_weight_ramps_linearly() -> None:
+    assert kl_weight(2.0, 0, 0.0) == 2.0
+    assert kl_weight(2.0, 4, 1.0) == pytest.approx(0.5)
+    assert kl_weight(2.0, 4, 9.0) == 2.0
+
+
+def test_plan_epochs_fits_the_budget() -> None:
+    assert plan_epochs(50, 1, [10.0], None, 10.0) == 50  # no budget: the requested epochs
+    assert plan_epochs(50, 1, [10.0], 100.0, 10.0) == 10  # 90 s left at 10 s/epoch -> 9 more
+    # a slow first epoch (warm-up) is left out once later epochs show the real pace
+    assert plan_epochs(50, 2, [30.0, 10.0], 100.0, 40.0) == 8
+    assert plan_epochs(5, 1, [1.0], 1000.0, 1.0) == 5  # never more than requested
+    assert plan_epochs(50, 3, [10.0, 10.0, 10.0], 25.0, 30.0) == 3  # over budget: stop now
+
+
+def test_weighted_means_cover_every_batch_by_size() -> None:
+    m = WeightedMeans(torch.device("cpu"))
+    values = torch.arange(10, dtype=torch.float64)
+    for chunk in (values[:7], values[7:9], values[9:]):  # batches of 7, 2 and 1
+        m.add(len(chunk), loss=chunk.mean(), psnr=float(chunk.mean() * 2))
+    means = m.means()
+    assert m.n == 10 and means["loss"] == pytest.approx(4.5) and means["psnr"] == pytest.approx(9.0)
+
+
+def test_validation_loss_is_the_whole_set_objective() -> None:
+    sq_err = torch.tensor([12.0, 30.0, 6.0], dtype=torch.float64)
+    kl = torch.tensor([5.0, 7.0, 9.0], dtype=torch.float64)
+    psnr, ssim = torch.tensor([20.0, 22.0, 24.0]).double(), torch.tensor([0.5, 0.6, 0.7]).double()
+    scores = ImageScores(psnr=psnr, ssim=ssim, kl=kl, sq_err=sq_err, dims=300)
+    summary = validation_summary(scores, "sigma-vae", beta=0.5)
+    mse = 48.0 / 900
+    # at σ² = mse of the whole set, the mean NLL is the closed form the summary uses
+    assert summary["recon"] == pytest.approx(float(scores.nll(0.5 * math.log(mse)).mean()))
+    assert summary["loss"] == pytest.approx(summary["recon"] + 0.5 * 7.0)
+    assert summary["psnr"] == pytest.approx(22.0) and summary["ssim"] == pytest.approx(0.6)
+    mse_recipe = validation_summary(scores, "mse", beta=1.0)
+    assert mse_recipe["recon"] == pytest.approx(16.0) and mse_recipe["loss"] == pytest.approx(23.0)

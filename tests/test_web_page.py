@@ -1,0 +1,341 @@
+"""End-to-end tests of the web page in headless chromium against a real `python -m service`.
+
+Each test saves a full-page screenshot into test-artifacts/. Set CARVAE_WEB_TEST_URL to run them against a
+service that is already running (e.g. the Docker one) instead of starting one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from browser import car_photo, data_url_pixels, make_driver, require_chromium, running_service, screenshot
+
+pytestmark = pytest.mark.browser
+
+WAIT_S = 30
+API_KEY = "web-test-key-7Qx"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> tuple[str, str]:
+    return require_chromium()
+
+
+@pytest.fixture(scope="module")
+def base_url(chromium: tuple[str, str], tiny_checkpoint: Path) -> Iterator[str]:
+    external = os.environ.get("CARVAE_WEB_TEST_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+    with running_service(tiny_checkpoint) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_base_url(chromium: tuple[str, str], tiny_checkpoint: Path) -> Iterator[str]:
+    """A second service that requires CARVAE_API_KEY."""
+    if os.environ.get("CARVAE_WEB_TEST_URL"):
+        pytest.skip("needs its own service started with an API key")
+    with running_service(tiny_checkpoint, {"CARVAE_API_KEY": API_KEY}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    driver = make_driver(*chromium, profile_dir=tmp_path_factory.mktemp("chromium-profile"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser: Any, base_url: str) -> Iterator[Any]:
+    """The page, loaded fresh, with the model card in and the first sample grid drawn. Afterwards: no
+    uncaught script error happened (HTTP errors the page reports are logged as 'network', not here)."""
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get_log("browser")  # drop what earlier tests left
+    browser.get(f"{base_url}/")
+    wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+    wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+    yield browser
+    script_errors = [e["message"] for e in browser.get_log("browser") if e.get("source") == "javascript"]
+    assert not script_errors
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    text = folder / "notes.txt"
+    text.write_text("this is not a picture of a car\n")
+    return {
+        "red": car_photo(folder / "red-car.png", (200, 30, 40)),
+        "blue": car_photo(folder / "blue-car.png", (30, 60, 190), sky=(235, 225, 200)),
+        "text": text,
+    }
+
+
+def wait_for(driver: Any, condition: Any, timeout: float = WAIT_S) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(condition)
+
+
+def by_id(driver: Any, element_id: str) -> Any:
+    return driver.find_element("id", element_id)
+
+
+def src_of(driver: Any, element_id: str) -> str:
+    return str(by_id(driver, element_id).get_attribute("src") or "")
+
+
+def model_info(base_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{base_url}/v1/model", timeout=10) as r:
+        return dict(json.load(r))
+
+
+def decode_via_api(base_url: str, rows: list[list[float]]) -> list[np.ndarray]:
+    req = urllib.request.Request(
+        f"{base_url}/decode",
+        data=json.dumps({"z": rows}).encode(),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body = json.load(r)
+    prefix = f"data:image/{body['format']};base64,"
+    return [np.asarray(data_url_pixels(prefix + b64), dtype=np.float64) for b64 in body["images"]]
+
+
+def upload(driver: Any, input_id: str, path: Path) -> None:
+    by_id(driver, input_id).send_keys(str(path))
+
+
+def test_upload_shows_model_input_reconstruction_and_psnr(
+    page: Any, base_url: str, photos: dict[str, Path]
+) -> None:
+    size = model_info(base_url)["image_size"]
+    upload(page, "file-input", photos["red"])
+    wait_for(page, lambda d: src_of(d, "recon-img").startswith("data:image/"))
+    wait_for(page, lambda d: re.fullmatch(r"\d+\.\d\d dB", by_id(d, "psnr").text))
+
+    original = data_url_pixels(src_of(page, "original-img"))
+    recon = data_url_pixels(src_of(page, "recon-img"))
+    assert original.size == recon.size == (size, size)  # the model's view, not the uploaded photo
+    # The shown PSNR is the one between the two shown images.
+    mse = np.mean((np.asarray(original, float) - np.asarray(recon, float)) ** 2)
+    shown = float(by_id(page, "psnr").text.split()[0])
+    assert shown == pytest.approx(10 * np.log10(255.0**2 / mse), abs=0.6)
+    download = by_id(page, "download")
+    assert download.get_attribute("href") == src_of(page, "recon-img")
+    assert download.get_attribute("download").endswith(".png")
+    assert "red-car.png" in by_id(page, "recon-img").get_attribute("alt")
+    assert "red-car.png" in by_id(page, "reconstruct-msg").text
+    # The upload also loads the photo's latent into the explorer, whose first decode is the reconstruction.
+    wait_for(page, lambda d: "red-car.png" in by_id(d, "latent-source").text)
+    wait_for(page, lambda d: src_of(d, "latent-img") == src_of(d, "recon-img"))
+    screenshot(page, "web-reconstruct")
+
+
+def test_sliders_are_ranked_and_redecode_the_image(page: Any, base_url: str, photos: dict[str, Path]) -> None:
+    latent_dim = model_info(base_url)["latent_dim"]
+    sliders = page.find_elements("css selector", "#sliders input[type=range]")
+    assert len(sliders) == min(12, latent_dim)
+    # The order is by how much a step of 2 along each dimension changes the decoded image around z = 0.
+    rows = [[0.0] * latent_dim] + [
+        [2.0 if j == d else 0.0 for j in range(latent_dim)] for d in range(latent_dim)
+    ]
+    images = decode_via_api(base_url, rows)
+    effect = [float(np.mean(np.abs(img - images[0]))) for img in images[1:]]
+    shown = [int(s.get_attribute("data-dim")) for s in sliders]
+    assert [effect[d] for d in shown] == sorted((effect[d] for d in shown), reverse=True)
+    assert min(effect[d] for d in shown) >= sorted(effect, reverse=True)[len(shown) - 1]
+
+    upload(page, "file-input", photos["blue"])
+    wait_for(page, lambda d: "blue-car.png" in by_id(d, "latent-source").text)
+    wait_for(page, lambda d: src_of(d, "latent-img") == src_of(d, "recon-img"))
+    before = src_of(page, "latent-img")
+    from selenium.webdriver.common.keys import Keys
+
+    sliders[0].send_keys(Keys.END)  # keyboard: the most effective dimension to its maximum
+    assert sliders[0].get_attribute("value") == "3"
+    wait_for(page, lambda d: src_of(d, "latent-img") != before)
+    after = np.asarray(data_url_pixels(src_of(page, "latent-img")), float)
+    assert np.mean(np.abs(after - np.asarray(data_url_pixels(before), float))) > 0
+    screenshot(page, "web-slider")
+
+    by_id(page, "latent-reset").click()
+    wait_for(page, lambda d: src_of(d, "latent-img") == before)
+
+
+def test_same_seed_gives_the_same_grid_and_a_click_loads_the_exact_latent(page: Any) -> None:
+    def grid_for(seed: int) -> list[str]:
+        field = by_id(page, "seed")
+        field.clear()
+        field.send_keys(str(seed))
+        by_id(page, "sample-btn").click()
+        wait_for(page, lambda d: f"seed {seed}," in by_id(d, "sample-msg").text)
+        return [img.get_attribute("src") for img in page.find_elements("css selector", "#sample-grid img")]
+
+    first = grid_for(1234)
+    other = grid_for(99)
+    again = grid_for(1234)
+    assert len(first) == 16 and len(set(first)) > 1
+    assert again == first
+    assert other != first
+
+    buttons = page.find_elements("css selector", "#sample-grid button")
+    buttons[5].click()
+    assert buttons[5].get_attribute("aria-pressed") == "true"
+    wait_for(page, lambda d: "Sample 6 (seed 1234" in by_id(d, "latent-source").text)
+    # The explorer decodes the very latent the sample came from, so it shows the same image.
+    wait_for(page, lambda d: src_of(d, "latent-img") == first[5])
+    screenshot(page, "web-sample")
+
+
+def test_bad_upload_shows_the_api_error(page: Any, photos: dict[str, Path]) -> None:
+    upload(page, "file-input", photos["text"])
+    msg = by_id(page, "reconstruct-msg")
+    wait_for(page, lambda d: "unsupported_media_type" in msg.text)
+    assert "notes.txt" in msg.text and "not an image" in msg.text
+    assert "error" in msg.get_attribute("class")
+    assert msg.get_attribute("aria-live") == "polite"
+    assert not by_id(page, "compare").is_displayed()
+    screenshot(page, "web-error")
+
+
+def test_overload_is_reported_with_the_retry_delay(page: Any) -> None:
+    # Overload cannot be produced on demand from a tiny model, so the browser answers /decode with the
+    # service's 503 contract; what is under test is that the page turns it into a readable message.
+    page.execute_script(
+        """
+        const body = {error: {code: 'overloaded', message: 'too many requests queued', request_id: 'r1'}};
+        const headers = {'Content-Type': 'application/json', 'Retry-After': '2'};
+        const real = window.fetch;
+        window.fetch = (url, opts) => String(url).endsWith('decode')
+          ? Promise.resolve(new Response(JSON.stringify(body), {status: 503, headers}))
+          : real(url, opts);
+        """
+    )
+    by_id(page, "sample-btn").click()
+    msg = by_id(page, "sample-msg")
+    wait_for(page, lambda d: "busy" in msg.text)
+    assert "try again in 2 s" in msg.text and "overloaded" in msg.text
+    screenshot(page, "web-overloaded")
+
+
+def test_keyboard_reaches_the_upload_first(page: Any) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    # The page was just loaded, so sequential focus navigation starts at the top of the document.
+    reached = []
+    for _ in range(8):
+        ActionChains(page).send_keys(Keys.TAB).perform()
+        reached.append(
+            page.execute_script("return document.activeElement.id || document.activeElement.localName")
+        )
+        if reached[-1] == "file-input":
+            break
+    assert reached[-1] == "file-input", reached
+    # The visible drop zone shows that its (visually hidden) input has focus.
+    outline = page.execute_script("return getComputedStyle(document.getElementById('dropzone')).outlineStyle")
+    assert outline == "solid"
+    # Every image the page shows has a text alternative.
+    shown_without_alt = "return [...document.images].filter(i => i.getClientRects().length && !i.alt).length"
+    assert page.execute_script(shown_without_alt) == 0
+    screenshot(page, "web-keyboard")
+
+
+def test_interpolation_player(page: Any, photos: dict[str, Path]) -> None:
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    steps = by_id(page, "steps")
+    steps.clear()
+    steps.send_keys("6")
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#strip img")) == 6)
+    frames = [img.get_attribute("src") for img in page.find_elements("css selector", "#strip img")]
+    assert frames[0] != frames[-1]
+
+    play = by_id(page, "play")
+    if play.get_attribute("data-playing") == "true":
+        play.click()  # the player starts by itself unless reduced motion is asked for
+    assert play.text == "Play"
+    from selenium.webdriver.common.keys import Keys
+
+    by_id(page, "frame").send_keys(Keys.END)
+    assert by_id(page, "frame-out").text == "6 of 6"
+    assert src_of(page, "frame-img") == frames[-1]
+    play.click()
+    assert play.text == "Pause"
+    wait_for(page, lambda d: src_of(d, "frame-img") != frames[-1])
+    screenshot(page, "web-interpolate")
+
+
+def test_model_card_and_links(page: Any, base_url: str) -> None:
+    info = model_info(base_url)
+    card = by_id(page, "model-card").text
+    assert f"{info['image_size']} × {info['image_size']} px" in card
+    assert f"{info['latent_dim']} dimensions" in card
+    assert info["device"] in card and info["model_id"] in card
+    hrefs = [a.get_attribute("href") for a in page.find_elements("css selector", "#model .links a")]
+    for path in ("/docs", "/metrics"):
+        url = next(h for h in hrefs if h.endswith(path))
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200
+
+
+def test_usable_at_phone_width(page: Any) -> None:
+    page.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 375, "height": 800, "deviceScaleFactor": 2, "mobile": True},
+    )
+    page.refresh()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+    # Nothing forces sideways scrolling, and the main controls are on screen-width boxes.
+    assert page.execute_script("return document.documentElement.scrollWidth") <= 375
+    for element_id in ("dropzone", "sample-btn", "sliders", "interp-btn"):
+        rect = page.execute_script(
+            f"return document.getElementById('{element_id}').getBoundingClientRect().right"
+        )
+        assert rect <= 375, element_id
+    screenshot(page, "web-375px")
+
+
+def test_api_key_field_unlocks_a_protected_service(browser: Any, keyed_base_url: str) -> None:
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get(f"{keyed_base_url}/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    msg = by_id(browser, "global-msg")
+    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    assert "unauthorized" in msg.text
+    key_field = by_id(browser, "api-key")
+    assert browser.switch_to.active_element == key_field  # focus goes where the visitor must act
+
+    key_field.send_keys("not-the-key")
+    browser.execute_script("arguments[0].textContent = ''", msg)  # so the retry's answer is seen anew
+    by_id(browser, "api-key-form").submit()
+    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    assert browser.execute_script("return document.body.dataset.ready") is None
+
+    key_field.clear()
+    key_field.send_keys(API_KEY)
+    by_id(browser, "api-key-form").submit()
+    wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+    assert msg.text == ""
+    # The key lives in this tab's sessionStorage only, and survives a reload there.
+    assert browser.execute_script("return sessionStorage.getItem('carvae.apiKey')") == API_KEY
+    assert browser.execute_script("return localStorage.length") == 0
+    browser.refresh()
+    wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+    screenshot(browser, "web-api-key")
+    browser.execute_script("sessionStorage.clear()")

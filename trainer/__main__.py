@@ -1,0 +1,308 @@
+"""`python -m trainer`: train a car VAE into RUN_DIR/model.safetensors. `--help` documents every flag.
+
+Exit codes: 0 done (or --if-missing found a matching model), 1 training diverged, 2 bad arguments,
+unusable data or an unwritable run folder (one line on stderr), 130 interrupted (resume with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from carvae.checkpoint import CheckpointError, load_checkpoint
+from carvae.device import DeviceError
+from carvae.losses import RECIPES
+from carvae.preprocess import RESIZE_POLICIES
+from trainer.cli import HelpFormatter, setup_logging
+from trainer.data import AUGMENTATIONS, DataError, data_fingerprint
+from trainer.schedule import LR_SCHEDULES
+from trainer.state import CHECKPOINT_FILE, RUN_FILE, OutputError, ResumeError, read_json
+from trainer.train import TrainConfig, TrainingDiverged, train
+
+DEFAULTS = TrainConfig()
+# Flags a resumed run may change: how long and where it runs, never what it trains.
+RESUMABLE = {
+    "epochs",
+    "max_minutes",
+    "device",
+    "workers",
+    "threads",
+    "eval_every",
+    "cache_dir",
+    "progress",
+    "data",
+}
+SMOKE = {
+    "data": "synthetic",
+    "synthetic_count": 48,
+    "epochs": 1,
+    "batch_size": 16,
+    "channels": (8, 16, 16, 16),
+    "latent_dim": 16,
+    "warmup_steps": 2,
+}
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Train a convolutional VAE on car photos (or the embedded synthetic cars). Writes "
+        "RUN_DIR/{model.safetensors, metrics.jsonl, loss.png, reconstructions.png, samples.png, run.json, "
+        "train_state.pt}. Under torchrun, trains with DistributedDataParallel (--batch-size is per process).",
+        formatter_class=HelpFormatter,
+    )
+    d = DEFAULTS
+    io = p.add_argument_group("data and output")
+    io.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR|synthetic",
+        help="folder of images (searched recursively: jpg, jpeg, png, webp, bmp, gif, tif, tiff), or "
+        "'synthetic' for the procedural left-facing cars (default: none; required unless --resume)",
+    )
+    io.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="run folder, created if needed (default: none; required unless --resume)",
+    )
+    io.add_argument(
+        "--synthetic-count",
+        type=int,
+        default=d.synthetic_count,
+        help="number of synthetic cars when --data synthetic",
+    )
+    io.add_argument(
+        "--image-size",
+        type=int,
+        default=d.image_size,
+        help="square training size in pixels (a power of two; 64 and 128 are the tested settings)",
+    )
+    io.add_argument(
+        "--resize-policy",
+        choices=RESIZE_POLICIES,
+        default=d.resize_policy,
+        help="how non-square photos become square: stretch = the whole photo resized (no crop, no "
+        "padding); recorded in the checkpoint and applied identically by the service",
+    )
+    io.add_argument("--val-fraction", type=float, default=d.val_fraction, help="seeded validation share")
+    io.add_argument(
+        "--augment",
+        default="none",
+        metavar="OPS",
+        help=f"opt-in augmentations, comma-separated from {', '.join(AUGMENTATIONS)} (hflip is off by "
+        "default: the reference data are all left-facing cars)",
+    )
+    io.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where decoded images are cached as .npy (default: RUN_DIR/../.cache)",
+    )
+    io.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="processes decoding images on the first load (default: the CPU count, at most 8)",
+    )
+
+    m = p.add_argument_group("model")
+    m.add_argument("--latent-dim", type=int, default=d.latent_dim, help="latent size")
+    m.add_argument(
+        "--channels",
+        type=_channels,
+        default=",".join(map(str, d.channels)),
+        help="channels per resolution level, from size/2 down to 4×4 (stretched/cut to fit)",
+    )
+    m.add_argument(
+        "--blocks-per-level", type=int, default=d.blocks_per_level, help="residual blocks per level"
+    )
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=d.epochs, help="maximum number of epochs")
+    o.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (per process)")
+    o.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate")
+    o.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=d.lr_schedule,
+        help="cosine: linear warm-up then cosine to 1%% of --lr at the (budget-aware) end; step: --lr "
+        "then --lr/10 from --lr-step-epoch on (the seed notebooks' recipe); constant",
+    )
+    o.add_argument(
+        "--lr-step-epoch", type=int, default=d.lr_step_epoch, help="epoch of the drop for --lr-schedule step"
+    )
+    o.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=d.warmup_steps,
+        help="linear LR warm-up steps for cosine (at most 10%% of the run)",
+    )
+    o.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=d.recipe,
+        help="loss: sigma-vae = Gaussian likelihood with optimal (calibrated) σ; mse = the seeds' "
+        "summed MSE + KLD",
+    )
+    o.add_argument("--beta", type=float, default=d.beta, help="KL weight")
+    o.add_argument(
+        "--kl-warmup-epochs",
+        type=float,
+        default=d.kl_warmup_epochs,
+        help="ramp the KL weight linearly from 0 to --beta over this many epochs (0 = no ramp)",
+    )
+    o.add_argument(
+        "--grad-clip",
+        type=float,
+        default=d.grad_clip,
+        help="clip the gradient norm at this multiple of its running average (0 = off)",
+    )
+    o.add_argument("--seed", type=int, default=d.seed, help="seed for the split, initialisation and noise")
+    o.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="training time budget in minutes (data loading excluded): the run plans its epochs (and the "
+        "cosine schedule) to end within it, and stops after the epoch that reaches it (default: no budget)",
+    )
+    o.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="validate every N epochs (and the last)"
+    )
+
+    r = p.add_argument_group("run control")
+    r.add_argument(
+        "--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (auto prefers CUDA, then MPS)"
+    )
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per process (default: physical cores / processes on this machine)",
+    )
+    r.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a stopped run from its last completed epoch (model, optimiser, schedule, "
+        "data order); --epochs and --max-minutes may extend it",
+    )
+    r.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="exit 0 at once if RUN_DIR/model.safetensors is valid, complete and trained with this "
+        "configuration",
+    )
+    r.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few-second run for tests and CI: 48 synthetic cars, 1 epoch, a tiny model "
+        "(explicit flags still win)",
+    )
+    r.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (epoch summaries still print)"
+    )
+    return p
+
+
+def _explicit(argv: Sequence[str] | None) -> set[str]:
+    """Names of the flags the user actually typed (so --smoke and --resume know what not to override)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def _config(args: argparse.Namespace, given: set[str]) -> TrainConfig:
+    config_fields = {f.name for f in fields(TrainConfig)}
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in config_fields and v is not None}
+    values["progress"] = not args.no_progress
+    if args.resume is not None:
+        run_file = args.resume / RUN_FILE
+        if not run_file.is_file():
+            raise ResumeError(f"no {RUN_FILE} in {args.resume}: not a run folder this trainer can resume")
+        stored = read_json(run_file)["config"]
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise ValueError("--out and --resume name different folders; --resume continues the run in place")
+        given = given | ({"progress"} if "no_progress" in given else set())
+        changed = sorted(
+            k
+            for k in given & set(values)
+            if k not in RESUMABLE
+            and stored.get(k) != TrainConfig.from_dict({**stored, k: values[k]}).to_dict()[k]
+        )
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ValueError(f"{flags} cannot change on --resume (they define what the run trains)")
+        stored.update({k: values[k] for k in given & RESUMABLE if k in values}, out=str(args.resume))
+        return TrainConfig.from_dict(stored)
+    if args.smoke:
+        values.update({k: v for k, v in SMOKE.items() if k not in given})
+    if "data" not in values or "out" not in values:
+        raise ValueError("--data and --out are required (or --resume RUN_DIR)")
+    return TrainConfig.from_dict(values)
+
+
+def _matches(cfg: TrainConfig) -> tuple[bool, str]:
+    """Is RUN_DIR/model.safetensors a complete run of exactly this configuration?"""
+    path = cfg.out / CHECKPOINT_FILE
+    if not path.is_file():
+        return False, f"no {path}"
+    try:
+        training = load_checkpoint(path).training
+    except CheckpointError as e:
+        return False, str(e)
+    if not training.get("complete"):
+        return False, f"the run in {cfg.out} did not finish"
+    want = cfg.signature(data_fingerprint(cfg.data, cfg.image_size, cfg.synthetic_count))
+    have = training.get("signature") or {}
+    diff = [k for k in want if want[k] != have.get(k)]
+    return (not diff), (f"configuration differs in {', '.join(diff)}" if diff else "matches")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    log = logging.getLogger("trainer")
+    try:
+        cfg = _config(args, _explicit(argv))
+        if args.if_missing and args.resume is None:
+            ok, why = _matches(cfg)
+            if ok:
+                log.info("%s is a complete run of this configuration; nothing to do (--if-missing)", cfg.out)
+                return 0
+            log.info("training (--if-missing: %s)", why)
+        train(cfg, resume=args.resume is not None)
+        return 0
+    except (OutputError, DataError, ResumeError, DeviceError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # any other I/O failure (a vanished data file, a dead mount): still one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        out = args.resume or args.out
+        print(f"interrupted; continue with: python -m trainer --resume {out}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""What the two commands (`python -m trainer`, `python -m trainer.evaluate`) share: help formatting and
+log output."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to every optional flag, unless its help already states a computed default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.required:
+            return text
+        return super()._get_help_string(action)
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines printed through tqdm so they never tear an active progress bar."""
+
+    def __init__(self, stream_name: str) -> None:
+        super().__init__()
+        self.stream_name = stream_name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = getattr(sys, self.stream_name)  # looked up per line: tests swap sys.stdout
+        tqdm.write(self.format(record), file=stream)
+        stream.flush()
+
+
+def setup_logging(stream_name: str = "stdout") -> None:
+    """The "trainer" logger prints plain lines; under torchrun only rank 0 narrates, the other ranks
+    speak up for warnings and errors."""
+    log = logging.getLogger("trainer")
+    for h in [h for h in log.handlers if isinstance(h, _TqdmHandler)]:
+        log.removeHandler(h)
+    handler = _TqdmHandler(stream_name)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)

@@ -1,0 +1,389 @@
+"""Training data: folder scan -> decoded uint8 tensor (memory + on-disk cache) -> seeded split -> batches.
+
+Every photo goes through `carvae.preprocess.prepare`, the function the service calls on uploads, with the
+policy that ends up in the checkpoint; so a photo is the same array at training and at serving time.
+Decoding happens once: the result is one (N, S, S, 3) uint8 tensor, cached on disk as .npy (never pickle)
+under a key that changes whenever a file, the image size or the policy changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from carvae.checkpoint import atomic_write_bytes
+from carvae.preprocess import DecodeLimits, ImageError, PreprocessPolicy, prepare, to_tensor
+
+log = logging.getLogger("trainer")
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Training photos come from the user's own disk, so only pathological sizes are refused; the service keeps
+# its tighter limit for uploads. Side and aspect limits stay the shared defaults.
+TRAIN_LIMITS = DecodeLimits(max_pixels=200_000_000)
+CACHE_VERSION = 1
+SYNTHETIC_SEED = 0  # the embedded dataset is one fixed set of cars; --seed varies the split and the model
+AUGMENTATIONS = ("hflip", "shift", "color")
+
+
+class DataError(RuntimeError):
+    """The data cannot be used at all (missing folder, no usable image); one-line message."""
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # (N, S, S, 3) uint8, in the order of the sorted file list
+    fingerprint: str  # sha256 of what the data is: relative paths + sizes, or the synthetic parameters
+    source: dict[str, Any] = field(default_factory=dict)  # recorded in the checkpoint
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# ---------------------------------------------------------------- folder scan and fingerprints
+
+
+def scan_images(root: Path) -> list[Path]:
+    """Every image file under root, recursively, sorted by relative path so the order (and so the split)
+    is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
+    followed (no cycles)."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        found.extend(Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _file_stats(root: Path, files: Sequence[Path]) -> list[tuple[str, int, int]]:
+    out = []
+    for p in files:
+        try:
+            st = p.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # vanished or unreadable since the scan: decoding will skip and count it
+            size, mtime = -1, 0
+        out.append((p.relative_to(root).as_posix(), size, mtime))
+    return out
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def folder_fingerprint(stats: Sequence[tuple[str, int, int]]) -> str:
+    """What the data is, independent of where it lives or when it was copied: relative paths + sizes."""
+    return _sha256_json([[name, size] for name, size, _ in stats])
+
+
+def synthetic_fingerprint(count: int, image_size: int) -> str:
+    return _sha256_json({"source": "synthetic", "count": count, "size": image_size, "seed": SYNTHETIC_SEED})
+
+
+def data_fingerprint(data: str, image_size: int, synthetic_count: int) -> str:
+    """The fingerprint `load_data` would record, without decoding anything (used by --if-missing)."""
+    if data == "synthetic":
+        return synthetic_fingerprint(synthetic_count, image_size)
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    return folder_fingerprint(_file_stats(root, scan_images(root)))
+
+
+# ---------------------------------------------------------------- decoding and cache
+
+
+def _decode_file(args: tuple[str, dict[str, Any]]) -> tuple[np.ndarray | None, str | None]:
+    """One file -> (array, None) or (None, reason). Runs in a worker process; never raises, because one
+    bad photo among thousands must cost a log line, not the run."""
+    path, policy_dict = args
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None, "unreadable"
+    try:
+        return prepare(data, PreprocessPolicy.from_dict(policy_dict), TRAIN_LIMITS), None
+    except ImageError as e:
+        return None, e.code
+    except Exception as e:  # a decoder bug on one hostile file is still just a skipped file
+        return None, f"error:{type(e).__name__}"
+
+
+def _decode_all(
+    files: Sequence[Path], policy: PreprocessPolicy, workers: int, progress: bool
+) -> tuple[list[np.ndarray], Counter[str]]:
+    jobs = [(str(p), policy.to_dict()) for p in files]
+    kept: list[np.ndarray] = []
+    skipped: Counter[str] = Counter()
+    bar = tqdm(total=len(jobs), desc="decoding", unit="img", disable=not progress, leave=False)
+
+    def consume(results: Iterator[tuple[np.ndarray | None, str | None]]) -> None:
+        for path, (arr, reason) in zip(files, results, strict=True):
+            if arr is None:
+                skipped[reason or "unknown"] += 1
+                log.debug("skipped %s (%s)", path, reason)
+            else:
+                kept.append(arr)
+            bar.update()
+
+    if workers > 1 and len(jobs) > 64:
+        # fork: workers only run PIL/numpy, and skip re-importing torch in every worker.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            consume(pool.imap(_decode_file, jobs, chunksize=32))
+    else:
+        consume(map(_decode_file, jobs))
+    bar.close()
+    return kept, skipped
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the cache from other users of a shared cache dir
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(cache_dir: Path | None, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    if cache_dir is None:
+        return None
+    arr_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        arr = np.load(arr_path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[0] != meta.get("count"):
+        return None
+    return arr, meta
+
+
+def _write_cache(cache_dir: Path | None, key: str, arr: np.ndarray, meta: dict[str, Any]) -> None:
+    """Best effort: a cache that cannot be written costs the next run a decode, never this run."""
+    if cache_dir is None:
+        return
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _save_npy_atomic(cache_dir / f"{key}.npy", arr)
+        # The .json is written last and is what marks the entry complete.
+        atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(meta).encode())
+    except OSError as e:
+        log.warning("could not write the decode cache in %s (%s); continuing without it", cache_dir, e)
+
+
+def load_folder(
+    root: Path,
+    policy: PreprocessPolicy,
+    workers: int = 1,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> Dataset:
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    files = scan_images(root)
+    if not files:
+        raise DataError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    stats = _file_stats(root, files)
+    fingerprint = folder_fingerprint(stats)
+    key = _sha256_json(
+        {"v": CACHE_VERSION, "files": stats, "policy": policy.to_dict(), "limits": TRAIN_LIMITS.__dict__}
+    )
+    key = f"folder-{key[:40]}"
+    cached = _read_cache(cache_dir, key)
+    if cached is not None:
+        arr, meta = cached
+        log.info(
+            "data: %d images from cache %s (%d skipped when decoded)", len(arr), cache_dir, meta["skipped"]
+        )
+    else:
+        kept, reasons = _decode_all(files, policy, workers, progress)
+        if not kept:
+            why = ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            raise DataError(f"none of the {len(files)} image files under {root} could be used ({why})")
+        arr = np.stack(kept)
+        meta = {"count": len(kept), "skipped": sum(reasons.values()), "skipped_reasons": dict(reasons)}
+        _write_cache(cache_dir, key, arr, meta)
+        msg = "data: decoded %d of %d files under %s; skipped %d%s"
+        detail = f" ({', '.join(f'{n} {r}' for r, n in reasons.most_common())})" if reasons else ""
+        log.info(msg, len(kept), len(files), root, meta["skipped"], detail)
+    source = {
+        "source": "folder",
+        "files": len(files),
+        "count": int(arr.shape[0]),
+        "skipped": int(meta["skipped"]),
+        "skipped_reasons": meta.get("skipped_reasons", {}),
+    }
+    return Dataset(torch.from_numpy(arr), fingerprint, source)
+
+
+def _synthetic_chunk(args: tuple[int, int, int]) -> np.ndarray:
+    from carvae.synthetic import generate  # the procedural cars are only needed for this source
+
+    start, n, size = args
+    return generate(n, size=size, seed=SYNTHETIC_SEED, start=start)
+
+
+def _generate_synthetic(count: int, size: int, workers: int) -> np.ndarray:
+    """Car i is a function of (seed, i) alone, so chunks rendered in parallel equal one serial render."""
+    chunk = 256
+    jobs = [(s, min(chunk, count - s), size) for s in range(0, count, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_synthetic_chunk, jobs)
+    else:
+        parts = [_synthetic_chunk(j) for j in jobs]
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.uint8)
+
+
+def load_synthetic(count: int, image_size: int, cache_dir: Path | None = None, workers: int = 1) -> Dataset:
+    fingerprint = synthetic_fingerprint(count, image_size)
+    key = f"synthetic-{fingerprint[:40]}"
+    cached = _read_cache(cache_dir, key)
+    if cached is not None:
+        arr = cached[0]
+    else:
+        arr = _generate_synthetic(count, image_size, workers)
+        _write_cache(cache_dir, key, arr, {"count": count, "skipped": 0})
+    log.info("data: %d synthetic cars at %d px", count, image_size)
+    source = {"source": "synthetic", "count": count, "skipped": 0, "seed": SYNTHETIC_SEED}
+    return Dataset(torch.from_numpy(arr), fingerprint, source)
+
+
+def load_data(
+    data: str,
+    policy: PreprocessPolicy,
+    synthetic_count: int = 4000,
+    workers: int = 1,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> Dataset:
+    if data == "synthetic":
+        return load_synthetic(synthetic_count, policy.image_size, cache_dir, workers)
+    return load_folder(Path(data), policy, workers, cache_dir, progress)
+
+
+# ---------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class Split:
+    train: np.ndarray  # int64 indices into Dataset.images, ascending
+    val: np.ndarray
+    seed: int
+    val_fraction: float
+
+    @property
+    def val_hash(self) -> str:
+        """Identifies the exact validation set; evaluate and --resume check it before trusting a split."""
+        return hashlib.sha256(np.ascontiguousarray(self.val, dtype="<i8").tobytes()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "train": len(self.train),
+            "val": len(self.val),
+            "val_hash": self.val_hash,
+        }
+
+
+def make_split(n: int, val_fraction: float, seed: int) -> Split:
+    """Seeded split: the same (n, fraction, seed) gives the same indices on every machine and torch build
+    (randperm on a CPU generator)."""
+    if n < 2:
+        raise DataError(f"need at least 2 images for a train/validation split, have {n}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return Split(np.sort(perm[n_val:]), np.sort(perm[:n_val]), seed, val_fraction)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def epoch_batches(
+    train: np.ndarray, epoch: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+) -> list[np.ndarray]:
+    """This process's batches of dataset indices for one epoch. The order is a function of (seed, epoch)
+    only — DistributedSampler's seeded permutation — so a resumed run replays the same order, and every
+    rank gets the same number of batches (DDP needs that). The last partial batch is dropped when there
+    is more than one batch: a handful of images is a poor estimate for the calibrated σ."""
+    # Any Sized works as the sampler's "dataset"; torch's annotation asks for a Dataset.
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(len(train)),  # type: ignore[arg-type]
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=False,
+    )
+    sampler.set_epoch(epoch)
+    order = train[np.fromiter(iter(sampler), dtype=np.int64)]
+    n_batches = max(1, len(order) // batch_size)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+
+
+def to_batch(
+    images: torch.Tensor, idx: np.ndarray, device: torch.device, channels_last: bool
+) -> torch.Tensor:
+    """uint8 rows -> float (N, 3, S, S) in [0, 1] on the device. The uint8 rows travel (4× fewer bytes than
+    float) and the conversion is `carvae.preprocess.to_tensor`, the service's own."""
+    rows = images[torch.as_tensor(idx, device=images.device)]
+    x = to_tensor(rows.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def parse_augment(spec: str | Sequence[str] | None) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    ops = tuple(s for s in items if s and s != "none")
+    unknown = [s for s in ops if s not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation {', '.join(unknown)}; choose from {', '.join(AUGMENTATIONS)}")
+    return ops
+
+
+def augment(x: torch.Tensor, ops: Sequence[str], generator: torch.Generator) -> torch.Tensor:
+    """Opt-in augmentation of a float batch. Random draws come from a CPU generator (saved for resume), so
+    the same seed gives the same augmentations on every device.
+    hflip: mirror half the images (off by default: the seed datasets are all left-facing cars).
+    shift: translate by up to 1/16 of the size (reflect padding). color: brightness/contrast ±10 %."""
+    if not ops:
+        return x
+    n, _, s, _ = x.shape
+    if "hflip" in ops:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if "shift" in ops:
+        m = max(1, s // 16)
+        padded = torch.nn.functional.pad(x, (m, m, m, m), mode="reflect")
+        offs = torch.randint(0, 2 * m + 1, (n, 2), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy : dy + s, dx : dx + s] for i, (dy, dx) in enumerate(offs)])
+    if "color" in ops:
+        gain = (1 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.2).to(x.device)
+        contrast = (1 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.2).to(x.device)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - mean) * contrast + mean * gain).clamp(0, 1)
+    return x

@@ -1,0 +1,121 @@
+"""Process-group plumbing for `torchrun`, and CPU thread defaults.
+
+A single process is a world of size 1, so the training loop calls the same helpers either way and never
+branches on "distributed or not" beyond what is here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from carvae.device import pick_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_spec: str) -> DistInfo:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    device = pick_device(device_spec)
+    if world > 1:
+        if device.type == "cuda":
+            # One GPU per process: the local rank picks it, whatever index the user typed.
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place, returned for chaining); a no-op in a single process.
+    gloo only reduces CPU tensors and NCCL only CUDA ones, so the tensor is moved to the backend's device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    backend_device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    work = t.to(backend_device) if backend_device is not None else t.cpu()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    t.copy_(work.to(t.device))
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_error(message: str | None) -> str | None:
+    """Rank 0's error (or None) reaches every rank, so all of them stop together instead of the others
+    waiting forever in the next collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: hyper-threads share one core's FPU and only add
+    contention for conv kernels. Falls back to the logical count where /proc/cpuinfo is not there."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return max(1, logical)
+    cores: set[tuple[str, str]] = set()
+    phys = core = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            core = value.strip()
+            cores.add((phys, core))
+    threads_per_core = max(1, (os.cpu_count() or 1) // max(1, len(cores))) if cores else 1
+    return max(1, logical // threads_per_core)
+
+
+def default_threads(local_world_size: int = 1) -> int:
+    """Threads per process: the physical cores shared out between the processes on this machine."""
+    return max(1, physical_cores() // max(1, local_world_size))
+
+
+def describe_device(device: torch.device, amp: bool) -> str:
+    """e.g. "cpu (2 threads, channels_last)" or "cuda:0 (NVIDIA H100, bf16 autocast)"."""
+    if device.type == "cuda":
+        precision = "bf16 autocast" if amp else "fp32"
+        return f"{device} ({torch.cuda.get_device_name(device)}, {precision}, channels_last)"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads, channels_last)"
+    return str(device)

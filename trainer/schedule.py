@@ -1,0 +1,77 @@
+"""Learning-rate and KL-weight schedules, and fitting the run into a time budget.
+
+Schedules are pure functions of the step, so resuming needs only the step count and the planned length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+LR_SCHEDULES = ("cosine", "step", "constant")
+MIN_LR_RATIO = 0.01  # cosine ends at 1 % of the peak rate
+STEP_FACTOR = 0.1  # the seeds' 1e-3 -> 1e-4
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    kind: str
+    lr: float
+    steps_per_epoch: int
+    warmup_steps: int = 100
+    step_epoch: int = 50
+
+    def __post_init__(self) -> None:
+        if self.kind not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+    def at(self, step: int, planned_epochs: int) -> float:
+        """Rate for optimiser step `step` (0-based) of a run planned to last `planned_epochs` epochs.
+        cosine: linear warm-up, then cosine from lr to MIN_LR_RATIO·lr at the planned end.
+        step: lr, then STEP_FACTOR·lr from epoch `step_epoch` on (the seeds' recipe). constant: lr."""
+        if self.kind == "constant":
+            return self.lr
+        if self.kind == "step":
+            return self.lr * (STEP_FACTOR if step // self.steps_per_epoch >= self.step_epoch else 1.0)
+        total = max(1, planned_epochs * self.steps_per_epoch)
+        warmup = min(self.warmup_steps, total // 10)
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        floor = self.lr * MIN_LR_RATIO
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def describe(self) -> dict[str, object]:
+        d: dict[str, object] = {"kind": self.kind, "lr": self.lr}
+        if self.kind == "cosine":
+            d.update(warmup_steps=self.warmup_steps, min_lr=self.lr * MIN_LR_RATIO)
+        elif self.kind == "step":
+            d.update(step_epoch=self.step_epoch, lr_after=self.lr * STEP_FACTOR)
+        return d
+
+
+def kl_weight(beta: float, warmup_epochs: float, epoch_progress: float) -> float:
+    """β ramped linearly from 0 over the first `warmup_epochs` epochs (epoch_progress counts epochs done,
+    fractional within an epoch); no ramp when warmup_epochs is 0."""
+    if warmup_epochs <= 0:
+        return beta
+    return beta * min(1.0, epoch_progress / warmup_epochs)
+
+
+def plan_epochs(
+    max_epochs: int,
+    epochs_done: int,
+    epoch_seconds: Sequence[float],
+    budget_s: float | None,
+    elapsed_s: float,
+) -> int:
+    """How many epochs the run will have in total. With a budget, the epochs that still fit at the measured
+    pace (mean epoch time, leaving out the first epoch's warm-up once later ones exist) are added to those
+    done — so the cosine schedule is stretched to end when the budget does instead of being cut mid-way."""
+    if budget_s is None or not epoch_seconds:
+        return max_epochs
+    times = list(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds)
+    pace = sum(times) / len(times)
+    fit = int(max(0.0, budget_s - elapsed_s) // max(pace, 1e-9))
+    return max(epochs_done, min(max_epochs, epochs_done + fit))

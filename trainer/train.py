@@ -1,0 +1,616 @@
+"""The training loop: data -> VAE -> Adam, one epoch at a time, with validation, best-epoch checkpointing,
+resumable state and (under torchrun) DistributedDataParallel.
+
+After every epoch the run folder is consistent: metrics.jsonl lists the completed epochs, train_state.pt
+can resume after the last of them, model.safetensors holds the best epoch so far. Only rank 0 writes.
+Random streams (posterior noise, augmentation) are re-seeded from (seed, epoch, rank) at each epoch start
+and the data order is a function of (seed, epoch), so a resumed run replays exactly what an uninterrupted
+one would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from carvae.checkpoint import save_checkpoint
+from carvae.losses import RECIPES, psnr, vae_loss
+from carvae.model import VAE, VAEConfig
+from carvae.preprocess import RESIZE_POLICIES, PreprocessPolicy
+from trainer import distributed, plots
+from trainer.data import (
+    DataError,
+    Dataset,
+    Split,
+    augment,
+    epoch_batches,
+    load_data,
+    make_split,
+    parse_augment,
+    to_batch,
+)
+from trainer.metrics import WeightedMeans, score_images, validation_summary
+from trainer.schedule import LR_SCHEDULES, LRSchedule, kl_weight, plan_epochs
+from trainer.state import (
+    CHECKPOINT_FILE,
+    RUN_FILE,
+    STATE_FILE,
+    OutputError,
+    ResumeError,
+    check_writable,
+    load_state,
+    read_metrics,
+    save_state,
+    write_json,
+    write_metrics,
+)
+
+log = logging.getLogger("trainer")
+
+MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run is declared diverged
+GRAD_EMA_DECAY = 0.98
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Stored in run.json; --resume rebuilds the run from it."""
+
+    data: str = "synthetic"
+    out: Path = Path("runs/default")
+    epochs: int = 100
+    batch_size: int = 64
+    image_size: int = 64
+    latent_dim: int = 128
+    channels: tuple[int, ...] = VAEConfig().channels
+    blocks_per_level: int = VAEConfig().blocks_per_level
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    lr_step_epoch: int = 50
+    warmup_steps: int = 100
+    recipe: str = "sigma-vae"
+    beta: float = 1.0
+    kl_warmup_epochs: float = 0.0
+    grad_clip: float = 5.0
+    seed: int = 0
+    val_fraction: float = 0.1
+    device: str = "auto"
+    workers: int = field(default_factory=default_workers)
+    threads: int | None = None
+    max_minutes: float | None = None
+    synthetic_count: int = 4000
+    augment: tuple[str, ...] = ()
+    resize_policy: str = "stretch"
+    cache_dir: Path | None = None
+    eval_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+        self.channels = tuple(int(c) for c in self.channels)
+        self.augment = parse_augment(self.augment)
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch size must be >= 1"),
+            (self.lr > 0, "learning rate must be > 0"),
+            (self.beta >= 0, "beta must be >= 0"),
+            (self.kl_warmup_epochs >= 0, "kl warm-up must be >= 0"),
+            (self.grad_clip >= 0, "grad clip must be >= 0"),
+            (0 < self.val_fraction < 1, "val fraction must be in (0, 1)"),
+            (self.workers >= 1, "workers must be >= 1"),
+            (self.threads is None or self.threads >= 1, "threads must be >= 1"),
+            (self.max_minutes is None or self.max_minutes > 0, "max minutes must be > 0"),
+            (self.synthetic_count >= 2, "synthetic count must be >= 2"),
+            (self.eval_every >= 1, "eval every must be >= 1"),
+            (self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr schedule must be one of {', '.join(LR_SCHEDULES)}"),
+            (
+                self.resize_policy in RESIZE_POLICIES,
+                f"resize policy must be one of {', '.join(RESIZE_POLICIES)}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        self.model_config()  # validates image size, latent size and channels
+
+    def model_config(self) -> VAEConfig:
+        return VAEConfig(self.image_size, self.latent_dim, self.channels, self.blocks_per_level)
+
+    def policy(self) -> PreprocessPolicy:
+        return PreprocessPolicy(image_size=self.image_size, resize=self.resize_policy)
+
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.out.resolve().parent / ".cache"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(out=str(self.out), cache_dir=str(self.cache_dir) if self.cache_dir else None)
+        d.update(channels=list(self.channels), augment=list(self.augment))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def signature(self, data_fingerprint: str) -> dict[str, Any]:
+        """What makes two runs the same model (compared by --if-missing). Not: device, workers, threads,
+        paths, progress display — they change how fast, not what is trained."""
+        keep = (
+            *(
+                "image_size",
+                "latent_dim",
+                "channels",
+                "blocks_per_level",
+                "recipe",
+                "beta",
+                "kl_warmup_epochs",
+            ),
+            *(
+                "epochs",
+                "batch_size",
+                "lr",
+                "lr_schedule",
+                "lr_step_epoch",
+                "warmup_steps",
+                "grad_clip",
+                "seed",
+            ),
+            *("val_fraction", "max_minutes", "augment", "resize_policy"),
+        )
+        d = self.to_dict()
+        return {"data_fingerprint": data_fingerprint, **{k: d[k] for k in keep}}
+
+
+@dataclass
+class Progress:
+    """Where a run stands after its last completed epoch; this is what train_state.pt adds to weights."""
+
+    epochs_done: int = 0
+    step: int = 0
+    planned_epochs: int = 0
+    elapsed_s: float = 0.0  # training time (data loading excluded), summed over resumed segments
+    data_s: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
+    train_images: int = 0
+    train_s: float = 0.0  # time in optimisation steps only, for images/s
+    grad_ema: float | None = None
+    best_epoch: int = 0
+    best_val: dict[str, float] | None = None
+    final_val: dict[str, float] | None = None
+
+
+class _Run:
+    """One training run in one process. Split into small steps so each can be read on its own."""
+
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, resume: bool) -> None:
+        self.cfg, self.info, self.resume = cfg, info, resume
+        self.device = info.device
+        self.out = cfg.out
+        self.channels_last = self.device.type in ("cpu", "cuda")
+        self.amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.progress = Progress(planned_epochs=cfg.epochs)
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------ setup
+
+    def _on_main(self, fn: Any, *args: Any) -> Any:
+        """Run fn on rank 0; if it fails with a user-facing error, every rank raises the same one."""
+        err, result = None, None
+        if self.info.is_main:
+            try:
+                result = fn(*args)
+            except (OutputError, DataError, ResumeError, ValueError) as e:
+                err = f"{type(e).__name__}:{e}"
+        err = distributed.broadcast_error(err)
+        if err:
+            kind, _, msg = err.partition(":")
+            raise {"OutputError": OutputError, "DataError": DataError, "ResumeError": ResumeError}.get(
+                kind, ValueError
+            )(msg)
+        return result
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if self.device.type == "cpu":
+            torch.set_num_threads(cfg.threads or distributed.default_threads(self.info.local_world_size))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self._on_main(check_writable, self.out)
+        state = load_state(self.out) if self.resume else None
+        if state is None and self.info.is_main and (self.out / STATE_FILE).exists():
+            # A fresh run in an old run's folder: the old resume point must not outlive it.
+            log.info("fresh run in %s: discarding the previous run's %s", self.out, STATE_FILE)
+            (self.out / STATE_FILE).unlink()
+
+        t0 = time.perf_counter()
+        load = lambda progress: load_data(  # noqa: E731
+            cfg.data, cfg.policy(), cfg.synthetic_count, cfg.workers, cfg.resolved_cache_dir(), progress
+        )
+        # Rank 0 decodes and fills the cache first; the others then read the cache instead of decoding too.
+        data: Dataset | None = self._on_main(load, cfg.progress)
+        self.data: Dataset = data if data is not None else load(False)
+        self.split: Split = make_split(len(self.data), cfg.val_fraction, cfg.seed)
+        data_s = time.perf_counter() - t0
+        # On a GPU the whole uint8 set usually fits (6k photos at 64 px: 75 MB), so batches never cross PCIe.
+        self.images = self.data.images.to(self.device) if self.device.type == "cuda" else self.data.images
+
+        torch.manual_seed(cfg.seed)
+        self.model = VAE(cfg.model_config()).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        self.batches_per_epoch = len(
+            epoch_batches(self.split.train, 0, cfg.seed, cfg.batch_size, self.info.rank, self.info.world_size)
+        )
+        self.sched = LRSchedule(
+            cfg.lr_schedule, cfg.lr, self.batches_per_epoch, cfg.warmup_steps, cfg.lr_step_epoch
+        )
+        if state is not None:
+            self._restore(state)
+        else:
+            self.progress.data_s = data_s
+        self.net: torch.nn.Module = self.model
+        if self.info.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        log.info(
+            "run %s: %d train / %d val images at %d px, model %.2fM parameters, %s, %d process(es), %s",
+            self.out,
+            len(self.split.train),
+            len(self.split.val),
+            cfg.image_size,
+            self.model.num_parameters() / 1e6,
+            distributed.describe_device(self.device, self.amp),
+            self.info.world_size,
+            f"resuming after epoch {self.progress.epochs_done}" if state is not None else "fresh start",
+        )
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("data_fingerprint") != self.data.fingerprint:
+            raise ResumeError(
+                f"{self.out} was trained on different data (fingerprint mismatch); start a new run"
+            )
+        if state.get("val_hash") != self.split.val_hash:
+            raise ResumeError(f"{self.out} used a different train/validation split; start a new run")
+        if state.get("config", {}).get("channels") is not None:
+            stored = TrainConfig.from_dict({**state["config"], "out": self.out}).model_config()
+            if stored != self.cfg.model_config():
+                raise ResumeError(
+                    f"{self.out}/{STATE_FILE} holds a different model ({stored}); start a new run"
+                )
+        try:
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ResumeError(
+                f"{self.out}/{STATE_FILE} does not fit this run ({str(e).splitlines()[0]})"
+            ) from None
+        known = {f.name for f in fields(Progress)}
+        p = self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        # Re-plan with this invocation's --epochs / --max-minutes, so a resume can also extend a run.
+        budget = self.cfg.max_minutes * 60 if self.cfg.max_minutes else None
+        p.planned_epochs = plan_epochs(self.cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s)
+        self.best_weights = state.get("best_weights")
+        # Epochs after the last saved state are redone; their metrics lines (if written) are dropped.
+        self.rows = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.progress.epochs_done]
+
+    def _log_sigma(self) -> float:
+        return float(self.model.get_buffer("log_sigma"))
+
+    def _set_log_sigma(self, value: float) -> None:
+        self.model.get_buffer("log_sigma").fill_(value)
+
+    # ------------------------------------------------------------ one epoch
+
+    def _seed_epoch(self, epoch: int) -> torch.Generator:
+        base = self.cfg.seed * 1_000_003 + epoch * 1009 + self.info.rank
+        torch.manual_seed(base)
+        return torch.Generator().manual_seed(base + 7)
+
+    def train_epoch(self, epoch: int) -> tuple[dict[str, float], int]:
+        cfg, p = self.cfg, self.progress
+        aug_gen = self._seed_epoch(epoch)
+        batches = epoch_batches(
+            self.split.train, epoch, cfg.seed, cfg.batch_size, self.info.rank, self.info.world_size
+        )
+        means = WeightedMeans(self.device)
+        bad_in_a_row = skipped = 0
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        self.net.train()
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}/{p.planned_epochs}",
+            unit="batch",
+            leave=False,
+            dynamic_ncols=True,
+            # In a log file (Docker, CI) every redraw is a line: redraw rarely there.
+            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            disable=not (cfg.progress and self.info.is_main),
+        )
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        for i, idx in enumerate(bar):
+            x = to_batch(self.images, idx, self.device, self.channels_last)
+            if cfg.augment:
+                x = augment(x, cfg.augment, aug_gen)
+                x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            lr = self.sched.at(p.step, p.planned_epochs)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            beta = kl_weight(cfg.beta, cfg.kl_warmup_epochs, p.step / self.batches_per_epoch)
+            with autocast:
+                x_hat, mu, logvar = self.net(x)
+            terms = vae_loss(x_hat, x, mu, logvar, cfg.recipe, beta)
+            self.opt.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            # Adaptive clipping: a spike above grad_clip × the running norm is scaled down. The norm of the
+            # σ-VAE loss grows as σ shrinks, so no fixed threshold fits a whole run.
+            limit = cfg.grad_clip * p.grad_ema if (cfg.grad_clip > 0 and p.grad_ema) else math.inf
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+            p.step += 1
+            if not math.isfinite(norm):
+                # Gradients are already averaged over ranks here, so every rank skips the same step.
+                self.opt.zero_grad(set_to_none=True)
+                skipped += 1
+                bad_in_a_row += 1
+                if bad_in_a_row >= MAX_BAD_STEPS:
+                    raise TrainingDiverged(
+                        f"{MAX_BAD_STEPS} steps in a row had non-finite gradients (epoch {epoch + 1}); "
+                        "lower --lr or raise --warmup-steps"
+                    )
+                continue
+            bad_in_a_row = 0
+            self.opt.step()
+            kept = min(norm, limit)
+            p.grad_ema = (
+                kept if p.grad_ema is None else GRAD_EMA_DECAY * p.grad_ema + (1 - GRAD_EMA_DECAY) * kept
+            )
+            with torch.no_grad():
+                batch_psnr = psnr(x_hat, x).mean()
+            means.add(
+                len(idx), loss=terms.loss, recon=terms.recon, kl=terms.kl, mse=terms.mse, psnr=batch_psnr
+            )
+            if i % 10 == 0 and cfg.progress and self.info.is_main:
+                bar.set_postfix(
+                    loss=f"{terms.loss.item():.1f}",
+                    recon=f"{terms.recon.item():.1f}",
+                    kl=f"{terms.kl.item():.1f}",
+                    psnr=f"{batch_psnr.item():.2f}",
+                )
+        bar.close()
+        result = means.means()
+        result.update(
+            lr=self.sched.at(max(0, p.step - 1), p.planned_epochs), beta=beta, skipped_steps=skipped
+        )
+        return result, means.n
+
+    # ------------------------------------------------------------ validation, best epoch, files
+
+    def validate(self) -> dict[str, float]:
+        shard = self.split.val[self.info.rank :: self.info.world_size]
+        scores = score_images(self.model, self.images, shard, self.device, channels_last=self.channels_last)
+        return validation_summary(scores, self.cfg.recipe, self.cfg.beta)
+
+    def _keep_if_best(self, val: dict[str, float]) -> bool:
+        p = self.progress
+        p.final_val = val
+        if p.best_val is not None and not val["loss"] < p.best_val["loss"]:
+            return False
+        p.best_val, p.best_epoch = val, p.epochs_done
+        self.best_weights = {
+            k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()
+        }
+        if self.info.is_main:
+            self._save_checkpoint(self.model, self.training_meta(False))
+        return True
+
+    def _save_checkpoint(self, model: VAE, meta: dict[str, Any]) -> None:
+        path = self.out / CHECKPOINT_FILE
+        try:
+            save_checkpoint(path, model, self.cfg.policy(), meta)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+    def training_meta(self, complete: bool) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        pick = ("psnr", "ssim", "loss", "recon", "kl", "mse")
+        best = {k: p.best_val[k] for k in pick} if p.best_val else None
+        return {
+            "complete": complete,
+            "signature": cfg.signature(self.data.fingerprint),
+            "data": {**self.data.source, "fingerprint": self.data.fingerprint},
+            "split": self.split.describe(),
+            "recipe": cfg.recipe,
+            "beta": cfg.beta,
+            "kl_warmup_epochs": cfg.kl_warmup_epochs,
+            "batch_size": cfg.batch_size,
+            "world_size": self.info.world_size,
+            "augment": list(cfg.augment),
+            "seed": cfg.seed,
+            "epochs_requested": cfg.epochs,
+            "epochs_done": p.epochs_done,
+            "best_epoch": p.best_epoch,
+            "best_val": best,  # validation figures of the weights in this file
+            "final_val": {k: p.final_val[k] for k in pick} if p.final_val else None,
+            "log_sigma": self._log_sigma(),
+            "train_images_per_s": p.train_images / p.train_s if p.train_s else None,
+            "train_seconds": round(p.elapsed_s, 1),
+            "data_seconds": round(p.data_s, 1),
+            "max_minutes": cfg.max_minutes,
+            "stopped_by_budget": p.epochs_done < cfg.epochs,
+            "lr_schedule": {**self.sched.describe(), "planned_epochs": p.planned_epochs},
+            "device": str(self.device),
+            "torch_version": torch.__version__,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def save_epoch_files(self) -> None:
+        if not self.info.is_main:
+            return
+        write_metrics(self.out, self.rows)
+        state = {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "progress": {**asdict(self.progress), "epochs_requested": self.cfg.epochs},
+            "best_weights": self.best_weights,
+            "data_fingerprint": self.data.fingerprint,
+            "val_hash": self.split.val_hash,
+            "config": self.cfg.to_dict(),
+        }
+        save_state(self.out, state)
+
+    def write_run_json(self, status: str) -> None:
+        if self.info.is_main:
+            write_json(
+                self.out / RUN_FILE,
+                {
+                    "status": status,
+                    "config": self.cfg.to_dict(),
+                    "data": {**self.data.source, "fingerprint": self.data.fingerprint},
+                    "split": self.split.describe(),
+                    "world_size": self.info.world_size,
+                    "device": str(self.device),
+                    "torch_version": torch.__version__,
+                    "epochs_done": self.progress.epochs_done,
+                    "best_epoch": self.progress.best_epoch,
+                    "best_val": self.progress.best_val,
+                },
+            )
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        cfg, p = self.cfg, self.progress
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+        self.write_run_json("running")
+        while p.epochs_done < p.planned_epochs:
+            t0 = time.perf_counter()
+            epoch = p.epochs_done
+            train, n_images = self.train_epoch(epoch)
+            train_s = time.perf_counter() - t0
+            # Calibrated decoder σ on the training set, so the checkpoint can report an ELBO in nats.
+            self._set_log_sigma(0.5 * math.log(max(train["mse"], 1e-12)))
+            p.epochs_done += 1
+            due = p.epochs_done % cfg.eval_every == 0 or p.epochs_done >= p.planned_epochs
+            val = self.validate() if due else None
+            is_best = self._keep_if_best(val) if val else False
+            epoch_s = time.perf_counter() - t0
+            p.epoch_seconds.append(epoch_s)
+            p.elapsed_s += epoch_s
+            p.train_images += n_images
+            p.train_s += train_s
+            p.planned_epochs = plan_epochs(cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s)
+            if val is None and p.epochs_done >= p.planned_epochs:
+                val = self.validate()  # the budget ended the run here: the last epoch must be scored
+                is_best = self._keep_if_best(val)
+            self.rows.append(self._row(train, val, n_images, train_s, epoch_s, is_best))
+            self.save_epoch_files()
+            self._log_epoch(self.rows[-1])
+            if self.info.is_main and val is not None:
+                plots.write_loss(self.out, self.rows)
+        return self.finish()
+
+    def _row(
+        self,
+        train: dict[str, float],
+        val: dict[str, float] | None,
+        n: int,
+        train_s: float,
+        epoch_s: float,
+        is_best: bool,
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "epoch": self.progress.epochs_done,
+            "epochs_planned": self.progress.planned_epochs,
+        }
+        row.update({f"train_{k}": train[k] for k in ("loss", "recon", "kl", "mse", "psnr")})
+        for k in ("loss", "recon", "kl", "mse", "psnr", "ssim"):
+            row[f"val_{k}"] = val[k] if val else None
+        row.update(
+            lr=train["lr"],
+            beta=train["beta"],
+            log_sigma=self._log_sigma(),
+            seconds=round(epoch_s, 3),
+            train_seconds=round(train_s, 3),
+            images_per_s=round(n / train_s, 2) if train_s > 0 else None,
+            skipped_steps=int(train["skipped_steps"]),
+            best=is_best,
+        )
+        return row
+
+    def _log_epoch(self, r: dict[str, Any]) -> None:
+        if not self.info.is_main:
+            return
+        val = (
+            f" | val loss {r['val_loss']:.1f} psnr {r['val_psnr']:.2f} dB ssim {r['val_ssim']:.3f}"
+            if r["val_loss"] is not None
+            else ""
+        )
+        log.info(
+            "epoch %d/%d  train loss %.1f (recon %.1f, kl %.1f) psnr %.2f%s | lr %.2e | %.1f s, %.0f img/s%s",
+            r["epoch"],
+            r["epochs_planned"],
+            r["train_loss"],
+            r["train_recon"],
+            r["train_kl"],
+            r["train_psnr"],
+            val,
+            r["lr"],
+            r["seconds"],
+            r["images_per_s"] or 0,
+            "  *best" if r["best"] else "",
+        )
+
+    def finish(self) -> dict[str, Any]:
+        meta = self.training_meta(True)
+        if self.info.is_main:
+            best = VAE(self.cfg.model_config())
+            if self.best_weights is not None:
+                best.load_state_dict(self.best_weights)
+            self._save_checkpoint(best, meta)
+            plots.write_all(self.out, best, self.data.images, self.split.val, self.rows)
+            self.write_run_json("complete")
+            b = self.progress.best_val or {}
+            log.info(
+                "done: best epoch %d of %d, val psnr %.2f dB, ssim %.3f -> %s",
+                self.progress.best_epoch,
+                self.progress.epochs_done,
+                b.get("psnr", float("nan")),
+                b.get("ssim", float("nan")),
+                self.out / CHECKPOINT_FILE,
+            )
+        distributed.barrier()
+        return meta
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in cfg.out; returns the checkpoint's `training` metadata."""
+    info = distributed.setup(cfg.device)
+    try:
+        run = _Run(cfg, info, resume)
+        run.setup()
+        return run.run()
+    finally:
+        distributed.cleanup()
