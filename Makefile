@@ -1,32 +1,55 @@
-# Developer and CI entry points. `make ci` is what .ci/run runs.
+# Developer and CI entry points. The README's two commands are `make run` and `make test`;
+# `.ci/run` runs `make test`.
 PYTHON_HOST ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# The CPU build of torch (the default index's Linux torch is a multi-GB CUDA build).
-TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+# Optional extra index for torch, e.g. https://download.pytorch.org/whl/cpu for the small CPU build on a
+# machine whose default index would give the multi-GB CUDA build. Empty: the default index (and any local
+# wheels pip is configured with).
+TORCH_INDEX_URL ?=
+RUN_DIR ?= runs/default
+TRAIN_ARGS ?= --data synthetic --max-minutes 5
 
-.PHONY: install lint test docker-test ci
+.PHONY: install system-deps lint pytest docker-test test ci run train serve bench help
 
-## install: the project venv with torch (CPU) and the dev tools
+help:
+	@grep -E '^## ' Makefile | sed 's/^## //'
+
+## install: the project venv with torch (CPU wheel pinned) and the dev tools
 install:
 	test -x $(PY) || $(PYTHON_HOST) -m venv $(VENV)
 	$(PY) -c "import torch, sys; sys.exit(not torch.__version__.startswith('$(TORCH_VERSION)'))" 2>/dev/null \
-		|| $(PY) -m pip install "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX_URL)
-	$(PY) -m pip install -e ".[dev]"
+		|| $(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q -e ".[dev]"
 
-## lint: ruff (lint + format) and mypy
+## system-deps: Debian's chromium + chromedriver for the browser tests (root only; skipped otherwise)
+system-deps:
+	.ci/system-deps.sh
+
+## lint: ruff (lint, security rules, format) and mypy
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-## test: the pytest suite
-test:
+## pytest: the Python test suite (unit, real uvicorn, headless browser)
+pytest:
 	$(PY) -m pytest -q
 
 ## docker-test: build both images, run the compose stack and check it from outside (needs root or docker)
 docker-test:
 	.ci/docker-test.sh
 
-ci: install lint test docker-test
+## test: everything CI checks: install, lint, pytest, docker
+test: install system-deps lint pytest docker-test
+
+ci: test
+
+## train: train a model into $(RUN_DIR) (default: 5 minutes on the embedded synthetic cars) unless one is there
+train: install
+	$(PY) -m trainer $(TRAIN_ARGS) --out $(RUN_DIR) --if-missing
+
+## run: the main job: install, train on the embedded synthetic cars (once), serve on http://127.0.0.1:8000
+run: train
+	CARVAE_CHECKPOINT=$(RUN_DIR)/model.safetensors $(PY) -m service

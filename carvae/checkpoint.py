@@ -8,6 +8,7 @@ or truncated file is refused with a clear message.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,10 +79,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 
@@ -114,25 +113,31 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file ({_one_line(e)})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file ({_one_line(e)})"
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu", verify: bool = True) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", verify: bool = True
+) -> Checkpoint:
     path = Path(path)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a carvae checkpoint (no '{FORMAT}' metadata)")
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise CheckpointError(
-            f"checkpoint {path} has format version {meta.get('format_version')!r}; this carvae reads version {FORMAT_VERSION}"
+            f"checkpoint {path} has format version {meta.get('format_version')!r}; "
+            f"this carvae reads version {FORMAT_VERSION}"
         )
     if meta.get("architecture") != ARCHITECTURE:
         raise CheckpointError(
-            f"checkpoint {path} is for architecture {meta.get('architecture')!r}; this carvae builds {ARCHITECTURE!r}"
+            f"checkpoint {path} is for architecture {meta.get('architecture')!r}; "
+            f"this carvae builds {ARCHITECTURE!r}"
         )
     try:
         cfg = VAEConfig.from_dict(json.loads(meta["model_config"]))
@@ -157,4 +162,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match its model config ({_one_line(e)})") from None
     model.to(device).eval()
-    return Checkpoint(model=model, config=cfg, policy=policy, content_hash=digest, training=training, metadata=meta)
+    return Checkpoint(
+        model=model, config=cfg, policy=policy, content_hash=digest, training=training, metadata=meta
+    )

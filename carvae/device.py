@@ -30,7 +30,9 @@ def pick_device(spec: str = "auto") -> torch.device:
             raise DeviceError(f"device {spec!r} requested but CUDA is not available on this machine")
         idx = int(spec.split(":")[1]) if ":" in spec else 0
         if idx >= torch.cuda.device_count():
-            raise DeviceError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise DeviceError(
+                f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
         return torch.device(spec)
     if spec == "mps" and not mps_ok:
         raise DeviceError("device 'mps' requested but MPS is not available on this machine")

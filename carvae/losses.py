@@ -49,7 +49,12 @@ def optimal_log_sigma(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def vae_loss(
-    x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, recipe: str = "sigma-vae", beta: float = 1.0
+    x_hat: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    recipe: str = "sigma-vae",
+    beta: float = 1.0,
 ) -> LossTerms:
     if recipe not in RECIPES:
         raise ValueError(f"unknown loss recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -64,7 +69,9 @@ def vae_loss(
         log_sigma = torch.zeros((), device=x.device)
         recon = (x - x_hat).pow(2).flatten(1).sum(1)
     recon_m, kl_m = recon.mean(), kl.mean()
-    return LossTerms(loss=recon_m + beta * kl_m, recon=recon_m, kl=kl_m, mse=mse, log_sigma=log_sigma.detach())
+    return LossTerms(
+        loss=recon_m + beta * kl_m, recon=recon_m, kl=kl_m, mse=mse, log_sigma=log_sigma.detach()
+    )
 
 
 def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

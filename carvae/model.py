@@ -54,7 +54,11 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
-        known = {k: d[k] for k in ("image_size", "latent_dim", "channels", "blocks_per_level", "architecture") if k in d}
+        known = {
+            k: d[k]
+            for k in ("image_size", "latent_dim", "channels", "blocks_per_level", "architecture")
+            if k in d
+        }
         if "channels" in known:
             known["channels"] = tuple(known["channels"])
         return cls(**known)
@@ -73,7 +77,8 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
         # Zero-init the last conv so each block starts as the identity: deep stacks train from step one.
         nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        if self.conv2.bias is not None:
+            nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -116,7 +121,9 @@ class Decoder(nn.Module):
             layers.extend(ResBlock(chans[i]) for _ in range(cfg.blocks_per_level))
             out_ch = chans[i - 1] if i > 0 else chans[0]
             # Nearest upsample + conv instead of ConvTranspose2d: no checkerboard artefacts.
-            layers.extend([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chans[i], out_ch, 3, padding=1)])
+            layers.extend(
+                [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chans[i], out_ch, 3, padding=1)]
+            )
         layers.extend([_norm(chans[0]), nn.SiLU(), nn.Conv2d(chans[0], 3, 3, padding=1)])
         self.body = nn.Sequential(*layers)
 
@@ -144,7 +151,9 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     @staticmethod
-    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def reparameterize(
+        mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         return mu + eps * torch.exp(0.5 * logvar)
 
@@ -158,7 +167,9 @@ class VAE(nn.Module):
         mu, _ = self.encode(x)
         return self.decode(mu)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
         """n images from the prior N(0, temperature² I). The noise is drawn on the generator's device (CPU
         by default) so a seed gives the same cars on every device."""
         z = torch.randn(n, self.cfg.latent_dim, generator=generator) * temperature

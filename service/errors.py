@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 import uuid
 from collections.abc import Mapping
 from typing import Any, cast
@@ -129,8 +130,30 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return _error(request, 422, code, message)
 
 
+def _unparsable_json(request: Request, exc: StarletteHTTPException) -> str | None:
+    """What is wrong with a JSON body that FastAPI could not parse but did not call invalid JSON.
+
+    FastAPI answers json.loads' JSONDecodeError with a 422, but everything else json.loads can raise (too
+    deep, not UTF-8, an integer over Python's digit limit) with a bare 400 "error parsing the body" and
+    the real exception as the cause; the client deserves the same 422 and to be told which it was."""
+    cause = exc.__cause__
+    ctype = request.headers.get("content-type", "").lower()
+    is_json = not ctype or "json" in ctype  # FastAPI parses a body without a content type as JSON too
+    if exc.status_code != 400 or not is_json or not isinstance(cause, (RecursionError, ValueError)):
+        return None
+    if isinstance(cause, RecursionError):
+        return "body is not valid JSON (nested too deeply)"
+    if isinstance(cause, UnicodeDecodeError):
+        return "body is not valid JSON (not UTF-8 text)"
+    if "digits" in str(cause):
+        return f"body is not valid JSON (a number has more than {sys.get_int_max_str_digits()} digits)"
+    return f"body is not valid JSON ({_clip(str(cause), 200)})"
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     err = cast(StarletteHTTPException, exc)
+    if (problem := _unparsable_json(request, err)) is not None:
+        return _error(request, 422, "validation_error", problem)
     code = _STATUS_CODES.get(err.status_code, f"http_{err.status_code}")
     detail = err.detail if isinstance(err.detail, str) else code.replace("_", " ")
     if err.status_code == 404:

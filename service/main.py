@@ -28,6 +28,7 @@ from carvae.device import describe, pick_device
 from carvae.preprocess import DecodeLimits
 from service.batcher import Batcher
 from service.config import Settings
+from service.docs import ASSETS_PATH, mount_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import (
@@ -52,11 +53,10 @@ OPEN_PATHS = (
     "/readyz",
     "/docs",
     "/docs/oauth2-redirect",
-    "/redoc",
     "/openapi.json",
     "/favicon.ico",
 )
-OPEN_PREFIXES = ("/static/",)
+OPEN_PREFIXES = ("/static/", f"{ASSETS_PATH}/")
 
 DESCRIPTION = """A Variational AutoEncoder for car images.
 
@@ -174,7 +174,15 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         finally:
             await _stop(app, settings, metrics)
 
-    app = FastAPI(title="carvae", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # FastAPI's own /docs and /redoc pages load their scripts from CDNs; service.docs serves /docs offline.
+    app = FastAPI(
+        title="carvae",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
@@ -187,6 +195,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         app.include_router(router, dependencies=auth)
     app.include_router(meta.router)
     _mount_static(app)
+    mount_docs(app)
     _openapi_fitted_to_the_model(app)
 
     # add_middleware wraps: the last added runs first. Order, outermost first: request id + log +

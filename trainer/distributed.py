@@ -111,11 +111,28 @@ def default_threads(local_world_size: int = 1) -> int:
     return max(1, physical_cores() // max(1, local_world_size))
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the forward pass runs under bf16 autocast. `auto` takes it only where the hardware does bf16
+    natively; emulated bf16 on an older CPU is slower than fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def describe_device(device: torch.device, amp: bool) -> str:
     """e.g. "cpu (2 threads, channels_last)" or "cuda:0 (NVIDIA H100, bf16 autocast)"."""
     if device.type == "cuda":
         precision = "bf16 autocast" if amp else "fp32"
         return f"{device} ({torch.cuda.get_device_name(device)}, {precision}, channels_last)"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads, channels_last)"
+        return f"cpu ({torch.get_num_threads()} threads, {'bf16 autocast' if amp else 'fp32'}, channels_last)"
     return str(device)

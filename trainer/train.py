@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     device: str = "auto"
+    precision: str = "auto"
     workers: int = field(default_factory=default_workers)
     threads: int | None = None
     max_minutes: float | None = None
@@ -209,7 +210,7 @@ class _Run:
         self.device = info.device
         self.out = cfg.out
         self.channels_last = self.device.type in ("cpu", "cuda")
-        self.amp = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.amp = distributed.use_bf16(cfg.precision, self.device)
         self.progress = Progress(planned_epochs=cfg.epochs)
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.rows: list[dict[str, Any]] = []
@@ -350,7 +351,9 @@ class _Run:
             mininterval=0.1 if sys.stderr.isatty() else 30.0,
             disable=not (cfg.progress and self.info.is_main),
         )
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        )
         for i, idx in enumerate(bar):
             x = to_batch(self.images, idx, self.device, self.channels_last)
             if cfg.augment:

@@ -1,0 +1,1 @@
+"""The carvae benchmark: `make bench` / `python -m bench.run` (see bench/README.md)."""

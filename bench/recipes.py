@@ -1,0 +1,96 @@
+"""Loss-recipe comparison: the same data, model, seed and time budget, trained side by side.
+
+Each recipe runs as its own `python -m trainer` process with one torch thread, all at the same time, so
+they share the machine equally and the comparison is fair within one run. Each checkpoint is then scored
+with `python -m trainer.evaluate` on its recorded validation split.
+
+    python -m bench.recipes --data ../shared/datasets/stanford-cars-dev/images --minutes 6
+
+Writes bench/results/recipes.json and recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPES: dict[str, list[str]] = {
+    "sigma-vae (default)": ["--recipe", "sigma-vae"],
+    "sigma-vae, beta 0.25": ["--recipe", "sigma-vae", "--beta", "0.25"],
+    "mse + KLD (seeds)": ["--recipe", "mse"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="image folder (or 'synthetic')")
+    p.add_argument("--minutes", type=float, default=6.0, help="training budget per recipe")
+    p.add_argument("--out", default="runs/recipes", help="where the runs go")
+    p.add_argument("--results", default="bench/results", help="where recipes.json/md go")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    procs = {}
+    started = time.time()
+    for i, (name, flags) in enumerate(RECIPES.items()):
+        run_dir = out / f"r{i}"
+        cmd = [sys.executable, "-m", "trainer", "--data", args.data, "--out", str(run_dir), "--threads", "1"]
+        cmd += ["--max-minutes", str(args.minutes), "--no-progress", "--workers", "1", *flags]
+        log = open(out.parent / f"{out.name}-r{i}.log", "w")  # noqa: SIM115 (closed after the wait below)
+        out.mkdir(parents=True, exist_ok=True)
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_dir, log)
+    rows = []
+    for name, (proc, run_dir, log) in procs.items():
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            print(f"{name}: trainer exited {rc}", file=sys.stderr)
+            continue
+        ev = subprocess.run(
+            [sys.executable, "-m", "trainer.evaluate", "--checkpoint", str(run_dir / "model.safetensors")]
+            + ["--data", args.data, "--no-pca"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        scores = json.loads(ev.stdout)
+        epochs = sum(1 for _ in open(run_dir / "metrics.jsonl"))
+        rows.append({"recipe": name, "flags": " ".join(RECIPES[name]), "epochs": epochs, **scores})
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "minutes_per_recipe": args.minutes,
+        "wall_seconds": round(time.time() - started),
+        "rows": rows,
+    }
+    res = Path(args.results)
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "recipes.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"Recipes side by side, {args.minutes:g} min each, 1 thread each, run {result['date']}",
+        "",
+        "| recipe | flags | epochs | val PSNR mean (dB) | val SSIM mean | ELBO (nats/image) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | `{r['flags']}` | {r['epochs']} | {_get(r, 'psnr')} | {_get(r, 'ssim')} | "
+            f"{_get(r, 'elbo')} |"
+        )
+    (res / "recipes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _get(row: dict, key: str) -> str:
+    v = row.get(key)
+    if isinstance(v, dict):
+        v = v.get("mean", v.get("nats_per_image"))
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Helpers for the hostile-input, fault and security tests: the error-shape assertion, a health check,
+and image builders for files Pillow will not write by itself (16-bit RGB PNGs, decompression bombs,
+headers that lie about their size)."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service_fixtures import photo_bytes
+
+
+def assert_error(r: Any, status: int, code: str | tuple[str, ...]) -> dict[str, Any]:
+    """The shared error shape, with the request id of the X-Request-ID header, as strict JSON (no NaN)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = json.loads(r.text, parse_constant=_no_constants)
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    codes = (code,) if isinstance(code, str) else code
+    assert err["code"] in codes, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert err["request_id"] == r.headers["x-request-id"], err
+    return dict(err)
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"response holds {name}, which is not JSON")
+
+
+def assert_healthy(client: Any) -> None:
+    """Alive, ready, and still answering a model request correctly."""
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    r = client.post("/reconstruct", files={"file": ("car.png", photo_bytes(seed=99), "image/png")})
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG"), r.text
+
+
+def encode(img: Image.Image, fmt: str, **save: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+# -- raw PNG writing ----------------------------------------------------------------------------------
+def png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def raw_png(width: int, height: int, idat: bytes, bit_depth: int = 8, color_type: int = 2) -> bytes:
+    """A PNG with the given header and compressed image data, whatever they hold."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def png_rgb16(pixels: np.ndarray) -> bytes:
+    """(H, W, 3) uint16 → a 48-bit RGB PNG (Pillow cannot write one)."""
+    h, w, _ = pixels.shape
+    rows = pixels.astype(">u2").reshape(h, w * 3).view(np.uint8)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
+    return raw_png(w, h, zlib.compress(raw), bit_depth=16, color_type=2)
+
+
+def zero_png(width: int, height: int, level: int = 9) -> bytes:
+    """An all-black 8-bit RGB PNG of any size, compressed row by row: a tiny file for a huge image."""
+    packer = zlib.compressobj(level)
+    row = bytes(1 + 3 * width)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return raw_png(width, height, idat)
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG that declares width × height but carries a few bytes of data: a lie only the header tells."""
+    return raw_png(width, height, zlib.compress(bytes(64)))
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real small JPEG whose frame header (SOF0) is rewritten to declare width × height."""
+    data = bytearray(encode(Image.fromarray(noise(16, 16)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    """A real small GIF whose logical screen and image descriptor declare width × height."""
+    data = bytearray(encode(Image.fromarray(noise(16, 16)).convert("P"), "GIF"))
+    struct.pack_into("<HH", data, 6, width, height)  # logical screen descriptor
+    pos = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # after the global colour table
+    while data[pos] == 0x21:  # extension blocks: label, then sub-blocks up to a zero length
+        pos += 2
+        while data[pos]:
+            pos += data[pos] + 1
+        pos += 1
+    assert data[pos] == 0x2C, "image descriptor expected"
+    struct.pack_into("<HH", data, pos + 5, width, height)
+    return bytes(data)
