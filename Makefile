@@ -53,3 +53,9 @@ train: install
 ## run: the main job: install, train on the embedded synthetic cars (once), serve on http://127.0.0.1:8000
 run: train
 	CARVAE_CHECKPOINT=$(RUN_DIR)/model.safetensors $(PY) -m service
+
+## bench: the benchmark (bench/README.md): limit, our service vs LitServe and plain FastAPI, training speed
+BENCH_ARGS ?= --training
+bench: install
+	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m bench.run $(BENCH_ARGS)

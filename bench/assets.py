@@ -34,7 +34,10 @@ def checkpoint(quick: bool = False) -> tuple[Path, str]:
     if not path.is_file():
         torch.manual_seed(0)
         save_checkpoint(path, VAE(config), PreprocessPolicy(image_size=config.image_size), {"epochs": 0})
-    return path, f"untrained VAE {config.image_size}px z{config.latent_dim} (speed does not depend on weights)"
+    return (
+        path,
+        f"untrained VAE {config.image_size}px z{config.latent_dim} (speed does not depend on weights)",
+    )
 
 
 def car_jpeg() -> tuple[bytes, str]:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 CRLF = b"\r\n"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -59,8 +59,8 @@ class _Response(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, request: bytes) -> asyncio.Future[tuple[int, bytes]]:
         assert self.transport is not None
@@ -161,25 +161,26 @@ async def run_closed_loop(
     """`concurrency` connections, each sending `request` back to back for warmup_s + seconds.
     `on_window`: called at the start of the measuring window, and at its end with the client's CPU
     seconds in it (the benchmark reads the server's and the machine's CPU there)."""
-    loop = asyncio.get_running_loop()
-    t_start = loop.time() + warmup_s
+    # perf_counter, not loop.time(): uvloop's clock has millisecond resolution
+    clock = time.perf_counter
+    t_start = clock() + warmup_s
     t_end = t_start + seconds
     result = LoadResult(concurrency, seconds)
 
     async def client() -> None:
         conn: _Response | None = None
-        while loop.time() < t_end:
+        while clock() < t_end:
             try:
                 if conn is None or conn.closed:
                     conn = await _connect(host, port)
-                t0 = loop.time()
+                t0 = time.perf_counter()
                 status, body = await asyncio.wait_for(conn.send(request), timeout_s)
-                t1 = loop.time()
+                t1 = time.perf_counter()
             except (OSError, asyncio.TimeoutError) as e:
                 if conn is not None and conn.transport is not None:
                     conn.transport.close()
                 conn = None
-                if t_start <= loop.time() <= t_end:
+                if t_start <= clock() <= t_end:
                     result.error(type(e).__name__)
                 await asyncio.sleep(0.01)
                 continue
@@ -196,11 +197,11 @@ async def run_closed_loop(
             conn.transport.close()
 
     async def cpu_window() -> None:
-        await asyncio.sleep(max(0.0, t_start - loop.time()))
+        await asyncio.sleep(max(0.0, t_start - clock()))
         if on_window is not None:
             on_window[0]()
         c0 = time.process_time()
-        await asyncio.sleep(max(0.0, t_end - loop.time()))
+        await asyncio.sleep(max(0.0, t_end - clock()))
         result.client_cpu_s = time.process_time() - c0
         if on_window is not None:
             on_window[1](result.client_cpu_s)

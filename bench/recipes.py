@@ -23,6 +23,7 @@ RECIPES: dict[str, list[str]] = {
     "sigma-vae, beta 0.25": ["--recipe", "sigma-vae", "--beta", "0.25"],
     "mse + KLD (seeds)": ["--recipe", "mse"],
 }
+EVAL = [sys.executable, "-m", "trainer.evaluate"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=6.0, help="training budget per recipe")
     p.add_argument("--out", default="runs/recipes", help="where the runs go")
     p.add_argument("--results", default="bench/results", help="where recipes.json/md go")
+    p.add_argument("--report-only", action="store_true", help="rewrite recipes.md from recipes.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        write_report(json.loads((Path(args.results) / "recipes.json").read_text()), Path(args.results))
+        return 0
 
     out = Path(args.out)
     procs = {}
@@ -51,14 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: trainer exited {rc}", file=sys.stderr)
             continue
         ev = subprocess.run(
-            [sys.executable, "-m", "trainer.evaluate", "--checkpoint", str(run_dir / "model.safetensors")]
-            + ["--data", args.data, "--no-pca"],
+            [*EVAL, "--checkpoint", str(run_dir / "model.safetensors"), "--data", args.data, "--no-pca"],
             capture_output=True,
             text=True,
             check=True,
         )
         scores = json.loads(ev.stdout)
-        epochs = sum(1 for _ in open(run_dir / "metrics.jsonl"))
+        epochs = len((run_dir / "metrics.jsonl").read_text().splitlines())
         rows.append({"recipe": name, "flags": " ".join(RECIPES[name]), "epochs": epochs, **scores})
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -69,27 +73,33 @@ def main(argv: list[str] | None = None) -> int:
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "recipes.json").write_text(json.dumps(result, indent=2))
+    write_report(result, res)
+    return 0
+
+
+def write_report(result: dict, res: Path) -> None:
+    rows = result["rows"]
     lines = [
-        f"Recipes side by side, {args.minutes:g} min each, 1 thread each, run {result['date']}",
+        f"Recipes side by side, {result['minutes_per_recipe']:g} min each, 1 thread each, "
+        f"run {result['date']}",
         "",
-        "| recipe | flags | epochs | val PSNR mean (dB) | val SSIM mean | ELBO (nats/image) |",
+        "| recipe | flags | epochs | val PSNR mean (dB) | val SSIM mean | KL (nats/image) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | `{r['flags']}` | {r['epochs']} | {_get(r, 'psnr')} | {_get(r, 'ssim')} | "
-            f"{_get(r, 'elbo')} |"
+            f"{_get(r, 'kl_nats_per_image')} |"
         )
     (res / "recipes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 def _get(row: dict, key: str) -> str:
     v = row.get(key)
     if isinstance(v, dict):
-        v = v.get("mean", v.get("nats_per_image"))
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+        v = v.get("mean")
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ suite; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,16 +45,21 @@ class Options:
 
 
 def parse_args(argv: list[str] | None) -> Options:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model, short, two servers")
     p.add_argument("--rounds", type=int, default=None, help="rounds per server (default 3; quick 1)")
     p.add_argument("--seconds", type=float, default=None, help="measuring window (default 6; quick 1)")
     p.add_argument("--warmup", type=float, default=None, help="warm-up before each window (default 1.5)")
     p.add_argument("--concurrency", default=None, help="comma-separated (default 1,8,32,64; quick 1,4)")
     p.add_argument("--max-batch", type=int, default=32, help="max batch size of the limit and of LitServe")
-    p.add_argument("--noise-cores", type=float, default=0.15,
-                   help="other load (cores) above which a window is noisy and re-measured")
+    p.add_argument(
+        "--noise-cores",
+        type=float,
+        default=0.15,
+        help="other load (cores) above which a window is noisy and re-measured",
+    )
     p.add_argument("--retries", type=int, default=2, help="re-measurements of a noisy window")
     p.add_argument("--levers", action="store_true", help="also measure our service's settings one by one")
     p.add_argument("--training", action="store_true", help="also run one training epoch for its figures")
@@ -83,8 +86,19 @@ def parse_args(argv: list[str] | None) -> Options:
 def measure_limit(opt: Options, checkpoint: Path, image: Path) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     seconds = 0.3 if opt.quick else 4.0
-    base = [sys.executable, "-m", "bench.limit", "--checkpoint", str(checkpoint), "--image", str(image),
-            "--batch", str(opt.max_batch), "--seconds", str(seconds)]
+    base = [
+        sys.executable,
+        "-m",
+        "bench.limit",
+        "--checkpoint",
+        str(checkpoint),
+        "--image",
+        str(image),
+        "--batch",
+        str(opt.max_batch),
+        "--seconds",
+        str(seconds),
+    ]
     env = {**os.environ, "PYTHONPATH": str(assets.ROOT)}
 
     def worker(*extra: str) -> subprocess.Popen[str]:
@@ -97,12 +111,19 @@ def measure_limit(opt: Options, checkpoint: Path, image: Path) -> dict[str, Any]
         parsed: dict[str, Any] = json.loads(out)
         return parsed
 
-    single = {t: result(worker("--threads", str(t))) for t in sorted({1, cores})}
-    start_at = time.time() + (2 if opt.quick else 8)  # after every worker has loaded torch and the model
-    procs = [worker("--threads", "1", "--only-pipeline", "--start-at", str(start_at)) for _ in range(cores)]
-    parallel = [result(p) for p in procs]
-    pipelines = {f"pipeline, 1 process × {t} thread(s)": r["pipeline_images_per_s"] for t, r in single.items()}
-    pipelines[f"pipeline, {cores} processes × 1 thread"] = sum(r["pipeline_images_per_s"] for r in parallel)
+    single = {t: result(worker("--threads", str(t))) for t in sorted({1} if opt.quick else {1, cores})}
+    pipelines = {
+        f"pipeline, 1 process × {t} thread(s)": r["pipeline_images_per_s"] for t, r in single.items()
+    }
+    if cores > 1 and not opt.quick:
+        start_at = time.time() + 8  # after every worker has loaded torch and the model
+        procs = [
+            worker("--threads", "1", "--only-pipeline", "--start-at", str(start_at)) for _ in range(cores)
+        ]
+        parallel = [result(p) for p in procs]
+        pipelines[f"pipeline, {cores} processes × 1 thread"] = sum(
+            r["pipeline_images_per_s"] for r in parallel
+        )
     best = max(pipelines, key=lambda k: pipelines[k])
     fastest = single[max(single, key=lambda t: single[t]["model_bmax_images_per_s"])]
     return {
@@ -134,8 +155,15 @@ def measure(opt: Options, srv: servers.Running, request: bytes, concurrency: int
         loop = new_event_loop()
         try:
             res: LoadResult = loop.run_until_complete(
-                run_closed_loop(servers.HOST, srv.port, request, concurrency, opt.seconds, opt.warmup_s,
-                                on_window=(start, end))
+                run_closed_loop(
+                    servers.HOST,
+                    srv.port,
+                    request,
+                    concurrency,
+                    opt.seconds,
+                    opt.warmup_s,
+                    on_window=(start, end),
+                )
             )
         finally:
             loop.close()
@@ -151,32 +179,43 @@ def measure(opt: Options, srv: servers.Running, request: bytes, concurrency: int
         # Warm-up batches are counted too; the warm-up is short next to the window.
         if before is not None and after is not None and after[1] > before[1]:
             record["avg_batch"] = round((after[0] - before[0]) / (after[1] - before[1]), 2)
-        if not record["noisy"]:
+        if not record["noisy"] or attempt == opt.retries:
             break
         print(f"    noisy window ({cpu.other_cores:.2f} cores of other load); measuring again", flush=True)
         time.sleep(3)
     return record
 
 
-def run_rounds(opt: Options, specs: list[servers.ServerSpec], request: bytes, concurrency: list[int],
-               log: Path, label: str) -> list[dict[str, Any]]:
+def run_rounds(
+    opt: Options,
+    specs: list[servers.ServerSpec],
+    request: bytes,
+    concurrency: list[int],
+    log: Path,
+    label: str,
+) -> list[dict[str, Any]]:
     """Every spec started fresh in every round, the order rotated each round; one record per window."""
     records: list[dict[str, Any]] = []
     for r in range(opt.rounds):
-        order = specs[r % len(specs):] + specs[: r % len(specs)]
+        order = specs[r % len(specs) :] + specs[: r % len(specs)]
         for spec in order:
             srv = servers.Running(spec, log)
             try:
-                print(f"[{label} round {r + 1}/{opt.rounds}] {spec.name}: ready in {srv.startup_s:.2f} s",
-                      flush=True)
+                print(
+                    f"[{label} round {r + 1}/{opt.rounds}] {spec.name}: ready in {srv.startup_s:.2f} s",
+                    flush=True,
+                )
                 records.append({"round": r + 1, "server": spec.name, "startup_s": round(srv.startup_s, 3)})
                 for c in concurrency:
                     rec = measure(opt, srv, request, c)
                     rec.update(round=r + 1, server=spec.name)
                     records.append(rec)
-                    print(f"    c={c:<3} {rec['req_per_s']:7.1f} req/s  p50 {rec['p50_ms']} ms  "
-                          f"p99 {rec['p99_ms']} ms  errors {rec['errors']}  "
-                          f"batch {rec.get('avg_batch', '-')}  other {rec['other_cores']:.2f}", flush=True)
+                    print(
+                        f"    c={c:<3} {rec['req_per_s']:7.1f} req/s  p50 {rec['p50_ms']} ms  "
+                        f"p99 {rec['p99_ms']} ms  errors {rec['errors']}  "
+                        f"batch {rec.get('avg_batch', '-')}  other {rec['other_cores']:.2f}",
+                        flush=True,
+                    )
             finally:
                 srv.stop()
     return records
@@ -208,15 +247,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print("limit ...", flush=True)
     limit = measure_limit(opt, checkpoint, image)
-    print(f"    pipeline limit {limit['pipeline_limit']} images/s ({limit['pipeline_limit_how']})", flush=True)
+    print(
+        f"    pipeline limit {limit['pipeline_limit']} images/s ({limit['pipeline_limit_how']})", flush=True
+    )
 
-    specs = [
-        servers.carvae("carvae", checkpoint),
-        servers.carvae("carvae-nobatch", checkpoint, BATCHING="false"),
-        servers.plain_fastapi(checkpoint),
-    ]
+    specs = [servers.carvae("carvae", checkpoint), servers.plain_fastapi(checkpoint)]
     if not opt.quick:
-        specs.insert(2, servers.litserve(checkpoint, opt.max_batch))
+        specs[1:1] = [
+            servers.carvae("carvae-nobatch", checkpoint, BATCHING="false"),
+            servers.litserve(checkpoint, opt.max_batch),
+        ]
     request = multipart_request(servers.HOST, "/reconstruct", "file", "car.jpg", jpeg)
     records = run_rounds(opt, specs, request, opt.concurrency, log, "service")
 

@@ -83,8 +83,8 @@ class Running:
     def __init__(self, spec: ServerSpec, log: Path, timeout_s: float = 120.0) -> None:
         self.spec = spec
         self.port = free_port()
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
+        # The caller's CARVAE_* variables must not change what is measured.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARVAE_") and k != "PYTHONPATH"}
         env.update(spec.env)
         env.update(PYTHONPATH=str(ROOT), CARVAE_HOST=HOST, CARVAE_PORT=str(self.port))
         argv = list(spec.argv)
@@ -134,10 +134,8 @@ class Running:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.pid, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
         # LitServe's worker processes may outlive their parent; the group is ours alone.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)

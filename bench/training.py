@@ -24,12 +24,30 @@ def measure(cache: Path, timeout_s: float = 1800) -> dict[str, Any]:
     run_dir = cache / "train-run"
     shutil.rmtree(run_dir, ignore_errors=True)
     data = str(PHOTOS) if PHOTOS.is_dir() else "synthetic"
-    argv = [sys.executable, "-m", "trainer", "--data", data, "--out", str(run_dir), "--epochs", "1",
-            "--cache-dir", str(cache / "train-cache"), "--no-progress"]
+    argv = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "--data",
+        data,
+        "--out",
+        str(run_dir),
+        "--epochs",
+        "1",
+        "--cache-dir",
+        str(cache / "train-cache"),
+        "--no-progress",
+    ]
     print("training: one epoch of the default recipe ...", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=timeout_s)
+    proc = subprocess.run(
+        argv,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -111,6 +111,16 @@ def _openable_formats() -> tuple[str, ...]:
     return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
 
+def _sniff(data: bytes) -> str | None:
+    """The accepted format whose magic bytes `data` starts with, if any (Pillow's own check)."""
+    prefix = data[:16]  # what Image.open hands each plugin's accept()
+    for fmt in _openable_formats():
+        accept = Image.OPEN[fmt][1]
+        if accept is not None and accept(prefix):
+            return fmt
+    return None
+
+
 def decode_image(
     data: bytes, limits: DecodeLimits | None = None, draft_size: int | None = None
 ) -> Image.Image:
@@ -125,6 +135,8 @@ def decode_image(
     try:
         img = Image.open(io.BytesIO(data), formats=_openable_formats())
     except UnidentifiedImageError:
+        if (fmt := _sniff(data)) is not None:  # the right magic bytes, then a header Pillow refused
+            raise ImageError("corrupt_image", f"the {fmt} header is invalid or truncated", 422) from None
         raise ImageError(
             "unsupported_media_type",
             "the file is not an image in a supported format ("

@@ -13,8 +13,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service_fixtures import photo_bytes
-
 
 def assert_error(r: Any, status: int, code: str | tuple[str, ...]) -> dict[str, Any]:
     """The shared error shape, with the request id of the X-Request-ID header, as strict JSON (no NaN)."""
@@ -38,7 +36,8 @@ def assert_healthy(client: Any) -> None:
     """Alive, ready, and still answering a model request correctly."""
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
-    r = client.post("/reconstruct", files={"file": ("car.png", photo_bytes(seed=99), "image/png")})
+    png = encode(Image.fromarray(noise(40, 30, seed=99)), "PNG")
+    r = client.post("/reconstruct", files={"file": ("car.png", png, "image/png")})
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG"), r.text
 
 
@@ -61,10 +60,7 @@ def raw_png(width: int, height: int, idat: bytes, bit_depth: int = 8, color_type
     """A PNG with the given header and compressed image data, whatever they hold."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
     )
 
 

@@ -73,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     server = ls.LitServer(
         api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30, fast_queue=not args.slow_queue
     )
-    server.run(host=args.host, port=args.port, num_api_servers=args.api_servers, log_level="warning",
-               generate_client_file=False)
+    server.run(
+        host=args.host,
+        port=args.port,
+        num_api_servers=args.api_servers,
+        log_level="warning",
+        generate_client_file=False,
+    )
     return 0
 
 

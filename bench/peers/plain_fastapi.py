@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    uvicorn.run(create_app(args.checkpoint), host=args.host, port=args.port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        create_app(args.checkpoint), host=args.host, port=args.port, log_level="warning", access_log=False
+    )
     return 0
 
 

@@ -1,0 +1,134 @@
+"""The benchmark's machinery, not its figures: the load generator against scripted servers, and a
+`python -m bench.run --quick` smoke run against real servers (our service and the plain peer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.loadgen import PNG_SIGNATURE, multipart_request, run_closed_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _serve(responses: Callable[[int], list[bytes]]) -> Callable[[], asyncio.Future[asyncio.Server]]:
+    """A keep-alive server that reads whole requests (by Content-Length) and answers the n-th one with
+    `responses(n)`: a list of chunks written with a pause between them (responses split across reads)."""
+    count = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                count += 1
+                for chunk in responses(count):
+                    writer.write(chunk)
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    return lambda: asyncio.ensure_future(asyncio.start_server(handle, "127.0.0.1", 0))
+
+
+def _response(status: int, body: bytes) -> bytes:
+    return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+async def _load(responses: Callable[[int], list[bytes]], concurrency: int) -> dict[str, Any]:
+    server = await _serve(responses)()
+    port = server.sockets[0].getsockname()[1]
+    request = multipart_request("127.0.0.1", "/reconstruct", "file", "car.jpg", b"\xff\xd8jpeg")
+    try:
+        result = await run_closed_loop("127.0.0.1", port, request, concurrency, seconds=0.5, warmup_s=0.1)
+    finally:
+        server.close()
+    return result.summary()
+
+
+def test_loadgen_counts_split_responses_and_errors() -> None:
+    png = PNG_SIGNATURE + b"x" * 5000
+
+    def responses(n: int) -> list[bytes]:
+        if n % 4 == 0:
+            return [_response(503, b'{"error": {}}')]
+        if n % 4 == 1:
+            return [_response(200, b"not a png")]
+        whole = _response(200, png)
+        return [whole[:10], whole[10:3000], whole[3000:]]  # header and body split across reads
+
+    summary = asyncio.run(_load(responses, concurrency=3))
+    assert summary["requests"] > 0 and summary["errors"] > 0
+    kinds = summary["error_kinds"]
+    assert isinstance(kinds, dict) and set(kinds) == {"http_503", "bad_body"}
+    # half the answers are good PNGs, a quarter 503, a quarter not PNG
+    assert 0.3 < summary["requests"] / (summary["requests"] + summary["errors"]) < 0.7
+    assert 0 < summary["p50_ms"] <= summary["p95_ms"] <= summary["p99_ms"]
+
+
+def test_multipart_request_is_well_formed() -> None:
+    req = multipart_request("h", "/reconstruct", "file", "car.jpg", b"DATA")
+    head, body = req.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"POST /reconstruct HTTP/1.1\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    assert length == len(body)
+    boundary = head.split(b"boundary=")[1].split(b"\r\n")[0]
+    assert body.startswith(b"--" + boundary) and body.endswith(b"--" + boundary + b"--\r\n")
+    assert b'name="file"; filename="car.jpg"' in body and b"\r\n\r\nDATA\r\n" in body
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARVAE_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "latest.md").read_text().count("| carvae |") == 2
+    text = (out / "latest.json").read_text()
+    assert str(ROOT) not in text  # results are shared: no paths of this machine
+    return json.loads(text)
+
+
+def test_quick_run_structure_and_sane_numbers(quick_result: dict) -> None:
+    r = quick_result
+    assert r["quick"] is True and r["machine"]["cores"] >= 1 and r["device"]
+    assert r["limit"]["pipeline_limit"] > 0
+    assert r["limit"]["model_bmax_images_per_s"]["1"] > 0
+    servers = r["service"]["by_server"]
+    assert set(servers) == {"carvae", "fastapi-plain"}
+    for name, by_c in servers.items():
+        assert set(by_c) == {"1", "4"}, name
+        for c, row in by_c.items():
+            assert row["errors"] == 0, (name, c)
+            assert row["req_per_s"] > 0
+            assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+            assert row["server_cpu_ms_per_request"] > 0
+            assert row["rounds"] == 1
+    # the batcher's own metrics: one row per forward at c=1, and never more than the concurrency
+    assert servers["carvae"]["1"]["avg_batch"] == pytest.approx(1.0)
+    assert 1.0 <= servers["carvae"]["4"]["avg_batch"] <= 4.0
+    assert servers["fastapi-plain"]["1"]["avg_batch"] is None
+    assert 0 < r["service"]["startup_s"]["carvae"] < 120
+    names = [t["target"] for t in r["targets"]]
+    assert "c=1 p50 vs plain FastAPI" in names and "start-up to /readyz (s)" in names
+    # the peer LitServe is not part of a quick run: its targets are reported as not measured
+    assert all(t["met"] is None for t in r["targets"] if "LitServe" in t["target"])

@@ -1,0 +1,112 @@
+"""SIGTERM on a real `python -m service` with requests in flight: it stops accepting at once, answers
+every request it had accepted (0 lost), and exits 0 within a bound."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from service_fixtures import ServerProcess, decode_png, photo_bytes
+
+pytest_plugins = ["service_fixtures"]
+pytestmark = pytest.mark.slow
+
+IN_FLIGHT = 6
+BOUNDARY = "carvaeboundary"
+EXIT_BOUND_S = 15  # REQUEST_TIMEOUT_S (5) + uvicorn's grace of 5 s + slack for a loaded CI machine
+
+
+def _split_upload(port: int, data: bytes) -> tuple[socket.socket, bytes]:
+    """Send the head and half of a /reconstruct upload; return the socket and the half still to send."""
+    body = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    head = (
+        "POST /reconstruct HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    half = len(body) // 2
+    sock.sendall(head + body[:half])
+    return sock, body[half:]
+
+
+def _in_flight(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=5).text
+    return next(
+        s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name == "carvae_in_flight_requests"
+    )
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    sock.settimeout(20)
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def test_sigterm_finishes_every_accepted_request_then_exits_0(service_checkpoint: Path) -> None:
+    srv = ServerProcess(
+        CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, REQUEST_TIMEOUT_S=5, LOG_LEVEL="info"
+    )
+    try:
+        srv.wait_ready()
+        photos = [photo_bytes(seed=i) for i in range(IN_FLIGHT)]
+        uploads = [_split_upload(srv.port, p) for p in photos]
+        end = time.monotonic() + 10
+        while _in_flight(srv.url) < IN_FLIGHT:  # the server has accepted all of them and reads their bodies
+            assert time.monotonic() < end, "uploads not accepted"
+            time.sleep(0.05)
+        idle = socket.create_connection(("127.0.0.1", srv.port))  # a keep-alive connection with no request
+
+        t0 = time.monotonic()
+        srv.proc.terminate()
+        end = time.monotonic() + 5
+        while not _refuses_connections(srv.port):  # stops accepting new connections at once
+            assert time.monotonic() < end, "still accepting connections after SIGTERM"
+            time.sleep(0.05)
+        assert srv.proc.poll() is None, "exited with requests in flight"
+
+        time.sleep(0.5)  # the accepted clients are slow: they finish their uploads after the signal
+        for sock, rest in uploads:
+            sock.sendall(rest)
+        answers = [_read_response(sock) for sock, _ in uploads]
+        for sock, _ in uploads:
+            sock.close()
+        idle.settimeout(10)
+        assert idle.recv(1) == b"", "the idle keep-alive connection is closed, not left hanging"
+        idle.close()
+
+        code = srv.proc.wait(EXIT_BOUND_S)
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.stop()
+    log = srv.output()
+    assert code == 0, log
+    assert elapsed < EXIT_BOUND_S
+    for status, headers, body in answers:  # 0 lost: every accepted request got its reconstruction
+        assert status == 200, body[:200]
+        assert headers["content-type"] == "image/png" and decode_png(body).shape == (32, 32, 3)
+    assert "Traceback" not in log and "stopped" in log
