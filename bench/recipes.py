@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 RECIPES: dict[str, list[str]] = {
-    "sigma-vae (default)": ["--recipe", "sigma-vae"],
+    "sigma-vae, beta 1": ["--recipe", "sigma-vae", "--beta", "1"],
     "sigma-vae, beta 0.25": ["--recipe", "sigma-vae", "--beta", "0.25"],
-    "mse + KLD (seeds)": ["--recipe", "mse"],
+    "mse + KLD (seeds)": ["--recipe", "mse", "--beta", "1"],
 }
 EVAL = [sys.executable, "-m", "trainer.evaluate"]
 
