@@ -12,9 +12,10 @@ Phases, against one fresh `python -m service` (defaults, or the --short settings
 5. check — a few sequential requests, all of which must be 200.
 
 Open loop: request i is due at start + i / rate whatever happened to the earlier ones, and its latency is
-counted from when it was due (so a slow server cannot slow the clock down). Each request goes out on an
-idle keep-alive connection, or a new one. The server's resident memory (VmRSS in /proc) is sampled every
-50 ms throughout. Results: OUT/overload.json and OUT/overload.md.
+counted from when it was due (so a slow server cannot slow the clock down); for 503s the time on the wire
+(write to answer) is reported too, since on a small machine the load generator itself may fall behind.
+Each request goes out on an idle keep-alive connection, or a new one. The server's resident memory (VmRSS
+in /proc) is sampled every 50 ms throughout. Results: OUT/overload.json and OUT/overload.md.
 
 `--short` (used by tests/test_faults_overload.py): a tiny model, a queue of 32 and a few seconds per phase.
 """
@@ -125,6 +126,7 @@ class Connection(asyncio.Protocol):
 @dataclass
 class Outcome:
     due: float  # when it should have been sent (perf_counter)
+    sent: float  # when it was written: later than `due` when the load generator falls behind
     done: float
     status: int  # 0: a client-side failure (timeout, refused, reset)
     retry_after: str | None = None
@@ -133,6 +135,11 @@ class Outcome:
     @property
     def latency_ms(self) -> float:
         return (self.done - self.due) * 1000
+
+    @property
+    def wire_ms(self) -> float:
+        """From the write to the answer: the server's part, without the load generator's lag."""
+        return (self.done - self.sent) * 1000
 
 
 @dataclass
@@ -148,6 +155,7 @@ class OpenLoop:
 
     async def _one(self, due: float) -> None:
         conn = self.idle.pop() if self.idle else None
+        sent = time.perf_counter()
         try:
             if conn is None:
                 if self.opened >= self.max_connections:
@@ -155,14 +163,15 @@ class OpenLoop:
                     return
                 self.opened += 1
                 _, conn = await asyncio.get_running_loop().create_connection(Connection, self.host, self.port)
+            sent = time.perf_counter()
             status, retry, _ = await asyncio.wait_for(conn.request(self.request), REQUEST_TIMEOUT_S)
-            self.outcomes.append(Outcome(due, time.perf_counter(), status, retry))
+            self.outcomes.append(Outcome(due, sent, time.perf_counter(), status, retry))
             if not conn.closed:
                 self.idle.append(conn)
             else:
                 self.opened -= 1
         except (OSError, asyncio.TimeoutError) as e:
-            self.outcomes.append(Outcome(due, time.perf_counter(), 0, error=type(e).__name__))
+            self.outcomes.append(Outcome(due, sent, time.perf_counter(), 0, error=type(e).__name__))
             if conn is not None and conn.transport is not None:
                 conn.transport.close()
             self.opened -= 1
@@ -255,6 +264,10 @@ def summarise_phase(
         "rejected_503": len(refused),
         "rejected_p50_ms": pct([o.latency_ms for o in refused], 0.5),
         "rejected_p99_ms": pct([o.latency_ms for o in refused], 0.99),
+        "rejected_wire_p50_ms": pct([o.wire_ms for o in refused], 0.5),
+        "rejected_wire_p90_ms": pct([o.wire_ms for o in refused], 0.9),
+        "rejected_wire_p99_ms": pct([o.wire_ms for o in refused], 0.99),
+        "client_lag_p99_ms": pct([(o.sent - o.due) * 1000 for o in outcomes], 0.99),
         "rejected_without_retry_after": sum(1 for o in refused if not o.retry_after),
         "retry_after_values": sorted({o.retry_after for o in refused if o.retry_after}),
         "client_dropped": dropped,
@@ -304,15 +317,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{result['capacity_req_per_s']} req/s**; overload offered at {cfg['factor']:g}× that.",
         "",
         "| phase | offered req/s | accepted req/s | accepted p50 / p99 ms | 503s | 503 p50 / p99 ms "
-        "| other statuses | server RSS min–max MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| 503 on the wire p50 / p99 ms | client lag p99 ms | other statuses | server RSS min–max MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result["phases"]:
         others = {k: v for k, v in p["statuses"].items() if k not in ("200", "503")}
         lines.append(
             f"| {p['phase']} | {p['offered_req_per_s']} | {p['accepted_req_per_s']} "
             f"| {p['accepted_p50_ms']} / {p['accepted_p99_ms']} | {p['rejected_503']} "
-            f"| {p['rejected_p50_ms']} / {p['rejected_p99_ms']} | {others or '–'} "
+            f"| {p['rejected_p50_ms']} / {p['rejected_p99_ms']} "
+            f"| {p['rejected_wire_p50_ms']} / {p['rejected_wire_p99_ms']} | {p['client_lag_p99_ms']} "
+            f"| {others or '–'} "
             f"| {p['rss_min_mib']}–{p['rss_max_mib']} |"
         )
     rec = result["recovery_after_s"]

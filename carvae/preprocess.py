@@ -194,6 +194,8 @@ def prepare(data: bytes, policy: PreprocessPolicy, limits: DecodeLimits | None =
 
 def to_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 in [0, 1]."""
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        batch = batch.copy()  # torch warns on (and must not alias) read-only buffers, e.g. PIL's
     t = torch.as_tensor(batch)
     if t.ndim == 3:
         t = t.unsqueeze(0)

@@ -200,8 +200,16 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
 
     # add_middleware wraps: the last added runs first. Order, outermost first: request id + log +
     # metrics, CORS (answers preflights without a key), API key, body limits, admission.
+    def model_queue_is_full() -> bool:
+        pipeline: Pipeline | None = app.state.pipeline
+        return pipeline is not None and pipeline.batcher.depth() >= settings.QUEUE_SIZE
+
     app.add_middleware(
-        AdmissionMiddleware, paths=MODEL_PATHS, max_in_flight=settings.max_in_flight, metrics=metrics
+        AdmissionMiddleware,
+        paths=MODEL_PATHS,
+        max_in_flight=settings.max_in_flight,
+        metrics=metrics,
+        queue_is_full=model_queue_is_full,
     )
     app.add_middleware(
         BodyLimitMiddleware,

@@ -10,7 +10,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -188,28 +188,41 @@ class BodyLimitMiddleware:
 class AdmissionMiddleware:
     """Caps model requests handled at once (from upload to response). The batcher's queue bounds jobs
     waiting for the model; this bounds everything around it (uploads being read, images being decoded or
-    encoded), so memory stays flat under any load. Over the cap: 503 + Retry-After before the body is read."""
+    encoded), so memory stays flat under any load. Over the cap: 503 + Retry-After before the body is read.
 
-    def __init__(self, app: ASGIApp, paths: Collection[str], max_in_flight: int, metrics: Metrics) -> None:
+    It also refuses at once while the model queue is full (`queue_is_full`): such a request would be read
+    and decoded only to meet the full queue and be refused then, a second or more later under overload."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        paths: Collection[str],
+        max_in_flight: int,
+        metrics: Metrics,
+        queue_is_full: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.app = app
         self.paths = frozenset(paths)
         self.max_in_flight = max_in_flight
         self.metrics = metrics
+        self.queue_is_full = queue_is_full
         self.in_flight = 0
+
+    def _refusal(self) -> tuple[str, str] | None:
+        if self.in_flight >= self.max_in_flight:
+            return "in_flight", f"the service is at capacity ({self.max_in_flight} requests); retry shortly"
+        if self.queue_is_full():
+            return "queue_full", "the model queue is full; retry shortly"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
-            self.metrics.rejected("in_flight")
-            response = error_response(
-                503,
-                "overloaded",
-                f"the service is at capacity ({self.max_in_flight} requests); retry shortly",
-                request_id_of(scope),
-                {"Retry-After": "1"},
-            )
+        if (refusal := self._refusal()) is not None:
+            reason, message = refusal
+            self.metrics.rejected(reason)
+            response = error_response(503, "overloaded", message, request_id_of(scope), {"Retry-After": "1"})
             await response(scope, receive, send)
             return
         self.in_flight += 1
