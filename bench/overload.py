@@ -86,12 +86,14 @@ class Connection(asyncio.Protocol):
         self.buf = bytearray()
         self.waiter: asyncio.Future[tuple[int, str | None, int]] | None = None
         self.closed = False
+        self.received_any = False  # any byte of the current response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports quack the same
 
     def request(self, raw: bytes) -> asyncio.Future[tuple[int, str | None, int]]:
         self.waiter = asyncio.get_running_loop().create_future()
+        self.received_any = False
         if self.closed or self.transport is None:
             self.waiter.set_exception(ConnectionError("connection closed"))
         else:
@@ -99,6 +101,7 @@ class Connection(asyncio.Protocol):
         return self.waiter
 
     def data_received(self, data: bytes) -> None:
+        self.received_any = True
         self.buf += data
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
@@ -153,28 +156,59 @@ class OpenLoop:
     outcomes: list[Outcome] = field(default_factory=list)
     client_dropped: int = 0  # arrivals with no connection to send them on (the client's own limit)
 
+    def _idle_connection(self) -> Connection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed:
+                return conn
+            self.opened -= 1  # the server closed it while it was idle (keep-alive timeout)
+        return None
+
+    async def _new_connection(self) -> Connection | None:
+        if self.opened >= self.max_connections:
+            return None
+        self.opened += 1
+        try:
+            _, conn = await asyncio.get_running_loop().create_connection(Connection, self.host, self.port)
+        except OSError:
+            self.opened -= 1
+            raise
+        return conn
+
     async def _one(self, due: float) -> None:
-        conn = self.idle.pop() if self.idle else None
+        conn, reused = self._idle_connection(), True
         sent = time.perf_counter()
         try:
-            if conn is None:
-                if self.opened >= self.max_connections:
-                    self.client_dropped += 1
-                    return
-                self.opened += 1
-                _, conn = await asyncio.get_running_loop().create_connection(Connection, self.host, self.port)
-            sent = time.perf_counter()
-            status, retry, _ = await asyncio.wait_for(conn.request(self.request), REQUEST_TIMEOUT_S)
+            for attempt in range(2):
+                if conn is None:
+                    conn, reused = await self._new_connection(), False
+                    if conn is None:
+                        self.client_dropped += 1
+                        return
+                sent = time.perf_counter()
+                try:
+                    status, retry, _ = await asyncio.wait_for(conn.request(self.request), REQUEST_TIMEOUT_S)
+                    break
+                except ConnectionError:
+                    # A reused connection the server closed (idle timeout) just as we wrote: nothing
+                    # reached the app, so send it again on a fresh one, as any HTTP client does.
+                    self.opened -= 1
+                    if not reused or conn.received_any or attempt:
+                        conn = None
+                        raise
+                    conn = None
             self.outcomes.append(Outcome(due, sent, time.perf_counter(), status, retry))
+            assert conn is not None
             if not conn.closed:
                 self.idle.append(conn)
             else:
                 self.opened -= 1
         except (OSError, asyncio.TimeoutError) as e:
             self.outcomes.append(Outcome(due, sent, time.perf_counter(), 0, error=type(e).__name__))
-            if conn is not None and conn.transport is not None:
-                conn.transport.close()
-            self.opened -= 1
+            if conn is not None:
+                if conn.transport is not None:
+                    conn.transport.close()
+                self.opened -= 1
 
     async def run(self, rate: float, seconds: float) -> tuple[float, float]:
         """Send at `rate` req/s for `seconds`; returns (start, end) of the sending period."""
@@ -291,6 +325,16 @@ def recovery_time(outcomes: list[Outcome], drop_at: float, normal_p50_ms: float)
         if all(good[j] for j in good if j >= i):
             return round(i * WINDOW_S, 2)
     return None
+
+
+def window_p50s(outcomes: list[Outcome], drop_at: float) -> list[float | None]:
+    """p50 latency of accepted requests in each WINDOW_S window after the load drop (None: none there)."""
+    windows: dict[int, list[float]] = {}
+    for o in outcomes:
+        if o.status == 200:
+            windows.setdefault(int((o.due - drop_at) / WINDOW_S), []).append(o.latency_ms)
+    last = max(windows, default=-1)
+    return [round(statistics.median(windows[i]), 1) if i in windows else None for i in range(last + 1)]
 
 
 def server_counters(port: int) -> dict[str, float]:
@@ -436,6 +480,8 @@ def run(plan: Plan, checkpoint: Path, model: str, out: Path) -> dict[str, Any]:
         "rss_growth_mib": (
             round(overload["rss_max_mib"] - rss_base, 1) if rss_base and overload["rss_max_mib"] else None
         ),
+        "recovery_window_s": WINDOW_S,
+        "recovery_window_p50_ms": window_p50s(recovery_outcomes, drop_at),
         "recovery_after_s": recovery_time(recovery_outcomes, drop_at, baseline["accepted_p50_ms"] or 0.0),
         "after": after,
         "server_counters": counters,

@@ -103,15 +103,18 @@ def model_info(base_url: str) -> dict[str, Any]:
 
 
 def decode_via_api(base_url: str, rows: list[list[float]]) -> list[np.ndarray]:
-    req = urllib.request.Request(
-        f"{base_url}/decode",
-        data=json.dumps({"z": rows}).encode(),
-        headers={"Content-Type": "application/json", "Accept": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        body = json.load(r)
-    prefix = f"data:image/{body['format']};base64,"
-    return [np.asarray(data_url_pixels(prefix + b64), dtype=np.float64) for b64 in body["images"]]
+    images: list[np.ndarray] = []
+    for start in range(0, len(rows), 64):  # /decode takes at most 64 rows, as the page knows too
+        req = urllib.request.Request(
+            f"{base_url}/decode",
+            data=json.dumps({"z": rows[start : start + 64]}).encode(),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            body = json.load(r)
+        prefix = f"data:image/{body['format']};base64,"
+        images += [np.asarray(data_url_pixels(prefix + b64), dtype=np.float64) for b64 in body["images"]]
+    return images
 
 
 def upload(driver: Any, input_id: str, path: Path) -> None:
