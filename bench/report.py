@@ -177,8 +177,10 @@ def markdown(result: dict[str, Any]) -> str:
                 "",
                 f"Training (default recipe, 1 epoch, {train['data']}, {train['images']} images, batch "
                 f"{train['batch_size']}, {train['device']}): **{_fmt(train['images_per_s'])} images/s**, "
-                f"{_fmt(train['epoch_seconds'])} s per epoch (train {_fmt(train['train_seconds'])} s); "
-                f"loading/decoding the data {_fmt(train['data_seconds'])} s.",
+                f"{_fmt(train['epoch_seconds'])} s per epoch (of which training steps "
+                f"{_fmt(train['train_seconds'])} s); the whole run took {_fmt(train['wall_seconds'])} s "
+                f"({_fmt(train['outside_epoch_seconds'])} s outside the epoch: start-up, data loading from "
+                "the decoded-image cache, or building it on the first run, plots, saving).",
             ]
     return "\n".join(lines) + "\n"
 

@@ -54,15 +54,17 @@ def measure(cache: Path, timeout_s: float = 1800) -> dict[str, Any]:
         return {"error": f"trainer exited with {proc.returncode}: {tail[0]}"}
     row = json.loads((run_dir / "metrics.jsonl").read_text().strip().splitlines()[-1])
     run = json.loads((run_dir / "run.json").read_text())
-    training = run.get("training", run)
+    config = run.get("config", {})
     return {
         "data": "stanford-cars-dev (../shared)" if data != "synthetic" else "synthetic",
-        "images": training.get("split", {}).get("train"),
-        "batch_size": training.get("batch_size"),
-        "device": training.get("device"),
+        "images": run.get("split", {}).get("train"),
+        "batch_size": config.get("batch_size"),
+        "threads": config.get("threads"),
+        "device": run.get("device"),
         "images_per_s": row.get("images_per_s"),
         "epoch_seconds": row.get("seconds"),
         "train_seconds": row.get("train_seconds"),
-        "data_seconds": training.get("data_seconds"),
+        # start-up, data loading (decoded-image cache: built on the first run only), plots and saving
+        "outside_epoch_seconds": round(wall - (row.get("seconds") or 0.0), 1),
         "wall_seconds": round(wall, 1),
     }

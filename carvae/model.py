@@ -25,6 +25,10 @@ class VAEConfig:
     # the number of levels follows from image_size, so the list is stretched/cut to fit.
     channels: tuple[int, ...] = field(default=(32, 64, 128, 256))
     blocks_per_level: int = 1
+    # 1: the latent is one vector, reached through a fully connected layer from the 4×4 feature map (the
+    # seeds' design). G > 1: the latent is a G×G map of latent_dim / G² channels, reached by convolutions
+    # (weights shared across positions instead of one large matrix). latent_dim numbers either way.
+    latent_grid: int = 1
     architecture: str = ARCHITECTURE
 
     def __post_init__(self) -> None:
@@ -34,6 +38,11 @@ class VAEConfig:
             raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if not self.channels or any(c < 8 or c % 8 for c in self.channels):
             raise ValueError(f"channels must be multiples of 8, got {self.channels}")
+        g = self.latent_grid
+        if g != 1 and (g < 4 or g & (g - 1) or g > self.image_size // 4):
+            raise ValueError(f"latent_grid must be 1 or a power of two from 4 to image_size/4, got {g}")
+        if self.latent_dim % (g * g):
+            raise ValueError(f"latent_dim {self.latent_dim} is not a multiple of latent_grid² = {g * g}")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
 
     @property
@@ -42,10 +51,18 @@ class VAEConfig:
         return int(math.log2(self.image_size // 4))
 
     def level_channels(self) -> list[int]:
+        """Channels of the levels the encoder and decoder use: from size/2 down to the latent grid (or to
+        4×4 for a latent vector)."""
         chans = list(self.channels)
         while len(chans) < self.levels:
             chans.append(chans[-1])
-        return chans[-self.levels :] if len(chans) > self.levels else chans
+        chans = chans[-self.levels :] if len(chans) > self.levels else chans
+        return chans[: self.levels - int(math.log2(max(self.latent_grid, 4) // 4))]
+
+    @property
+    def grid_channels(self) -> int:
+        """Channels of a latent grid (latent_dim for a latent vector)."""
+        return self.latent_dim // (self.latent_grid * self.latent_grid)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -56,7 +73,14 @@ class VAEConfig:
     def from_dict(cls, d: dict) -> VAEConfig:
         known = {
             k: d[k]
-            for k in ("image_size", "latent_dim", "channels", "blocks_per_level", "architecture")
+            for k in (
+                "image_size",
+                "latent_dim",
+                "channels",
+                "blocks_per_level",
+                "latent_grid",
+                "architecture",
+            )
             if k in d
         }
         if "channels" in known:
@@ -95,15 +119,25 @@ class Encoder(nn.Module):
             if i > 0:
                 layers.append(nn.Conv2d(chans[i - 1], ch, 3, stride=2, padding=1))
             layers.extend(ResBlock(ch) for _ in range(cfg.blocks_per_level))
-        layers.extend([_norm(chans[-1]), nn.SiLU(), nn.Flatten()])
+        layers.extend([_norm(chans[-1]), nn.SiLU()])
         self.body = nn.Sequential(*layers)
-        flat = chans[-1] * 4 * 4
         # Two separate heads: μ and log σ² are different quantities and must not share one tensor.
-        self.fc_mu = nn.Linear(flat, cfg.latent_dim)
-        self.fc_logvar = nn.Linear(flat, cfg.latent_dim)
+        head: nn.Linear | nn.Conv2d
+        if cfg.latent_grid == 1:
+            self.body.append(nn.Flatten())
+            mu_head = nn.Linear(chans[-1] * 4 * 4, cfg.latent_dim)
+            head = nn.Linear(chans[-1] * 4 * 4, cfg.latent_dim)
+            self.fc_mu: nn.Module = mu_head
+            self.fc_logvar: nn.Module = head
+        else:
+            mu_conv = nn.Conv2d(chans[-1], cfg.grid_channels, 3, padding=1)
+            head = nn.Conv2d(chans[-1], cfg.grid_channels, 3, padding=1)
+            self.fc_mu = nn.Sequential(mu_conv, nn.Flatten())
+            self.fc_logvar = nn.Sequential(head, nn.Flatten())
         # Start with a small posterior variance so early reconstructions are not drowned in noise.
-        nn.init.zeros_(self.fc_logvar.weight)
-        nn.init.constant_(self.fc_logvar.bias, -4.0)
+        nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.constant_(head.bias, -4.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)
@@ -115,7 +149,13 @@ class Decoder(nn.Module):
         super().__init__()
         chans = cfg.level_channels()
         self.bottom = chans[-1]
-        self.fc = nn.Linear(cfg.latent_dim, chans[-1] * 4 * 4)
+        self.grid = cfg.latent_grid
+        self.grid_channels = cfg.grid_channels
+        self.fc: nn.Module = (
+            nn.Linear(cfg.latent_dim, chans[-1] * 4 * 4)
+            if cfg.latent_grid == 1
+            else nn.Conv2d(cfg.grid_channels, chans[-1], 3, padding=1)
+        )
         layers: list[nn.Module] = []
         for i in range(len(chans) - 1, -1, -1):
             layers.extend(ResBlock(chans[i]) for _ in range(cfg.blocks_per_level))
@@ -128,7 +168,10 @@ class Decoder(nn.Module):
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.fc(z).view(z.shape[0], self.bottom, 4, 4)
+        if self.grid == 1:
+            h = self.fc(z).view(z.shape[0], self.bottom, 4, 4)
+        else:
+            h = self.fc(z.view(z.shape[0], self.grid_channels, self.grid, self.grid))
         return torch.sigmoid(self.body(h))
 
 

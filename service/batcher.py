@@ -1,11 +1,14 @@
 """Dynamic batching: many concurrent requests, one forward pass per batch.
 
-Knows nothing about HTTP or about the model. Callers `submit(op, payload)`; one asyncio worker task takes
-queued jobs, groups them by `op` and calls that op's handler once per group with the list of payloads,
-in a single dedicated thread so the event loop never runs model code. A handler returns one result per
-payload, in order.
+Knows nothing about HTTP or about the model. Callers `submit(op, payload)`; asyncio worker tasks take
+queued jobs, group them by `op` and call that op's handler once per group with the list of payloads, in
+a dedicated model thread per worker so the event loop never runs model code. A handler returns one
+result per payload, in order, and must be safe to call from several model threads at once.
 
 Policy:
+- `workers` batches may be in flight at once, each in its own model thread (on a CPU, two single-threaded
+  passes side by side use two cores better than one pass on two threads); one worker at a time gathers
+  the next batch while the others compute.
 - A batch holds at most `max_batch_size` rows (a job may carry several rows, e.g. a 16-image sample; a
   job larger than the limit runs alone rather than being split).
 - The worker waits at most `max_wait_s` after the FIRST job of a batch was queued for more to arrive, and
@@ -124,9 +127,10 @@ class Batcher:
         queue_size: int = 256,
         default_timeout_s: float = 10.0,
         observer: BatchObserver | None = None,
+        workers: int = 1,
     ) -> None:
-        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and queue_size must be >= 1 and max_wait_s >= 0")
+        if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError("max_batch_size, queue_size and workers must be >= 1 and max_wait_s >= 0")
         self.handlers = dict(handlers)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -136,32 +140,35 @@ class Batcher:
         self.stats = _Stats()
         self._pending: deque[_Job] = deque()
         self._wakeup = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
-        self._busy = False
+        self.workers = workers
+        self._tasks: list[asyncio.Task[None]] = []
+        self._collecting = asyncio.Lock()
+        self._holding = 0  # workers holding jobs taken off the queue (gathering or computing them)
         self._closed = False
-        # One thread: forward passes run one at a time, in order, off the event loop. torch's own
-        # intra-op threads parallelise inside each pass.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="carvae-model")
+        # One thread per worker, off the event loop; torch's intra-op threads parallelise inside a pass.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="carvae-model")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._worker is not None:
+        if self._tasks:
             return
         self._closed = False
-        self._worker = asyncio.create_task(self._run(), name="carvae-batcher")
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"carvae-batcher-{i}") for i in range(self.workers)
+        ]
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new jobs, let queued and running ones finish (up to the timeout), then stop."""
         self._closed = True
         loop = asyncio.get_running_loop()
         end = loop.time() + drain_timeout_s
-        while (self._pending or self._busy) and loop.time() < end and self.worker_alive:
+        while (self._pending or self._holding) and loop.time() < end and self.worker_alive:
             await asyncio.sleep(0.01)
-        if self._worker is not None:
-            self._worker.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await task
+        self._tasks = []
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():
@@ -171,20 +178,20 @@ class Batcher:
 
     @property
     def worker_alive(self) -> bool:
-        return self._worker is not None and not self._worker.done()
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
 
     def depth(self) -> int:
         return len(self._pending)
 
     async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` in the model thread, outside any batch (warm-up)."""
+        """Run `fn` in a model thread, outside any batch (warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- submitting ---------------------------------------------------------------------------------
     def _enqueue(self, op: str, payload: Any, rows: int, timeout_s: float | None, tag: str | None) -> _Job:
         if op not in self.handlers:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self.handlers))}")
-        if self._closed or self._worker is None:
+        if self._closed or not self._tasks:
             self.observer.rejected("not_running")
             raise Overloaded("the model worker is not running")
         if len(self._pending) >= self.queue_size:
@@ -239,12 +246,15 @@ class Batcher:
     # -- the worker ---------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            while not self._pending:
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            holding = False
             try:
-                self._busy = True
-                jobs = await self._collect()
+                async with self._collecting:
+                    while not self._pending:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                    self._holding += 1
+                    holding = True
+                    jobs = await self._collect()
                 if jobs:
                     await self._execute(jobs)
             except asyncio.CancelledError:
@@ -252,7 +262,8 @@ class Batcher:
             except Exception:  # a bug here must not stop the service; handlers' errors are caught below
                 log.exception("batcher worker error (continuing)")
             finally:
-                self._busy = False
+                if holding:
+                    self._holding -= 1
 
     def _alive(self, job: _Job, now: float) -> bool:
         if job.future.done():  # cancelled: caller timed out or went away

@@ -67,8 +67,19 @@ class Settings(BaseSettings):
     )
 
     # Resources
+    MODEL_WORKERS: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="batches computed at once, each in its own model thread; default: 2 on a CPU with "
+        "2+ cores, 1 on a GPU",
+    )
     TORCH_THREADS: int | None = Field(
-        default=None, ge=1, le=512, description="torch intra-op threads; default: cores"
+        default=None, ge=1, le=512, description="torch intra-op threads; default: cores / MODEL_WORKERS"
+    )
+    TORCHSCRIPT: bool = Field(
+        default=True,
+        description="run the model as traced, frozen TorchScript (less Python per pass); false: eager",
     )
     WORKERS_DECODE: int | None = Field(
         default=None,
@@ -108,9 +119,16 @@ class Settings(BaseSettings):
         # CARVAE_API_KEY= (empty) in a compose file means "no key", not "the empty key".
         return v if v is not None and v.get_secret_value() else None
 
-    @property
-    def torch_threads(self) -> int:
-        return self.TORCH_THREADS or available_cores()
+    def model_workers(self, device_type: str) -> int:
+        if self.MODEL_WORKERS:
+            return self.MODEL_WORKERS
+        # A GPU runs one pass at a time anyway. On a CPU, two single-threaded passes side by side keep two
+        # cores busier than one pass on two threads, whose barriers stall whenever the event loop or a
+        # codec thread holds a core (bench/README.md, "Levers").
+        return 1 if device_type != "cpu" else min(2, available_cores())
+
+    def torch_threads(self, model_workers: int) -> int:
+        return self.TORCH_THREADS or max(1, available_cores() // model_workers)
 
     @property
     def decode_workers(self) -> int:

@@ -1,5 +1,8 @@
 """Dependencies for the routes, as typed `Annotated` aliases (the full-stack-fastapi-template shape).
 
+All are `async def` although none awaits: FastAPI runs a plain `def` dependency in its thread pool, a
+thread round trip per dependency per request that cost the event loop more than the work itself.
+
 The model, batcher and pipeline are created in the lifespan (service.main) and live on `app.state`;
 routes receive them from here, never from globals, so tests can build apps with other settings.
 """
@@ -18,23 +21,23 @@ from service.pipeline import CallContext, Pipeline, ServedModel
 from service.schemas import ImageFormat
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_pipeline(request: Request) -> Pipeline:
+async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None or not request.app.state.ready:
         raise Overloaded("the model is not loaded yet")
     return pipeline
 
 
-def get_model(pipeline: Annotated[Pipeline, Depends(get_pipeline)]) -> ServedModel:
+async def get_model(pipeline: Annotated[Pipeline, Depends(get_pipeline)]) -> ServedModel:
     return pipeline.served
 
 
-def get_batcher(pipeline: Annotated[Pipeline, Depends(get_pipeline)]) -> Batcher:
+async def get_batcher(pipeline: Annotated[Pipeline, Depends(get_pipeline)]) -> Batcher:
     return pipeline.batcher
 
 
@@ -45,7 +48,7 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
-def get_call_context(request: Request) -> CallContext:
+async def get_call_context(request: Request) -> CallContext:
     receive = request.receive
     return CallContext(tag=request_id_of(request.scope), cancel_on=lambda: _until_disconnected(receive))
 
@@ -73,7 +76,7 @@ def prefers_json(accept: str | None) -> bool:
     return json_q > 0 and json_q >= image_q
 
 
-def wants_json(
+async def wants_json(
     accept: Annotated[
         str | None,
         Header(

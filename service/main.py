@@ -8,6 +8,7 @@ or device is reported as one line before the server starts (service.__main__).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from service.batcher import Batcher
 from service.config import Settings
 from service.docs import ASSETS_PATH, mount_docs
 from service.errors import install_error_handlers
+from service.inference import InferenceModel
 from service.metrics import Metrics
 from service.middleware import (
     AdmissionMiddleware,
@@ -69,12 +71,16 @@ latent vectors. Image endpoints answer image bytes by default and JSON with base
 
 async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint: Checkpoint | None) -> None:
     started = time.perf_counter()
-    torch.set_num_threads(settings.torch_threads)
     if checkpoint is None:
         device = pick_device(settings.DEVICE)
         checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
-    model = checkpoint.model.eval().requires_grad_(False)
-    served = ServedModel(checkpoint, next(model.parameters()).device)
+    device = next(checkpoint.model.parameters()).device
+    workers = settings.model_workers(device.type)
+    torch.set_num_threads(settings.torch_threads(workers))
+    inference = await asyncio.to_thread(
+        InferenceModel, checkpoint.model, checkpoint.config, device, settings.TORCHSCRIPT
+    )
+    served = ServedModel(checkpoint, device, inference)
     batcher = Batcher(
         Predictor(served).handlers(),
         max_batch_size=settings.effective_batch_size,
@@ -82,6 +88,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         queue_size=settings.QUEUE_SIZE,
         default_timeout_s=settings.REQUEST_TIMEOUT_S,
         observer=metrics,
+        workers=workers,
     )
     await batcher.start()
     io_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="carvae-io")
@@ -94,19 +101,27 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         settings.PNG_COMPRESS_LEVEL,
     )
     await pipeline.warm_up((1, settings.effective_batch_size))
+    # Everything loaded so far (torch, FastAPI, the model: ~10^5 objects) lives as long as the process.
+    # Freezing it keeps the cyclic GC's full collections from walking it all, under the GIL, every few
+    # seconds under load: they were the slowest 1 % of requests (bench/README.md, "Levers").
+    gc.collect()
+    gc.freeze()
     app.state.pipeline = pipeline
     app.state.io_pool = io_pool
     metrics.set_model(served.model_id, str(served.device), served.image_size, served.latent_dim)
     metrics.ready.set(1)
     app.state.ready = True
     log.info(
-        "ready: model %s on %s, %d parameters, batch ≤ %d, wait ≤ %g ms, %d torch / %d io threads (%.0f ms)",
+        "ready: model %s on %s (%s), %d parameters, batch ≤ %d, wait ≤ %g ms, %d model worker(s) × %d "
+        "torch thread(s), %d io threads (%.0f ms)",
         served.model_id,
         describe(served.device),
+        "TorchScript" if inference.traced else "eager",
         checkpoint.model.num_parameters(),
         settings.effective_batch_size,
         settings.max_wait_s * 1000,
-        settings.torch_threads,
+        workers,
+        settings.torch_threads(workers),
         settings.decode_workers,
         (time.perf_counter() - started) * 1000,
     )
@@ -115,6 +130,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
 async def _stop(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.state.ready = False
     metrics.ready.set(0)
+    gc.unfreeze()  # an app stopped inside a longer-lived process (tests, tools) can be collected again
     pipeline: Pipeline | None = app.state.pipeline
     if pipeline is not None:
         # The server has already finished its in-flight requests; this drains anything still queued.

@@ -40,6 +40,7 @@ from carvae.preprocess import (
     to_uint8,
 )
 from service.batcher import Batcher
+from service.inference import InferenceModel
 from service.schemas import (
     EncodeResponse,
     ImageFormat,
@@ -59,10 +60,11 @@ GRID_COLUMNS = 8
 
 @dataclass(frozen=True)
 class ServedModel:
-    """The loaded checkpoint plus where it runs."""
+    """The loaded checkpoint, where it runs, and how (service.inference)."""
 
     checkpoint: Checkpoint
     device: torch.device
+    inference: InferenceModel
 
     @property
     def model_id(self) -> str:
@@ -115,21 +117,17 @@ class Predictor:
     payload; rows of all payloads go through the model in one call."""
 
     def __init__(self, served: ServedModel) -> None:
-        self.model = served.checkpoint.model
-        self.device = served.device
+        self.model = served.inference
 
     def handlers(self) -> dict[str, Callable[[list[Any]], Sequence[Any]]]:
         return {"reconstruct": self.reconstruct, "encode": self.encode, "decode": self.decode}
-
-    def _input(self, arrays: np.ndarray) -> torch.Tensor:
-        return to_tensor(arrays).to(self.device, non_blocking=True)
 
     # inference_mode is thread-local, so it is entered here, in the model thread, not at start-up.
     @torch.inference_mode()
     def reconstruct(self, views: list[np.ndarray]) -> list[Reconstruction]:
         """views: (S, S, 3) uint8 each → reconstruction through μ (VAE.reconstruct) plus μ."""
-        mu, _ = self.model.encode(self._input(np.stack(views)))
-        images = to_uint8(self.model.decode(mu))
+        out, mu = self.model.reconstruct(to_tensor(np.stack(views)))
+        images = to_uint8(out)
         mus = mu.float().cpu().numpy()
         return [Reconstruction(images[i], mus[i]) for i in range(len(views))]
 
@@ -137,7 +135,7 @@ class Predictor:
     def encode(self, stacks: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """stacks: (k, S, S, 3) uint8 each → (μ, log σ²), each (k, latent_dim) float32."""
         sizes = [len(s) for s in stacks]
-        mu, logvar = self.model.encode(self._input(np.concatenate(stacks)))
+        mu, logvar = self.model.encode(to_tensor(np.concatenate(stacks)))
         mus, logvars = mu.float().cpu().numpy(), logvar.float().cpu().numpy()
         bounds = np.cumsum([0, *sizes])
         return [(mus[a:b], logvars[a:b]) for a, b in itertools.pairwise(bounds)]
@@ -145,9 +143,7 @@ class Predictor:
     @torch.inference_mode()
     def decode(self, latents: list[torch.Tensor]) -> list[np.ndarray]:
         """latents: (k, latent_dim) float32 each → (k, S, S, 3) uint8 images."""
-        p = next(self.model.parameters())
-        z = torch.cat(latents).to(device=p.device, dtype=p.dtype, non_blocking=True)
-        images = to_uint8(self.model.decode(z))
+        images = to_uint8(self.model.decode(torch.cat(latents)))
         bounds = np.cumsum([0, *(len(t) for t in latents)])
         return [images[a:b] for a, b in itertools.pairwise(bounds)]
 

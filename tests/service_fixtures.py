@@ -61,6 +61,7 @@ def make_settings(checkpoint: Path, **overrides: Any) -> Settings:
         "CHECKPOINT": checkpoint,
         "DEVICE": "cpu",
         "TORCH_THREADS": 1,
+        "MODEL_WORKERS": 1,  # one model thread: the queueing tests block it to fill the queue
         "WORKERS_DECODE": 2,
         "API_KEY": None,
         "CORS_ORIGINS": [],

@@ -86,7 +86,17 @@ def test_sampling_is_seeded_and_temperature_scales_the_prior() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"image_size": 48}, {"image_size": 4}, {"latent_dim": 0}, {"channels": (12, 16)}, {"channels": ()}],
+    [
+        {"image_size": 48},
+        {"image_size": 4},
+        {"latent_dim": 0},
+        {"channels": (12, 16)},
+        {"channels": ()},
+        {"latent_grid": 2},  # grids start at 4×4
+        {"latent_grid": 6},  # not a power of two
+        {"latent_grid": 32},  # finer than image_size / 4
+        {"latent_grid": 8, "latent_dim": 100},  # 100 values do not fill an 8×8 map
+    ],
 )
 def test_invalid_configs_are_refused(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -98,3 +108,20 @@ def test_config_round_trip_and_level_channels() -> None:
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.level_channels() == [16, 32, 32, 32, 32]  # stretched to 5 levels
     assert VAEConfig(image_size=16, channels=(8, 16, 32, 64)).level_channels() == [32, 64]  # cut to 2
+
+
+@pytest.mark.parametrize(("size", "grid"), [(32, 4), (32, 8), (64, 8), (128, 16)])
+def test_a_latent_grid_is_still_a_flat_latent_vector(size: int, grid: int) -> None:
+    torch.manual_seed(0)
+    cfg = VAEConfig(image_size=size, latent_dim=grid * grid * 2, channels=(8, 16, 16), latent_grid=grid)
+    model = VAE(cfg).eval()
+    assert cfg.grid_channels == 2
+    # the encoder stops at the grid's resolution: one stride-2 level per halving from size to grid
+    assert len(cfg.level_channels()) == (size // grid).bit_length() - 1
+    x = torch.rand(3, 3, size, size)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, cfg.latent_dim)
+    assert model.reconstruct(x).shape == x.shape and model.sample(2).shape == (2, 3, size, size)
+    # separate heads here too
+    assert model.encoder.fc_mu is not model.encoder.fc_logvar
+    assert VAEConfig.from_dict(cfg.to_dict()) == cfg

@@ -24,8 +24,9 @@ from trainer.__main__ import build_parser, main
 from trainer.state import load_state, read_metrics
 
 DOCUMENTED_FLAGS = (
-    "--data --out --epochs --batch-size --image-size --latent-dim --channels --blocks-per-level --lr "
-    "--lr-schedule --lr-step-epoch --recipe --beta --kl-warmup-epochs --seed --val-fraction --device "
+    "--data --out --epochs --batch-size --image-size --latent-dim --channels --blocks-per-level "
+    "--latent-grid --lr "
+    "--lr-schedule --lr-step-epoch --recipe --beta --kl-warmup-epochs --ema --seed --val-fraction --device "
     "--workers --threads --max-minutes --synthetic-count --augment --resize-policy --cache-dir --if-missing "
     "--resume "
     "--smoke --eval-every"

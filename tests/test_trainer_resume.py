@@ -20,13 +20,15 @@ TINY = "--data synthetic --synthetic-count 64 --image-size 16 --channels 8,16 --
 TINY_ARGS = [*TINY.split(), "--warmup-steps", "2", "--no-progress", "--threads", "1", "--workers", "1"]
 
 
-def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, capsys, ema: str) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main([*TINY_ARGS, "--epochs", "3", "--out", str(straight)]) == 0
+    args = [*TINY_ARGS, "--epochs", "3", "--ema", ema]
+    assert main([*args, "--out", str(straight)]) == 0
     # The first segment must plan the same 3 epochs (the cosine length depends on it); --max-minutes is a
     # stand-in for an interruption that leaves the plan intact: stop after epoch 1 through a tiny budget,
     # then resume with the budget lifted.
-    assert main([*TINY_ARGS, "--epochs", "3", "--out", str(split), "--max-minutes", "0.00001"]) == 0
+    assert main([*args, "--out", str(split), "--max-minutes", "0.00001"]) == 0
     assert len(read_metrics(split)) == 1
     capsys.readouterr()
     assert main(["--resume", str(split), "--max-minutes", "1000", "--no-progress"]) == 0
@@ -36,12 +38,31 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path: Path, capsys) -> Non
     assert a["progress"]["step"] == b["progress"]["step"] == 3 * 3
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    # The saved (best) weights match too: with --ema they are the moving average, resumed with the rest.
+    for name, tensor in a["best_weights"].items():
+        assert torch.equal(tensor, b["best_weights"][name]), name
     rows_a, rows_b = read_metrics(straight), read_metrics(split)
     assert [r["epoch"] for r in rows_b] == [1, 2, 3]
     for ra, rb in zip(rows_a[1:], rows_b[1:], strict=True):
         assert (
             ra["train_loss"] == rb["train_loss"] and ra["val_psnr"] == rb["val_psnr"] and ra["lr"] == rb["lr"]
         )
+
+
+def test_ema_weights_are_what_is_validated_and_saved(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_ARGS, "--epochs", "2", "--ema", "0.9", "--out", str(out)]) == 0
+    state = load_state(out)
+    raw, ema = state["model"], state["ema"]
+    # The average lags the raw weights: they differ, and the checkpoint holds the average, not the raw.
+    saved = load_checkpoint(out / "model.safetensors").model.state_dict()
+    weight = "encoder.fc_mu.weight"
+    assert not torch.equal(raw[weight], ema[f"module.{weight}"])
+    assert state["progress"]["best_epoch"] == 2  # so the checkpoint holds the last epoch's average
+    assert torch.equal(saved[weight], ema[f"module.{weight}"])
+    assert ema["n_averaged"].item() == state["progress"]["step"]
+    # The calibrated σ is measured per epoch on the raw model and copied, not averaged.
+    assert saved["log_sigma"] == raw["log_sigma"]
 
 
 def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:

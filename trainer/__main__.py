@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--blocks-per-level", type=int, default=d.blocks_per_level, help="residual blocks per level"
     )
+    m.add_argument(
+        "--latent-grid",
+        type=int,
+        default=d.latent_grid,
+        help="1: the latent is one vector (fully connected bottleneck from 4×4); G (4, 8, …): a G×G map of "
+        "latent-dim/G² channels reached by convolutions (the encoder stops at G×G)",
+    )
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs, help="maximum number of epochs")
@@ -172,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.grad_clip,
         help="clip the gradient norm at this multiple of its running average (0 = off)",
+    )
+    o.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        help="decay of an exponential moving average of the weights, which is then what is validated and "
+        "saved (e.g. 0.998; 0 = off)",
     )
     o.add_argument("--seed", type=int, default=d.seed, help="seed for the split, initialisation and noise")
     o.add_argument(

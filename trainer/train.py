@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from carvae.checkpoint import save_checkpoint
@@ -63,6 +64,17 @@ MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run is declared di
 GRAD_EMA_DECAY = 0.98
 
 
+def ema_update(decay: float) -> Any:
+    """AveragedModel's multi_avg_fn for an EMA whose decay warms up as (1 + n) / (10 + n): a fixed decay
+    would keep the random initial weights in the average for thousands of steps, longer than a short run."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor | int) -> None:
+        d = min(decay, (1 + int(n)) / (10 + int(n)))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+
+    return update
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -83,6 +95,7 @@ class TrainConfig:
     latent_dim: int = 128
     channels: tuple[int, ...] = VAEConfig().channels
     blocks_per_level: int = VAEConfig().blocks_per_level
+    latent_grid: int = VAEConfig().latent_grid
     lr: float = 1e-3
     lr_schedule: str = "cosine"
     lr_step_epoch: int = 50
@@ -91,6 +104,7 @@ class TrainConfig:
     beta: float = 0.1  # measured on real photos: sharper reconstructions than 1.0 (README, Results)
     kl_warmup_epochs: float = 0.0
     grad_clip: float = 5.0
+    ema: float = 0.0
     seed: int = 0
     val_fraction: float = 0.1
     device: str = "auto"
@@ -117,6 +131,7 @@ class TrainConfig:
             (self.beta >= 0, "beta must be >= 0"),
             (self.kl_warmup_epochs >= 0, "kl warm-up must be >= 0"),
             (self.grad_clip >= 0, "grad clip must be >= 0"),
+            (0 <= self.ema < 1, "ema decay must be in [0, 1)"),
             (0 < self.val_fraction < 1, "val fraction must be in (0, 1)"),
             (self.workers >= 1, "workers must be >= 1"),
             (self.threads is None or self.threads >= 1, "threads must be >= 1"),
@@ -136,7 +151,9 @@ class TrainConfig:
         self.model_config()  # validates image size, latent size and channels
 
     def model_config(self) -> VAEConfig:
-        return VAEConfig(self.image_size, self.latent_dim, self.channels, self.blocks_per_level)
+        return VAEConfig(
+            self.image_size, self.latent_dim, self.channels, self.blocks_per_level, self.latent_grid
+        )
 
     def policy(self) -> PreprocessPolicy:
         return PreprocessPolicy(image_size=self.image_size, resize=self.resize_policy)
@@ -164,6 +181,7 @@ class TrainConfig:
                 "latent_dim",
                 "channels",
                 "blocks_per_level",
+                "latent_grid",
                 "recipe",
                 "beta",
                 "kl_warmup_epochs",
@@ -176,6 +194,7 @@ class TrainConfig:
                 "lr_step_epoch",
                 "warmup_steps",
                 "grad_clip",
+                "ema",
                 "seed",
             ),
             *("val_fraction", "max_minutes", "augment", "resize_policy"),
@@ -263,6 +282,11 @@ class _Run:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
+        # An exponential moving average of the weights is what gets validated and saved: it smooths the
+        # step-to-step noise of a high learning rate, which is where the best epoch of a short run lies.
+        self.ema: AveragedModel | None = (
+            AveragedModel(self.model, multi_avg_fn=ema_update(cfg.ema), use_buffers=True) if cfg.ema else None
+        )
         self.batches_per_epoch = len(
             epoch_batches(self.split.train, 0, cfg.seed, cfg.batch_size, self.info.rank, self.info.world_size)
         )
@@ -305,6 +329,8 @@ class _Run:
         try:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
+            if self.ema is not None:
+                self.ema.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise ResumeError(
                 f"{self.out}/{STATE_FILE} does not fit this run ({str(e).splitlines()[0]})"
@@ -318,11 +344,18 @@ class _Run:
         # Epochs after the last saved state are redone; their metrics lines (if written) are dropped.
         self.rows = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.progress.epochs_done]
 
+    @property
+    def eval_model(self) -> VAE:
+        """The weights that are validated and saved: the moving average when --ema is on."""
+        return self.ema.module if self.ema is not None else self.model  # type: ignore[return-value]
+
     def _log_sigma(self) -> float:
         return float(self.model.get_buffer("log_sigma"))
 
     def _set_log_sigma(self, value: float) -> None:
         self.model.get_buffer("log_sigma").fill_(value)
+        # Set, not averaged: σ is measured once per epoch, a per-step average would lag behind it.
+        self.eval_model.get_buffer("log_sigma").fill_(value)
 
     # ------------------------------------------------------------ one epoch
 
@@ -386,6 +419,8 @@ class _Run:
                 continue
             bad_in_a_row = 0
             self.opt.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             kept = min(norm, limit)
             p.grad_ema = (
                 kept if p.grad_ema is None else GRAD_EMA_DECAY * p.grad_ema + (1 - GRAD_EMA_DECAY) * kept
@@ -413,7 +448,9 @@ class _Run:
 
     def validate(self) -> dict[str, float]:
         shard = self.split.val[self.info.rank :: self.info.world_size]
-        scores = score_images(self.model, self.images, shard, self.device, channels_last=self.channels_last)
+        scores = score_images(
+            self.eval_model, self.images, shard, self.device, channels_last=self.channels_last
+        )
         return validation_summary(scores, self.cfg.recipe, self.cfg.beta)
 
     def _keep_if_best(self, val: dict[str, float]) -> bool:
@@ -423,10 +460,10 @@ class _Run:
             return False
         p.best_val, p.best_epoch = val, p.epochs_done
         self.best_weights = {
-            k: v.detach().cpu().clone().contiguous() for k, v in self.model.state_dict().items()
+            k: v.detach().cpu().clone().contiguous() for k, v in self.eval_model.state_dict().items()
         }
         if self.info.is_main:
-            self._save_checkpoint(self.model, self.training_meta(False))
+            self._save_checkpoint(self.eval_model, self.training_meta(False))
         return True
 
     def _save_checkpoint(self, model: VAE, meta: dict[str, Any]) -> None:
@@ -476,6 +513,7 @@ class _Run:
         state = {
             "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "optimizer": self.opt.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "progress": {**asdict(self.progress), "epochs_requested": self.cfg.epochs},
             "best_weights": self.best_weights,
             "data_fingerprint": self.data.fingerprint,

@@ -49,7 +49,7 @@ _bearer = HTTPBearer(auto_error=False, description="the CARVAE_API_KEY value")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="the CARVAE_API_KEY value")
 
 
-def declare_api_key(
+async def declare_api_key(
     _bearer_token: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     _header_key: Annotated[str | None, Security(_api_key)],
 ) -> None:
