@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from carvae import __version__
-from carvae.model import ARCHITECTURE, VAE, VAEConfig
+from carvae.model import ARCHITECTURE, PRIOR_BUFFERS, VAE, VAEConfig
 from carvae.preprocess import PreprocessPolicy
 
 FORMAT = "carvae-checkpoint"
@@ -157,6 +157,9 @@ def load_checkpoint(
             f"{str(meta.get('content_hash'))[:12]}): the file is corrupt"
         )
     model = VAE(cfg)
+    # Checkpoints written before the fitted prior existed sample from N(0, I): the defaults.
+    defaults = model.state_dict()
+    tensors.update({k: defaults[k] for k in PRIOR_BUFFERS if k not in tensors})
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURE = "carvae-resconv-v1"
+PRIOR_BUFFERS = ("prior_loc", "prior_scale_tril", "prior_whiten")
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,10 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
+    prior_loc: torch.Tensor
+    prior_scale_tril: torch.Tensor
+    prior_whiten: torch.Tensor
+
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -184,14 +189,50 @@ class VAE(nn.Module):
         # Calibrated decoder noise (log σ of the Gaussian likelihood), tracked during training so ELBO in
         # nats can be reported for a checkpoint. Not used by reconstruct/sample.
         self.register_buffer("log_sigma", torch.tensor(0.0))
+        # The prior that samples are drawn from, N(loc, L Lᵀ). Training uses N(0, I) (these buffers at their
+        # defaults); afterwards the trainer fits a Gaussian to the training set's posterior means
+        # (`fit_prior`), because the codes a VAE actually uses fill N(0, I) unevenly and its samples from
+        # N(0, I) land in regions no car was encoded to ("ex-post density estimation", Ghosh et al. 2020).
+        # encode/decode speak the prior's standardised coordinates, so N(0, I) stays the prior for every
+        # user of the public API: a sample is decode(randn), a latent slider spans ±3 standard deviations.
+        d = cfg.latent_dim
+        self.register_buffer("prior_loc", torch.zeros(d))
+        self.register_buffer("prior_scale_tril", torch.eye(d))
+        self.register_buffer("prior_whiten", torch.eye(d))  # the inverse of prior_scale_tril
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, 3, H, W) in [0, 1] -> (mu, logvar), each (N, latent_dim)."""
-        return self.encoder(x)
+        """x: (N, 3, H, W) in [0, 1] -> (mu, logvar), each (N, latent_dim), in the prior's standardised
+        coordinates; logvar is the per-dimension (marginal) posterior variance there."""
+        return self.standardise(*self.encoder(x))
+
+    def standardise(self, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's (mu, logvar) -> the prior's standardised coordinates (identity until fitted)."""
+        w = self.prior_whiten
+        var = torch.exp(logvar) @ (w * w).T
+        return (mu - self.prior_loc) @ w.T, torch.log(var.clamp_min(torch.finfo(var.dtype).tiny))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (N, latent_dim) -> images (N, 3, H, W) in [0, 1]."""
-        return self.decoder(z)
+        """z: (N, latent_dim) in the prior's standardised coordinates -> images (N, 3, H, W) in [0, 1]."""
+        return self.decoder(self.prior_loc + z @ self.prior_scale_tril.T)
+
+    @torch.no_grad()
+    def fit_prior(self, mus: torch.Tensor, shrinkage: float = 1e-3) -> None:
+        """Set the sampling prior to the Gaussian of the given posterior means (N, latent_dim), raw
+        encoder coordinates. A small ridge keeps the covariance invertible."""
+        m = mus.double()
+        loc = m.mean(0)
+        cov = torch.cov(m.T).reshape(len(loc), len(loc))
+        cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(len(loc), dtype=cov.dtype)
+        tril = torch.linalg.cholesky(cov)
+        whiten = torch.linalg.solve_triangular(tril, torch.eye(len(loc), dtype=cov.dtype), upper=False)
+        for name, value in (("prior_loc", loc), ("prior_scale_tril", tril), ("prior_whiten", whiten)):
+            self.get_buffer(name).copy_(value.to(self.get_buffer(name)))
+
+    @property
+    def prior_is_fitted(self) -> bool:
+        return bool(self.prior_loc.any()) or not torch.equal(
+            self.prior_scale_tril, torch.eye(self.cfg.latent_dim, device=self.prior_loc.device)
+        )
 
     @staticmethod
     def reparameterize(
@@ -201,20 +242,21 @@ class VAE(nn.Module):
         return mu + eps * torch.exp(0.5 * logvar)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass: (reconstruction from a posterior sample, mu, logvar)."""
-        mu, logvar = self.encode(x)
-        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+        """Training pass in the encoder's own coordinates, whose prior is N(0, I): (reconstruction from a
+        posterior sample, mu, logvar)."""
+        mu, logvar = self.encoder(x)
+        return self.decoder(self.reparameterize(mu, logvar)), mu, logvar
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction through μ (what the service returns)."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)
+        mu, _ = self.encoder(x)
+        return self.decoder(mu)
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> torch.Tensor:
-        """n images from the prior N(0, temperature² I). The noise is drawn on the generator's device (CPU
-        by default) so a seed gives the same cars on every device."""
+        """n images from the prior (N(0, temperature² I) in decode's coordinates). The noise is drawn on
+        the generator's device (CPU by default) so a seed gives the same cars on every device."""
         z = torch.randn(n, self.cfg.latent_dim, generator=generator) * temperature
         p = next(self.parameters())
         return self.decode(z.to(device=p.device, dtype=p.dtype))

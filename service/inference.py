@@ -33,8 +33,9 @@ class _Reconstruct(nn.Module):
         self.vae = vae
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, _ = self.vae.encode(x)
-        return self.vae.decode(mu), mu
+        # As VAE.reconstruct (the encoder's own μ straight into the decoder), plus μ as encode reports it.
+        mu, logvar = self.vae.encoder(x)
+        return self.vae.decoder(mu), self.vae.standardise(mu, logvar)[0]
 
 
 class _Encode(nn.Module):

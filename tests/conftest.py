@@ -22,6 +22,11 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = VAE(TINY_CONFIG)
     model.get_buffer("log_sigma").fill_(-2.0)
+    # A fitted prior (as the trainer writes by default), so every service test goes through it.
+    codes = torch.randn(200, TINY_CONFIG.latent_dim) @ torch.randn(
+        TINY_CONFIG.latent_dim, TINY_CONFIG.latent_dim
+    )
+    model.fit_prior(codes + 0.5)
     path = tmp_path_factory.mktemp("tiny-checkpoint") / "model.safetensors"
     training = {
         "complete": True,

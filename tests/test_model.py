@@ -125,3 +125,36 @@ def test_a_latent_grid_is_still_a_flat_latent_vector(size: int, grid: int) -> No
     # separate heads here too
     assert model.encoder.fc_mu is not model.encoder.fc_logvar
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_fitted_prior_standardises_the_latent_coordinates() -> None:
+    model = tiny().eval()
+    x = torch.rand(5, 3, 32, 32)
+    raw_mu, raw_logvar = model.encoder(x)
+    # Until fitted, encode/decode are the encoder/decoder themselves and the prior is N(0, I).
+    assert not model.prior_is_fitted
+    mu, logvar = model.encode(x)
+    assert torch.equal(mu, raw_mu) and torch.allclose(logvar, raw_logvar)
+    # Codes spread unevenly, off-centre and correlated, as a trained encoder's are.
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 8, generator=g)
+    codes = torch.randn(4000, 8, generator=g) @ mix + torch.linspace(-2, 2, 8)
+    model.fit_prior(codes)
+    assert model.prior_is_fitted
+    std = (codes - model.prior_loc) @ model.prior_whiten.T  # the coordinates encode() reports them in
+    torch.testing.assert_close(std.mean(0), torch.zeros(8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(std.T), torch.eye(8), atol=2e-2, rtol=0)  # up to the small ridge
+    # encode and decode are inverse maps of the same coordinates: reconstruct is unchanged.
+    mu, logvar = model.encode(x)
+    torch.testing.assert_close(model.decode(mu), model.reconstruct(x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(mu @ model.prior_scale_tril.T + model.prior_loc, raw_mu, atol=1e-4, rtol=0)
+    # a sample is a decode of N(0, I) in these coordinates, i.e. of N(loc, L Lᵀ) for the decoder
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        model.sample(3, torch.Generator().manual_seed(5)),
+        model.decoder(model.prior_loc + z @ model.prior_scale_tril.T),
+    )
+    # per-dimension posterior variance in the new coordinates: diag(W diag(σ²) Wᵀ)
+    w = model.prior_whiten
+    expected = torch.stack([torch.diag(w @ torch.diag(v) @ w.T) for v in raw_logvar.exp()])
+    torch.testing.assert_close(logvar.exp(), expected, rtol=1e-4, atol=1e-8)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import carvae.checkpoint as ckpt_mod
@@ -21,11 +22,12 @@ import trainer.state as state_mod
 from carvae.checkpoint import load_checkpoint
 from trainer import evaluate as evaluate_mod
 from trainer.__main__ import build_parser, main
+from trainer.data import load_data, make_split, to_batch
 from trainer.state import load_state, read_metrics
 
 DOCUMENTED_FLAGS = (
     "--data --out --epochs --batch-size --image-size --latent-dim --channels --blocks-per-level "
-    "--latent-grid --lr "
+    "--latent-grid --lr --prior "
     "--lr-schedule --lr-step-epoch --recipe --beta --kl-warmup-epochs --ema --seed --val-fraction --device "
     "--workers --threads --max-minutes --synthetic-count --augment --resize-policy --cache-dir --if-missing "
     "--resume "
@@ -102,6 +104,11 @@ def test_smoke_run_writes_every_file_with_full_metadata(smoke_run: tuple[Path, s
     # the calibrated decoder σ of the training set is stored for ELBO reporting
     assert float(ck.model.get_buffer("log_sigma")) == pytest.approx(t["log_sigma"]) != 0.0
     assert ck.policy.image_size == 64 and ck.policy.resize == "stretch"
+    # The default prior is fitted to the training images' posterior means: in the encoder's coordinates
+    # its mean is theirs, and the model's public coordinates standardise them.
+    assert t["prior"] == "fitted" and ck.model.prior_is_fitted
+    state = load_state(out)
+    assert not torch.equal(state["best_weights"]["prior_loc"], ck.model.prior_loc)  # fitted at the end only
 
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "complete" and run["config"]["synthetic_count"] == 48
@@ -190,6 +197,26 @@ def test_if_missing_exits_at_once_for_the_same_config_and_retrains_otherwise(
     assert main(["--smoke", "--out", str(out), "--if-missing", "--latent-dim", "8", *FAST]) == 0
     assert "configuration differs in latent_dim" in capsys.readouterr().out
     assert load_checkpoint(ckpt).config.latent_dim == 8
+
+
+def test_prior_standard_keeps_n01_and_the_fit_matches_the_training_codes(tmp_path: Path) -> None:
+    args = ["--smoke", "--epochs", "1", *FAST]
+    assert main([*args, "--out", str(tmp_path / "std"), "--prior", "standard"]) == 0
+    std = load_checkpoint(tmp_path / "std" / "model.safetensors")
+    assert std.training["prior"] == "standard" and not std.model.prior_is_fitted
+    assert main([*args, "--out", str(tmp_path / "fit")]) == 0
+    fit = load_checkpoint(tmp_path / "fit" / "model.safetensors")
+    # same seed, same weights: only the prior differs, and it is the Gaussian of the training codes
+    for name, tensor in std.model.state_dict().items():
+        if not name.startswith("prior_"):
+            assert torch.equal(tensor, fit.model.state_dict()[name]), name
+    data = load_data("synthetic", fit.policy, 48, 1, tmp_path / "cache", False)
+    train_idx = make_split(len(data), 0.1, 0).train
+    with torch.no_grad():
+        codes = fit.model.encoder(to_batch(data.images, train_idx, torch.device("cpu"), False))[0]
+    torch.testing.assert_close(fit.model.prior_loc, codes.mean(0), atol=1e-5, rtol=0)
+    mu, _ = fit.model.encode(to_batch(data.images, train_idx, torch.device("cpu"), False))
+    torch.testing.assert_close(mu.mean(0), torch.zeros_like(mu[0]), atol=1e-4, rtol=0)
 
 
 def test_time_budget_stops_after_the_epoch_that_reaches_it(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from trainer.data import AUGMENTATIONS, DataError, data_fingerprint
 from trainer.distributed import PRECISIONS
 from trainer.schedule import LR_SCHEDULES
 from trainer.state import CHECKPOINT_FILE, RUN_FILE, OutputError, ResumeError, read_json
-from trainer.train import TrainConfig, TrainingDiverged, train
+from trainer.train import PRIORS, TrainConfig, TrainingDiverged, train
 
 DEFAULTS = TrainConfig()
 # Flags a resumed run may change: how long and where it runs, never what it trains.
@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.ema,
         help="decay of an exponential moving average of the weights, which is then what is validated and "
         "saved (e.g. 0.998; 0 = off)",
+    )
+    o.add_argument(
+        "--prior",
+        choices=PRIORS,
+        default=d.prior,
+        help="what samples are drawn from: fitted = a Gaussian fitted to the training images' posterior "
+        "means after training (car-like samples; the model's latent coordinates are standardised to it), "
+        "standard = N(0, I) as trained",
     )
     o.add_argument("--seed", type=int, default=d.seed, help="seed for the split, initialisation and noise")
     o.add_argument(

@@ -82,10 +82,12 @@ def score_images(
     dims = 3 * images.shape[1] * images.shape[2]
     for start in range(0, len(indices), batch_size):
         x = to_batch(images, indices[start : start + batch_size], device, channels_last)
-        mu, logvar = model.encode(x)
-        mean_recon = model.decode(mu)
+        # The encoder's own coordinates, whose prior N(0, I) is the one trained with: KL and ELBO are the
+        # training objective's, whatever prior the checkpoint samples from (VAE.fit_prior).
+        mu, logvar = model.encoder(x)
+        mean_recon = model.decoder(mu)
         eps = torch.randn(mu.shape, generator=gen).to(device)
-        sample_recon = model.decode(mu + eps * torch.exp(0.5 * logvar))
+        sample_recon = model.decoder(mu + eps * torch.exp(0.5 * logvar))
         parts["psnr"].append(psnr(mean_recon, x))
         parts["ssim"].append(ssim(mean_recon, x))
         parts["kl"].append(kl_divergence(mu.float(), logvar.float()))

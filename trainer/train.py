@@ -60,6 +60,7 @@ from trainer.state import (
 
 log = logging.getLogger("trainer")
 
+PRIORS = ("fitted", "standard")
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run is declared diverged
 GRAD_EMA_DECAY = 0.98
 
@@ -105,6 +106,7 @@ class TrainConfig:
     kl_warmup_epochs: float = 0.0
     grad_clip: float = 5.0
     ema: float = 0.0
+    prior: str = "fitted"
     seed: int = 0
     val_fraction: float = 0.1
     device: str = "auto"
@@ -132,6 +134,7 @@ class TrainConfig:
             (self.kl_warmup_epochs >= 0, "kl warm-up must be >= 0"),
             (self.grad_clip >= 0, "grad clip must be >= 0"),
             (0 <= self.ema < 1, "ema decay must be in [0, 1)"),
+            (self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}"),
             (0 < self.val_fraction < 1, "val fraction must be in (0, 1)"),
             (self.workers >= 1, "workers must be >= 1"),
             (self.threads is None or self.threads >= 1, "threads must be >= 1"),
@@ -195,6 +198,7 @@ class TrainConfig:
                 "warmup_steps",
                 "grad_clip",
                 "ema",
+                "prior",
                 "seed",
             ),
             *("val_fraction", "max_minutes", "augment", "resize_policy"),
@@ -485,6 +489,8 @@ class _Run:
             "recipe": cfg.recipe,
             "beta": cfg.beta,
             "kl_warmup_epochs": cfg.kl_warmup_epochs,
+            # fitted: samples come from a Gaussian fitted to the training images' posterior means, not N(0, I)
+            "prior": cfg.prior if complete else "standard",
             "batch_size": cfg.batch_size,
             "world_size": self.info.world_size,
             "augment": list(cfg.augment),
@@ -624,12 +630,27 @@ class _Run:
             "  *best" if r["best"] else "",
         )
 
+    @torch.no_grad()
+    def _posterior_means(self, model: VAE, batch: int = 256) -> torch.Tensor:
+        """μ of every training image (no augmentation), in the encoder's own coordinates."""
+        model.eval()
+        idx = self.split.train
+        cpu = torch.device("cpu")
+        return torch.cat(
+            [
+                model.encoder(to_batch(self.data.images, idx[i : i + batch], cpu, False))[0]
+                for i in range(0, len(idx), batch)
+            ]
+        )
+
     def finish(self) -> dict[str, Any]:
         meta = self.training_meta(True)
         if self.info.is_main:
             best = VAE(self.cfg.model_config())
             if self.best_weights is not None:
                 best.load_state_dict(self.best_weights)
+            if self.cfg.prior == "fitted":
+                best.fit_prior(self._posterior_means(best))
             self._save_checkpoint(best, meta)
             plots.write_all(self.out, best, self.data.images, self.split.val, self.rows)
             self.write_run_json("complete")
