@@ -123,22 +123,25 @@ class Encoder(nn.Module):
         layers.extend([_norm(chans[-1]), nn.SiLU()])
         self.body = nn.Sequential(*layers)
         # Two separate heads: μ and log σ² are different quantities and must not share one tensor.
-        head: nn.Linear | nn.Conv2d
-        if cfg.latent_grid == 1:
-            self.body.append(nn.Flatten())
-            mu_head = nn.Linear(chans[-1] * 4 * 4, cfg.latent_dim)
-            head = nn.Linear(chans[-1] * 4 * 4, cfg.latent_dim)
-            self.fc_mu: nn.Module = mu_head
-            self.fc_logvar: nn.Module = head
-        else:
-            mu_conv = nn.Conv2d(chans[-1], cfg.grid_channels, 3, padding=1)
-            head = nn.Conv2d(chans[-1], cfg.grid_channels, 3, padding=1)
-            self.fc_mu = nn.Sequential(mu_conv, nn.Flatten())
-            self.fc_logvar = nn.Sequential(head, nn.Flatten())
+        vector = cfg.latent_grid == 1
+
+        def head() -> nn.Linear | nn.Conv2d:
+            if vector:
+                return nn.Linear(chans[-1] * 4 * 4, cfg.latent_dim)
+            return nn.Conv2d(chans[-1], cfg.grid_channels, 3, padding=1)
+
+        mu_head, logvar_head = head(), head()
         # Start with a small posterior variance so early reconstructions are not drowned in noise.
-        nn.init.zeros_(head.weight)
-        if head.bias is not None:
-            nn.init.constant_(head.bias, -4.0)
+        nn.init.zeros_(logvar_head.weight)
+        if logvar_head.bias is not None:
+            nn.init.constant_(logvar_head.bias, -4.0)
+        self.fc_mu: nn.Module = mu_head
+        self.fc_logvar: nn.Module = logvar_head
+        if vector:
+            self.body.append(nn.Flatten())
+        else:  # a grid is flattened after the heads: the latent is a vector of latent_dim numbers either way
+            self.fc_mu = nn.Sequential(mu_head, nn.Flatten())
+            self.fc_logvar = nn.Sequential(logvar_head, nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.body(x)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -76,15 +76,10 @@ class InferenceModel:
         self.traced = False
         if torchscript:
             try:
-                self._trace()
+                self._reconstruct, self._encode, self._decode = self._trace()
                 self.traced = True
             except Exception as e:  # an unusual model or backend: serve eagerly rather than not at all
                 log.warning("TorchScript tracing failed (%s: %s); serving eagerly", type(e).__name__, e)
-                self._reconstruct, self._encode, self._decode = (
-                    _Reconstruct(model),
-                    _Encode(model),
-                    _Decode(model),
-                )
 
     def images_in(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float in [0, 1] on any device → the model's device, dtype and layout."""
@@ -109,7 +104,8 @@ class InferenceModel:
         images: torch.Tensor = self._decode(self.latents_in(z))
         return images
 
-    def _trace(self) -> None:
+    def _trace(self) -> list[Callable[..., Any]]:
+        """The three entry points traced and frozen, checked against the eager ones."""
         s = self.image_size
         # Two rows, so nothing batch-size specific can be baked in as a constant (checked below at 1 and 3).
         x = self.images_in(torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0)))
@@ -126,19 +122,21 @@ class InferenceModel:
                 torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
                 for module, example in zip(eager, (x, x, z), strict=True)
             ]
-        self._reconstruct, self._encode, self._decode = traced
-        self.check_matches_eager(*eager)
+        self.check_matches_eager(traced, eager)
+        return traced
 
     @torch.inference_mode()
-    def check_matches_eager(self, *eager: Callable[..., Any]) -> None:
+    def check_matches_eager(
+        self, traced: Sequence[Callable[..., Any]], eager: Sequence[Callable[..., Any]]
+    ) -> None:
         """The traced entry points give the eager model's results at other batch sizes too."""
         s = self.image_size
         for n in (1, 3):
             x = self.images_in(torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(n)))
             z = self.latents_in(torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(n)))
-            pairs = zip((self._reconstruct, self._encode, self._decode), eager, (x, x, z), strict=True)
-            for traced, reference, example in pairs:
-                got, want = traced(example), reference(example)
+            pairs = zip(traced, eager, (x, x, z), strict=True)
+            for fast, reference, example in pairs:
+                got, want = fast(example), reference(example)
                 for g, w in zip(_flat(got), _flat(want), strict=True):
                     if g.shape != w.shape or not torch.allclose(g, w, rtol=1e-4, atol=1e-5):
                         raise RuntimeError(f"traced model differs from the eager one at batch size {n}")
