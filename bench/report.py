@@ -143,7 +143,14 @@ def markdown(result: dict[str, Any]) -> str:
         + ", ".join(f"{v:g} img/s at {t} thread(s)" for t, v in lim["model_b1_images_per_s"].items())
         + ". Pipeline (decode → preprocess → forward → PNG): "
         + ", ".join(f"{v:g} img/s ({k})" for k, v in lim["pipeline_images_per_s"].items())
-        + f". **Pipeline limit: {lim['pipeline_limit']:g} img/s.** Per image (1 thread): "
+        + f". **Pipeline limit: {lim['pipeline_limit']:g} img/s**"
+        + (
+            f" (the parallel figure is the median of {len(lim['parallel_samples'])} measurements across the "
+            f"run: {', '.join(f'{x:g}' for x in lim['parallel_samples'])})"
+            if len(lim.get("parallel_samples", [])) > 1
+            else ""
+        )
+        + ". Per image (1 thread): "
         + ", ".join(f"{k} {v} ms" for k, v in lim["stage_ms_per_image_1_thread"].items())
         + ".",
         "",

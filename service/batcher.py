@@ -18,6 +18,10 @@ Policy:
 - Every job has a deadline: an expired job is answered `DeadlineExceeded` and never reaches the model; a
   job whose caller went away (cancelled future) is skipped.
 - An exception in a handler fails only the jobs of that group (`BatchFailed`); the worker carries on.
+- A job may carry `then`, a continuation run in the same model thread on that job's result right after
+  the batch (the service encodes its response there): the result reaches the event loop finished, with
+  no further thread round trip, and the queue fills while the worker encodes, so batches grow. An
+  exception in `then` fails that job alone, with the exception itself.
 """
 
 from __future__ import annotations
@@ -102,6 +106,7 @@ class _Job:
     enqueued: float  # loop.time()
     deadline: float
     tag: str | None = None
+    then: Callable[[Any], Any] | None = None
 
 
 @dataclass
@@ -115,6 +120,11 @@ class _Stats:
     skipped: int = 0
     failed_batches: int = 0
     rows_per_batch: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Failed:
+    error: BaseException
 
 
 class Batcher:
@@ -188,7 +198,15 @@ class Batcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- submitting ---------------------------------------------------------------------------------
-    def _enqueue(self, op: str, payload: Any, rows: int, timeout_s: float | None, tag: str | None) -> _Job:
+    def _enqueue(
+        self,
+        op: str,
+        payload: Any,
+        rows: int,
+        timeout_s: float | None,
+        tag: str | None,
+        then: Callable[[Any], Any] | None = None,
+    ) -> _Job:
         if op not in self.handlers:
             raise ValueError(f"unknown op {op!r}; known: {', '.join(sorted(self.handlers))}")
         if self._closed or not self._tasks:
@@ -200,7 +218,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
-        job = _Job(op, payload, max(1, rows), loop.create_future(), now, now + timeout, tag)
+        job = _Job(op, payload, max(1, rows), loop.create_future(), now, now + timeout, tag, then)
         self._pending.append(job)
         self._wakeup.set()
         self.observer.queue_depth(len(self._pending))
@@ -215,14 +233,15 @@ class Batcher:
         timeout_s: float | None = None,
         tag: str | None = None,
         cancel_on: Callable[[], Awaitable[Any]] | None = None,
+        then: Callable[[Any], Any] | None = None,
     ) -> Any:
-        """Queue one job and wait for its result.
+        """Queue one job and wait for its result (`then(result)` when `then` is given).
 
         `cancel_on` (optional) makes an awaitable that completes when the caller no longer wants the
         result, e.g. an HTTP client disconnect: the job is then withdrawn and `Abandoned` raised.
         Raises Overloaded at once when the queue is full, DeadlineExceeded after `timeout_s`.
         """
-        job = self._enqueue(op, payload, rows, timeout_s, tag)
+        job = self._enqueue(op, payload, rows, timeout_s, tag, then)
         fut = job.future
         watcher: asyncio.Future[Any] | None = asyncio.ensure_future(cancel_on()) if cancel_on else None
         waiting: set[asyncio.Future[Any]] = {fut} if watcher is None else {fut, watcher}
@@ -312,6 +331,22 @@ class Batcher:
         self.observer.queue_depth(len(self._pending))
         return batch
 
+    def _call(self, op: str, jobs: list[_Job]) -> tuple[list[Any], float]:
+        """In the model thread: the handler for the batch, then each job's `then` on its own result.
+        Returns the results and the handler's time alone (what the compute metric reports)."""
+        t0 = time.perf_counter()
+        results = list(self.handlers[op]([j.payload for j in jobs]))
+        compute = time.perf_counter() - t0
+        if len(results) != len(jobs):
+            raise RuntimeError(f"handler returned {len(results)} results for {len(jobs)} jobs")
+        for i, job in enumerate(jobs):
+            if job.then is not None and not job.future.done():
+                try:
+                    results[i] = job.then(results[i])
+                except Exception as e:  # this job's result could not be finished: its error alone
+                    results[i] = _Failed(e)
+        return results, compute
+
     async def _execute(self, jobs: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         groups: dict[str, list[_Job]] = {}
@@ -326,11 +361,9 @@ class Batcher:
                 continue
             rows = sum(j.rows for j in live)
             t0 = time.perf_counter()
+            compute: float | None = None
             try:
-                payloads = [j.payload for j in live]
-                results = await loop.run_in_executor(self._executor, self.handlers[op], payloads)
-                if len(results) != len(live):
-                    raise RuntimeError(f"handler returned {len(results)} results for {len(live)} jobs")
+                results, compute = await loop.run_in_executor(self._executor, self._call, op, live)
             except Exception as e:
                 self.stats.failed_batches += 1
                 tags = ", ".join(j.tag or "-" for j in live)
@@ -340,7 +373,8 @@ class Batcher:
                         j.future.set_exception(BatchFailed(op, e))
                 continue
             finally:
-                compute = time.perf_counter() - t0
+                if compute is None:  # the handler raised
+                    compute = time.perf_counter() - t0
                 self.observer.batch(op, rows, batch_wait, [started - j.enqueued for j in live], compute)
                 self.stats.batches += 1
                 self.stats.jobs += len(live)
@@ -348,5 +382,9 @@ class Batcher:
                 self.stats.rows_per_batch.append(rows)
                 del self.stats.rows_per_batch[:-1000]
             for j, result in zip(live, results, strict=True):
-                if not j.future.done():
+                if j.future.done():
+                    continue
+                if isinstance(result, _Failed):
+                    j.future.set_exception(result.error)
+                else:
                     j.future.set_result(result)

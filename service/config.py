@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="threads decoding uploads and encoding images; default: cores + 1 (2..8)",
+        description="threads decoding uploads (responses are encoded in the model threads); "
+        "default: cores + 1 (2..8)",
     )
     PNG_COMPRESS_LEVEL: int = Field(
         default=1, ge=0, le=9, description="zlib level for PNG responses (1: fast)"

@@ -132,3 +132,24 @@ def test_quick_run_structure_and_sane_numbers(quick_result: dict) -> None:
     assert "c=1 p50 vs plain FastAPI" in names and "start-up to /readyz (s)" in names
     # the peer LitServe is not part of a quick run: its targets are reported as not measured
     assert all(t["met"] is None for t in r["targets"] if "LitServe" in t["target"])
+
+
+def test_limit_is_the_median_of_its_samples_across_the_run() -> None:
+    """One lucky (or unlucky) sample of the parallel pipeline must not set every ratio of the run."""
+    from bench.run import parallel_label, settle_limit
+
+    parallel = parallel_label()
+    limit = {
+        "pipeline_images_per_s": {"pipeline, 1 process × 1 thread(s)": 120.0, parallel: 278.0},
+        "pipeline_limit": 278.0,
+        "pipeline_limit_how": parallel,
+        "parallel_samples": [278.0],
+    }
+    settled = settle_limit(limit, [278.0, 241.0, 250.0, 246.0])
+    assert settled["pipeline_limit"] == 248.0 and settled["pipeline_limit_how"] == parallel
+    assert settled["pipeline_images_per_s"][parallel] == 248.0
+    assert settled["parallel_samples"] == [278.0, 241.0, 250.0, 246.0]
+    # A single-process figure above the median becomes the limit instead.
+    limit["pipeline_images_per_s"]["pipeline, 1 process × 2 thread(s)"] = 260.0
+    assert settle_limit(limit, [278.0, 241.0, 250.0])["pipeline_limit"] == 260.0
+    assert settle_limit(limit, []) is limit  # quick runs and one-core machines: unchanged

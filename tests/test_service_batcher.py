@@ -107,6 +107,69 @@ def test_rows_count_toward_the_batch_limit() -> None:
     assert rec.calls == [[0], [1], [2], [3]]  # 3 + 3 rows > 4: one job per batch
 
 
+def test_then_finishes_each_result_in_the_model_thread_and_fails_alone() -> None:
+    """`then` runs on each job's own result in the model thread, after the batch's one handler call; an
+    error there is that job's alone, raised as itself, and the batch's other jobs succeed."""
+    rec = Recorder()
+    rec.gate.clear()
+    threads: list[str] = []
+
+    def finish(result: int) -> str:
+        threads.append(threading.current_thread().name)
+        if result == 4:
+            raise ValueError("cannot encode 4")
+        return f"<{result}>"
+
+    async def scenario() -> list[Any]:
+        b = await started({"x": rec}, max_batch_size=8, max_wait_s=0.05)
+        blocker = asyncio.ensure_future(b.submit("x", 0, then=finish))
+        await asyncio.sleep(0.05)  # the worker is inside the handler: the next three queue together
+        jobs = [asyncio.ensure_future(b.submit("x", i, then=finish)) for i in (1, 2, 3)]
+        plain = asyncio.ensure_future(b.submit("x", 5))  # no continuation: the handler's result
+        await asyncio.sleep(0.01)
+        rec.gate.set()
+        out = await asyncio.gather(blocker, *jobs, plain, return_exceptions=True)
+        await b.stop()
+        return list(out)
+
+    out = run(scenario)
+    assert out[:2] == ["<0>", "<2>"] and out[3:] == ["<6>", 10], out
+    assert isinstance(out[2], ValueError) and str(out[2]) == "cannot encode 4"
+    assert rec.calls == [[0], [1, 2, 3, 5]]  # the failing continuation did not split or fail the batch
+    assert len(threads) == 4 and all(t.startswith("carvae-model") for t in threads), threads
+
+
+def test_compute_metric_is_the_handler_time_without_continuations() -> None:
+    seen: list[float] = []
+
+    class Observer:
+        def queue_depth(self, depth: int) -> None:
+            pass
+
+        def batch(self, op: str, rows: int, wait: float, waits: Any, compute_s: float) -> None:
+            seen.append(compute_s)
+
+        def rejected(self, reason: str) -> None:
+            pass
+
+        def timed_out(self, stage: str) -> None:
+            pass
+
+    def slow_finish(result: int) -> int:
+        time.sleep(0.2)
+        return result
+
+    async def scenario() -> None:
+        b = await started({"x": Recorder(delay_s=0.01)}, observer=Observer())
+        t0 = time.perf_counter()
+        assert await b.submit("x", 1, then=slow_finish) == 2
+        assert time.perf_counter() - t0 >= 0.2
+        await b.stop()
+
+    run(scenario)
+    assert len(seen) == 1 and 0.01 <= seen[0] < 0.15, seen
+
+
 def test_one_forward_per_op_in_a_mixed_batch() -> None:
     a, b_ = Recorder(), Recorder()
     a.gate.clear()
