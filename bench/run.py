@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     records = run_rounds(opt, specs, request, opt.concurrency, log, "service", sample_limit)
     limit = settle_limit(limit, samples)
     if len(samples) > 1:
-        print(f"    pipeline limit {limit['pipeline_limit']} images/s (median of {samples})", flush=True)
+        how = f"median of {limit['parallel_samples']}"
+        print(f"    pipeline limit {limit['pipeline_limit']} images/s ({how})", flush=True)
 
     lever_records: list[dict[str, Any]] = []
     if opt.levers:
