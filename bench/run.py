@@ -12,7 +12,6 @@ suite; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
@@ -87,35 +86,33 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 # -- limit ------------------------------------------------------------------------------------------------
+def _limit_worker(
+    opt: Options, checkpoint: Path, image: Path, seconds: float, *extra: str
+) -> subprocess.Popen[str]:
+    """A `python -m bench.limit` process in its own interpreter (its torch thread pools stay out of ours)."""
+    argv = [
+        *(sys.executable, "-m", "bench.limit", "--checkpoint", str(checkpoint), "--image", str(image)),
+        *("--batch", str(opt.max_batch), "--seconds", str(seconds), *extra),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(assets.ROOT)}
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=assets.ROOT)
+
+
+def _limit_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"bench.limit failed with status {proc.returncode}")
+    parsed: dict[str, Any] = json.loads(out)
+    return parsed
+
+
 def measure_limit(opt: Options, checkpoint: Path, image: Path) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     seconds = 0.3 if opt.quick else 4.0
-    base = [
-        sys.executable,
-        "-m",
-        "bench.limit",
-        "--checkpoint",
-        str(checkpoint),
-        "--image",
-        str(image),
-        "--batch",
-        str(opt.max_batch),
-        "--seconds",
-        str(seconds),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(assets.ROOT)}
-
-    def worker(*extra: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([*base, *extra], stdout=subprocess.PIPE, text=True, env=env, cwd=assets.ROOT)
-
-    def result(proc: subprocess.Popen[str]) -> dict[str, Any]:
-        out, _ = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"bench.limit failed with status {proc.returncode}")
-        parsed: dict[str, Any] = json.loads(out)
-        return parsed
-
-    single = {t: result(worker("--threads", str(t))) for t in sorted({1} if opt.quick else {1, cores})}
+    single = {
+        t: _limit_result(_limit_worker(opt, checkpoint, image, seconds, "--threads", str(t)))
+        for t in sorted({1} if opt.quick else {1, cores})
+    }
     pipelines = {
         f"pipeline, 1 process × {t} thread(s)": r["pipeline_images_per_s"] for t, r in single.items()
     }
@@ -144,22 +141,10 @@ def parallel_label() -> str:
 
 def parallel_pipeline(opt: Options, checkpoint: Path, image: Path) -> float:
     """`cores` single-threaded pipeline processes side by side, started at the same instant: img/s in all."""
-    cores = os.cpu_count() or 1
-    argv = [
-        *(sys.executable, "-m", "bench.limit", "--checkpoint", str(checkpoint), "--image", str(image)),
-        *("--batch", str(opt.max_batch), "--seconds", "4", "--threads", "1", "--only-pipeline"),
-        *("--start-at", str(time.time() + 8)),  # after every worker has loaded torch and the model
-    ]
-    env = {**os.environ, "PYTHONPATH": str(assets.ROOT)}
-    spawn = functools.partial(subprocess.Popen, stdout=subprocess.PIPE, text=True, env=env, cwd=assets.ROOT)
-    procs = [spawn(argv) for _ in range(cores)]
-    total = 0.0
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"bench.limit failed with status {proc.returncode}")
-        total += float(json.loads(out)["pipeline_images_per_s"])
-    return total
+    start_at = str(time.time() + 8)  # after every worker has loaded torch and the model
+    extra = ("--threads", "1", "--only-pipeline", "--start-at", start_at)
+    procs = [_limit_worker(opt, checkpoint, image, 4.0, *extra) for _ in range(os.cpu_count() or 1)]
+    return sum(float(_limit_result(p)["pipeline_images_per_s"]) for p in procs)
 
 
 def settle_limit(limit: dict[str, Any], samples: list[float]) -> dict[str, Any]:
