@@ -77,7 +77,8 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
     device = next(checkpoint.model.parameters()).device
     workers = settings.model_workers(device.type)
-    torch.set_num_threads(settings.torch_threads(workers))
+    threads = settings.torch_threads(workers)
+    torch.set_num_threads(threads)
     inference = await asyncio.to_thread(
         InferenceModel, checkpoint.model, checkpoint.config, device, settings.TORCHSCRIPT
     )
@@ -124,7 +125,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         settings.effective_batch_size,
         settings.max_wait_s * 1000,
         workers,
-        settings.torch_threads(workers),
+        threads,
         settings.decode_workers,
         (time.perf_counter() - started) * 1000,
     )
