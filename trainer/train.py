@@ -91,13 +91,15 @@ class TrainConfig:
     data: str = "synthetic"
     out: Path = Path("runs/default")
     epochs: int = 100
-    batch_size: int = 64
+    # Measured on real photos (README, Results): a 30-minute CPU budget is a few thousand steps at batch 64;
+    # batch 16 gives 4× the steps for ~20 % fewer images/s and learns faster, best with a lower rate.
+    batch_size: int = 16
     image_size: int = 64
     latent_dim: int = 128
     channels: tuple[int, ...] = VAEConfig().channels
     blocks_per_level: int = VAEConfig().blocks_per_level
     latent_grid: int = VAEConfig().latent_grid
-    lr: float = 1e-3
+    lr: float = 5e-4
     lr_schedule: str = "cosine"
     lr_step_epoch: int = 50
     warmup_steps: int = 100
