@@ -92,7 +92,7 @@ class TrainConfig:
     out: Path = Path("runs/default")
     epochs: int = 100
     # Measured on real photos (README, Results): a 30-minute CPU budget is a few thousand steps at batch 64;
-    # batch 16 gives 4× the steps for ~20 % fewer images/s and learns faster, best with a lower rate.
+    # batch 16 gives 4× the steps for 20–30 % fewer images/s and learns faster, best with a lower rate.
     batch_size: int = 16
     image_size: int = 64
     latent_dim: int = 128
