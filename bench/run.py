@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 # -- limit ------------------------------------------------------------------------------------------------
+LIMIT_SECONDS = 4.0  # each limit measurement; the parallel samples taken in the rounds too
+
+
 def _limit_worker(
     opt: Options, checkpoint: Path, image: Path, seconds: float, *extra: str
 ) -> subprocess.Popen[str]:
@@ -108,7 +111,7 @@ def _limit_result(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 def measure_limit(opt: Options, checkpoint: Path, image: Path) -> dict[str, Any]:
     cores = os.cpu_count() or 1
-    seconds = 0.3 if opt.quick else 4.0
+    seconds = 0.3 if opt.quick else LIMIT_SECONDS
     single = {
         t: _limit_result(_limit_worker(opt, checkpoint, image, seconds, "--threads", str(t)))
         for t in sorted({1} if opt.quick else {1, cores})
@@ -143,7 +146,7 @@ def parallel_pipeline(opt: Options, checkpoint: Path, image: Path) -> float:
     """`cores` single-threaded pipeline processes side by side, started at the same instant: img/s in all."""
     start_at = str(time.time() + 8)  # after every worker has loaded torch and the model
     extra = ("--threads", "1", "--only-pipeline", "--start-at", start_at)
-    procs = [_limit_worker(opt, checkpoint, image, 4.0, *extra) for _ in range(os.cpu_count() or 1)]
+    procs = [_limit_worker(opt, checkpoint, image, LIMIT_SECONDS, *extra) for _ in range(os.cpu_count() or 1)]
     return sum(float(_limit_result(p)["pipeline_images_per_s"]) for p in procs)
 
 

@@ -191,7 +191,7 @@ def _json(model: Any) -> Rendered:
     return Rendered(pydantic_core.to_json(model), JSON)
 
 
-# -- encode: runs in the I/O pool ---------------------------------------------------------------------------
+# -- encode: runs in the model thread, as each job's `then` right after its batch ---------------------------
 class Encoder:
     def __init__(self, served: ServedModel, png_compress_level: int) -> None:
         self.served = served
