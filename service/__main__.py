@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from service.config import Settings
+from service.threads import use_threads
 
 EXIT_CONFIG = 2
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         device = pick_device(settings.DEVICE)
+        # Before the first torch op: a thread that once computed on more threads keeps its OpenMP team,
+        # which slows every other team's passes (service.threads).
+        use_threads(settings.torch_threads(settings.model_workers(device.type)))
         checkpoint = load_checkpoint(settings.CHECKPOINT, device)
     except DeviceError as e:
         _fail(str(e))

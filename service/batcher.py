@@ -14,6 +14,10 @@ Policy:
 - The worker waits at most `max_wait_s` after the FIRST job of a batch was queued for more to arrive, and
   not at all if nothing else is queued when it picks that job: an idle server answers a lone request at
   once, a busy one fills batches with whatever queued up during the previous forward pass.
+- A batch that starts while no other worker holds jobs and nothing is queued is computed *alone*: on
+  `alone_executor` when one is given (the service gives that thread every core), and the other workers'
+  batches wait for it to finish instead of sharing the cores with it. An idle server's lone request gets
+  the whole machine; under load batches never start alone, so side-by-side passes are unchanged.
 - The queue is bounded: a full queue refuses at once (`Overloaded`) instead of building latency.
 - Every job has a deadline: an expired job is answered `DeadlineExceeded` and never reaches the model; a
   job whose caller went away (cancelled future) is skipped.
@@ -32,7 +36,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -138,6 +142,7 @@ class Batcher:
         default_timeout_s: float = 10.0,
         observer: BatchObserver | None = None,
         workers: int = 1,
+        alone_executor: Executor | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0 or workers < 1:
             raise ValueError("max_batch_size, queue_size and workers must be >= 1 and max_wait_s >= 0")
@@ -157,6 +162,10 @@ class Batcher:
         self._closed = False
         # One thread per worker, off the event loop; torch's intra-op threads parallelise inside a pass.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="carvae-model")
+        # Owned from here on (shut down by `stop`). Set while no batch computes alone.
+        self._alone_executor = alone_executor
+        self._alone_idle = asyncio.Event()
+        self._alone_idle.set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -185,6 +194,8 @@ class Batcher:
                 job.future.set_exception(Overloaded("the service is shutting down"))
         self.observer.queue_depth(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._alone_executor is not None:
+            self._alone_executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def worker_alive(self) -> bool:
@@ -193,9 +204,14 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
-    async def run_in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` in a model thread, outside any batch (warm-up)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    @property
+    def has_alone_executor(self) -> bool:
+        return self._alone_executor is not None
+
+    async def run_in_worker(self, fn: Callable[..., T], *args: Any, alone: bool = False) -> T:
+        """Run `fn` in a model thread (with `alone`, in the alone executor's), outside any batch (warm-up)."""
+        executor = self._alone_executor if alone and self._alone_executor is not None else self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     # -- submitting ---------------------------------------------------------------------------------
     def _enqueue(
@@ -355,6 +371,11 @@ class Batcher:
         started = loop.time()
         batch_wait = started - jobs[0].enqueued
         for op, group in groups.items():
+            # Alone: this worker is the only one holding jobs (none gathering, computing or waiting for
+            # an alone batch) and nobody is queued.
+            alone_on = self._alone_executor if self._holding <= 1 and not self._pending else None
+            if alone_on is None:
+                await self._alone_idle.wait()
             now = loop.time()
             live = [j for j in group if self._alive(j, now)]
             if not live:
@@ -363,7 +384,14 @@ class Batcher:
             t0 = time.perf_counter()
             compute: float | None = None
             try:
-                results, compute = await loop.run_in_executor(self._executor, self._call, op, live)
+                if alone_on is not None:
+                    self._alone_idle.clear()
+                    try:
+                        results, compute = await loop.run_in_executor(alone_on, self._call, op, live)
+                    finally:
+                        self._alone_idle.set()
+                else:
+                    results, compute = await loop.run_in_executor(self._executor, self._call, op, live)
             except Exception as e:
                 self.stats.failed_batches += 1
                 tags = ", ".join(j.tag or "-" for j in live)

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     TORCH_THREADS: int | None = Field(
         default=None, ge=1, le=512, description="torch intra-op threads; default: cores / MODEL_WORKERS"
     )
+    TORCH_THREADS_ALONE: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="torch intra-op threads for a batch computed while nothing else is (nothing queued, "
+        "no other batch in flight): an idle server's lone request; default: all cores on a CPU. "
+        "At most TORCH_THREADS turns this path off",
+    )
     TORCHSCRIPT: bool = Field(
         default=True,
         description="run the model as traced, frozen TorchScript (less Python per pass); false: eager",
@@ -130,6 +138,13 @@ class Settings(BaseSettings):
 
     def torch_threads(self, model_workers: int) -> int:
         return self.TORCH_THREADS or max(1, available_cores() // model_workers)
+
+    def torch_threads_alone(self, device_type: str, model_workers: int) -> int:
+        if self.TORCH_THREADS_ALONE:
+            return self.TORCH_THREADS_ALONE
+        # A pass with the whole CPU to itself should use all of it: an idle server's single request is
+        # then answered faster than by a handler without batching (bench/README.md, "Levers").
+        return available_cores() if device_type == "cpu" else self.torch_threads(model_workers)
 
     @property
     def decode_workers(self) -> int:

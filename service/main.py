@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -42,6 +41,7 @@ from service.middleware import (
 from service.pipeline import Pipeline, Predictor, ServedModel
 from service.routes import images, latent, meta
 from service.routes.common import declare_api_key
+from service.threads import dedicated_thread, use_threads
 
 log = logging.getLogger("carvae.service")
 
@@ -74,15 +74,24 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
     started = time.perf_counter()
     if checkpoint is None:
         device = pick_device(settings.DEVICE)
-        checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
-    device = next(checkpoint.model.parameters()).device
+    else:
+        device = next(checkpoint.model.parameters()).device
     workers = settings.model_workers(device.type)
     threads = settings.torch_threads(workers)
-    torch.set_num_threads(threads)
+    use_threads(threads)  # before any torch work, loading included (service.threads)
+    if checkpoint is None:
+        checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
     inference = await asyncio.to_thread(
         InferenceModel, checkpoint.model, checkpoint.config, device, settings.TORCHSCRIPT
     )
     served = ServedModel(checkpoint, device, inference)
+    # One thread runs a batch that has the machine to itself, on more threads (service.batcher, .threads).
+    alone_threads = settings.torch_threads_alone(device.type, workers)
+    alone = (
+        dedicated_thread(alone_threads, "carvae-model-alone", others=threads)
+        if alone_threads > threads
+        else None
+    )
     batcher = Batcher(
         Predictor(served).handlers(),
         max_batch_size=settings.effective_batch_size,
@@ -91,6 +100,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         default_timeout_s=settings.REQUEST_TIMEOUT_S,
         observer=metrics,
         workers=workers,
+        alone_executor=alone,
     )
     await batcher.start()
     io_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="carvae-io")
@@ -117,7 +127,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
     app.state.ready = True
     log.info(
         "ready: model %s on %s (%s), %d parameters, batch ≤ %d, wait ≤ %g ms, %d model worker(s) × %d "
-        "torch thread(s), %d io threads (%.0f ms)",
+        "torch thread(s) (a batch alone: %d), %d io threads (%.0f ms)",
         served.model_id,
         describe(served.device),
         "TorchScript" if inference.traced else "eager",
@@ -126,6 +136,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         settings.max_wait_s * 1000,
         workers,
         threads,
+        max(alone_threads, threads),
         settings.decode_workers,
         (time.perf_counter() - started) * 1000,
     )

@@ -348,10 +348,14 @@ class Pipeline:
         predictor = Predictor(self.served)
         s = self.served.image_size
         view = np.full((s, s, 3), 127, dtype=np.uint8)
-        for n in sorted(set(batch_sizes)):
-            await self.batcher.run_in_worker(predictor.reconstruct, [view] * n)
-            await self.batcher.run_in_worker(predictor.encode, [np.stack([view] * n)])
-            await self.batcher.run_in_worker(predictor.decode, [torch.zeros(n, self.served.latent_dim)])
+        # The alone thread runs on more torch threads, which are kernels of their own: it warms up too, at
+        # one row, the size it mostly sees (an idle server's lone request).
+        alone = [(1, True)] if self.batcher.has_alone_executor else []
+        for n, in_alone in [(n, False) for n in sorted(set(batch_sizes))] + alone:
+            run = functools.partial(self.batcher.run_in_worker, alone=in_alone)
+            await run(predictor.reconstruct, [view] * n)
+            await run(predictor.encode, [np.stack([view] * n)])
+            await run(predictor.decode, [torch.zeros(n, self.served.latent_dim)])
         png = await self._offload(self.encoder.image, view, "png")
         # Default limits: the warm-up image must pass whatever CARVAE_MAX_IMAGE_PIXELS says.
         await self._offload(prepare, png, self.served.policy)

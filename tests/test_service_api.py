@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import threading
@@ -52,6 +53,26 @@ def pipeline_of(client: TestClient) -> Pipeline:
 
 def metric_samples(text: str, name: str) -> list[Any]:
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+
+
+# -- threads -----------------------------------------------------------------------------------------
+def test_a_batch_alone_gets_every_core_and_every_other_thread_keeps_its_share(make_client: Any) -> None:
+    client = make_client(MODEL_WORKERS=2, TORCH_THREADS=1, TORCH_THREADS_ALONE=2)
+    batcher = pipeline_of(client).batcher
+    assert batcher.has_alone_executor
+    on_loop = client.portal.call
+    assert on_loop(functools.partial(batcher.run_in_worker, torch.get_num_threads, alone=True)) == 2
+    assert on_loop(functools.partial(batcher.run_in_worker, torch.get_num_threads)) == 1
+    # A thread that first uses torch after start-up (an io thread, say) gets the model threads' share,
+    # not the alone thread's: start-up put torch's default back.
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [1]
+    assert client.post("/reconstruct", files=upload()).status_code == 200
+    off = make_client(MODEL_WORKERS=2, TORCH_THREADS=1, TORCH_THREADS_ALONE=1)
+    assert not pipeline_of(off).batcher.has_alone_executor
 
 
 # -- happy paths -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -301,3 +302,70 @@ def test_unknown_op_is_a_programming_error() -> None:
         await b.stop()
 
     run(scenario)
+
+
+class Timeline:
+    """A handler that logs (event, thread name, payloads) and holds any batch containing "hold" until
+    `gate` is set."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, list[Any]]] = []
+        self.gate = threading.Event()
+
+    def __call__(self, payloads: list[Any]) -> list[Any]:
+        name = threading.current_thread().name
+        self.events.append(("start", name, list(payloads)))
+        if "hold" in payloads:
+            self.gate.wait(10)
+        self.events.append(("end", name, list(payloads)))
+        return payloads
+
+
+def test_a_batch_alone_runs_on_the_alone_executor_and_nothing_runs_beside_it() -> None:
+    """A batch that starts while no other worker holds jobs and nothing is queued runs on the alone
+    executor (the service's thread on every core); one that arrives meanwhile waits for it to finish
+    instead of sharing the cores, and runs on a model thread, not alone, since it found company."""
+    tl = Timeline()
+    alone = ThreadPoolExecutor(1, thread_name_prefix="alone")
+
+    async def scenario() -> None:
+        b = await started({"x": tl}, workers=2, alone_executor=alone, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit("x", "hold"))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(b.submit("x", "next"))
+        await asyncio.sleep(0.2)  # the second worker has taken "next" by now, and must still wait
+        assert [e[0] for e in tl.events] == ["start"]
+        tl.gate.set()
+        assert await asyncio.gather(first, second) == ["hold", "next"]
+        assert await b.submit("x", "idle again") == "idle again"
+        await b.stop()
+
+    run(scenario)
+    (s1, t1, p1), (e1, _, _), (s2, t2, p2), (e2, _, _), (s3, t3, p3), _ = tl.events
+    assert (s1, e1, s2, e2, s3) == ("start", "end", "start", "end", "start")
+    assert (p1, p2, p3) == (["hold"], ["next"], ["idle again"])
+    assert t1.startswith("alone") and t3.startswith("alone")
+    assert t2.startswith("carvae-model")
+    with pytest.raises(RuntimeError):  # the batcher owns the alone executor and shut it down
+        alone.submit(int)
+
+
+def test_without_an_alone_executor_two_workers_compute_side_by_side() -> None:
+    tl = Timeline()
+
+    async def scenario() -> None:
+        b = await started({"x": tl}, workers=2, max_wait_s=0.0)
+        first = asyncio.ensure_future(b.submit("x", "hold"))
+        await asyncio.sleep(0.05)
+        assert await b.submit("x", "next") == "next"  # finishes while "hold" is still computing
+        tl.gate.set()
+        assert await first == "hold"
+        await b.stop()
+
+    run(scenario)
+    assert [(e, p) for e, _, p in tl.events] == [
+        ("start", ["hold"]),
+        ("start", ["next"]),
+        ("end", ["next"]),
+        ("end", ["hold"]),
+    ]

@@ -119,6 +119,10 @@ def test_workers_and_threads_defaults_share_the_cores() -> None:
     assert s.torch_threads(cpu_workers) == max(1, cores // cpu_workers)
     explicit = Settings(MODEL_WORKERS=3, TORCH_THREADS=5)
     assert explicit.model_workers("cpu") == 3 and explicit.torch_threads(3) == 5
+    # A batch computed alone may use every core on a CPU; a GPU pass gets the usual share.
+    assert s.torch_threads_alone("cpu", cpu_workers) == cores
+    assert s.torch_threads_alone("cuda", 1) == s.torch_threads(1)
+    assert Settings(TORCH_THREADS_ALONE=3).torch_threads_alone("cpu", 2) == 3
 
 
 def test_startup_freezes_the_gc_and_stop_unfreezes_it(tmp_path: Path) -> None:
