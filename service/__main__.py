@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from service.config import Settings
-from service.threads import use_threads
+from service.threads import use_one_thread
 
 EXIT_CONFIG = 2
 
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = pick_device(settings.DEVICE)
         # Before the first torch op: a thread that once computed on more threads keeps its OpenMP team,
-        # which slows every other team's passes (service.threads).
-        use_threads(settings.torch_threads(settings.model_workers(device.type)))
+        # which can slow every other team's passes; only the model threads compute on more (service.threads).
+        use_one_thread()
         checkpoint = load_checkpoint(settings.CHECKPOINT, device)
     except DeviceError as e:
         _fail(str(e))

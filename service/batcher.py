@@ -142,6 +142,7 @@ class Batcher:
         default_timeout_s: float = 10.0,
         observer: BatchObserver | None = None,
         workers: int = 1,
+        executor: Executor | None = None,
         alone_executor: Executor | None = None,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0 or workers < 1:
@@ -161,9 +162,12 @@ class Batcher:
         self._holding = 0  # workers holding jobs taken off the queue (gathering or computing them)
         self._closed = False
         # One thread per worker, off the event loop; torch's intra-op threads parallelise inside a pass.
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="carvae-model")
-        # Owned from here on (shut down by `stop`). Set while no batch computes alone.
+        # Given executors (at least `workers` threads; one for `alone_executor`) are owned from here on.
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="carvae-model"
+        )
         self._alone_executor = alone_executor
+        # Set while no batch computes alone.
         self._alone_idle = asyncio.Event()
         self._alone_idle.set()
 

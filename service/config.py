@@ -82,8 +82,9 @@ class Settings(BaseSettings):
         ge=1,
         le=512,
         description="torch intra-op threads for a batch computed while nothing else is (nothing queued, "
-        "no other batch in flight): an idle server's lone request; default: all cores on a CPU. "
-        "At most TORCH_THREADS turns this path off",
+        "no other batch in flight): an idle server's lone request, in one thread of its own. Default on "
+        "a CPU: as many as keep the process's OpenMP threads within the cores (all cores when the model "
+        "threads use one each). At most TORCH_THREADS turns this path off",
     )
     TORCHSCRIPT: bool = Field(
         default=True,
@@ -142,9 +143,13 @@ class Settings(BaseSettings):
     def torch_threads_alone(self, device_type: str, model_workers: int) -> int:
         if self.TORCH_THREADS_ALONE:
             return self.TORCH_THREADS_ALONE
-        # A pass with the whole CPU to itself should use all of it: an idle server's single request is
-        # then answered faster than by a handler without batching (bench/README.md, "Levers").
-        return available_cores() if device_type == "cpu" else self.torch_threads(model_workers)
+        threads = self.torch_threads(model_workers)
+        if device_type != "cpu":
+            return threads
+        # libgomp keeps its workers spinning between a pass's parallel regions only while 1 + all teams'
+        # workers <= cores (service.threads); each model thread's team has threads - 1 of them. The rest
+        # of that budget is the lone batch's: all cores when the model threads use one thread each.
+        return max(1, available_cores() - model_workers * (threads - 1))
 
     @property
     def decode_workers(self) -> int:

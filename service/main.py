@@ -41,7 +41,7 @@ from service.middleware import (
 from service.pipeline import Pipeline, Predictor, ServedModel
 from service.routes import images, latent, meta
 from service.routes.common import declare_api_key
-from service.threads import dedicated_thread, use_threads
+from service.threads import model_threads, use_one_thread
 
 log = logging.getLogger("carvae.service")
 
@@ -78,20 +78,17 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         device = next(checkpoint.model.parameters()).device
     workers = settings.model_workers(device.type)
     threads = settings.torch_threads(workers)
-    use_threads(threads)  # before any torch work, loading included (service.threads)
+    use_one_thread()  # every thread but the model threads: loading, tracing, decoding (service.threads)
     if checkpoint is None:
         checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
     inference = await asyncio.to_thread(
         InferenceModel, checkpoint.model, checkpoint.config, device, settings.TORCHSCRIPT
     )
     served = ServedModel(checkpoint, device, inference)
-    # One thread runs a batch that has the machine to itself, on more threads (service.batcher, .threads).
+    executor = model_threads(workers, threads, "carvae-model")
+    # One more thread runs a batch that has the machine to itself, on more threads (service.batcher).
     alone_threads = settings.torch_threads_alone(device.type, workers)
-    alone = (
-        dedicated_thread(alone_threads, "carvae-model-alone", others=threads)
-        if alone_threads > threads
-        else None
-    )
+    alone = model_threads(1, alone_threads, "carvae-model-alone") if alone_threads > threads else None
     batcher = Batcher(
         Predictor(served).handlers(),
         max_batch_size=settings.effective_batch_size,
@@ -100,6 +97,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         default_timeout_s=settings.REQUEST_TIMEOUT_S,
         observer=metrics,
         workers=workers,
+        executor=executor,
         alone_executor=alone,
     )
     await batcher.start()

@@ -1,39 +1,47 @@
-"""torch's CPU threads in the service: one count for every thread, a larger one for one dedicated thread.
+"""torch's CPU threads in the service: one for every thread by default, more only for the model threads.
 
-PyTorch parallelises CPU ops with OpenMP (libgomp in the Linux wheels), one team of worker threads per
-calling thread that ever ran a parallel region on more than one thread. libgomp lets those workers spin
-between regions only while the process has no more OpenMP threads than cores; past that, they sleep
-after every region, and each of a pass's ~40 regions first waits for them to wake. Measured here
-(2026-11-30, 2 cores, batch 1): a two-thread pass took 13 ms from a thread started after the main thread
-had run two-thread ops, and 7.5–8 ms when the main thread never had (one thread: 10 ms). Hence:
-`use_threads` before any torch work (loading the checkpoint included), and at most one thread with more.
+PyTorch parallelises CPU ops with OpenMP (libgomp in the Linux wheels): every thread that once runs an op
+on n > 1 threads keeps a team of n - 1 OpenMP workers for good. libgomp lets those workers spin between
+parallel regions only while 1 + all teams' workers <= cores; past that, they sleep after every region and
+each of a pass's ~40 regions first waits for them to wake. Measured here (2026-11-30, 2 cores, batch 1):
+a two-thread pass took 13 ms from a thread started after the main thread had run two-thread ops, and
+7.5–8 ms when it had not (one thread: 10 ms). So every thread computes on one torch thread — loading the
+checkpoint, tracing, decoding — except the model threads, which get their count when they start
+(`model_threads`), and the service keeps their teams within that budget (`Settings.torch_threads_alone`).
 """
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-
-def use_threads(n: int) -> None:
-    """torch intra-op threads for the calling thread and every thread that first uses torch after this."""
-    torch.set_num_threads(n)
+# Start-up waits this long at most for a new executor's threads to start.
+START_TIMEOUT_S = 30.0
 
 
-def dedicated_thread(threads: int, name: str, others: int) -> ThreadPoolExecutor:
-    """A one-thread executor whose thread computes on `threads` torch threads, while threads that first
-    use torch later still get `others`.
+def use_one_thread() -> None:
+    """One torch thread for the calling thread and for every thread that first uses torch after this.
+    Call before any torch work."""
+    torch.set_num_threads(1)
 
-    torch.set_num_threads sets the calling thread's count and the default for threads that have not used
-    torch yet, which read it once, on first use. So the new thread reads the default first, sets its
-    own count, and the default goes back to `others` once it has."""
 
-    def init() -> None:
-        torch.get_num_threads()  # this thread's first use: reads the default now, not after our set
-        torch.set_num_threads(threads)
+def _take(threads: int) -> None:
+    torch.get_num_threads()  # a thread's first torch call reads the default: make it now, not after ours
+    torch.set_num_threads(threads)
 
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=init)
-    executor.submit(int).result()  # start the thread (and run `init`) now, before the default returns
-    torch.set_num_threads(others)
+
+def model_threads(count: int, threads: int, name: str) -> ThreadPoolExecutor:
+    """An executor of `count` threads that compute on `threads` torch threads each, started now.
+
+    torch.set_num_threads sets the calling thread's count and also the default that threads read on
+    their first torch call; so every thread of the executor is started here, and the default goes back
+    to one thread afterwards."""
+    executor = ThreadPoolExecutor(count, thread_name_prefix=name, initializer=_take, initargs=(threads,))
+    # `count` tasks that wait for each other need `count` threads: all of them start (and set their count).
+    barrier = threading.Barrier(count)
+    for f in [executor.submit(barrier.wait, START_TIMEOUT_S) for _ in range(count)]:
+        f.result()
+    use_one_thread()
     return executor

@@ -71,8 +71,15 @@ def test_a_batch_alone_gets_every_core_and_every_other_thread_keeps_its_share(ma
     t.join()
     assert seen == [1]
     assert client.post("/reconstruct", files=upload()).status_code == 200
-    off = make_client(MODEL_WORKERS=2, TORCH_THREADS=1, TORCH_THREADS_ALONE=1)
-    assert not pipeline_of(off).batcher.has_alone_executor
+    # Model threads on two torch threads each, no alone path: still one for every other thread.
+    two = make_client(MODEL_WORKERS=1, TORCH_THREADS=2, TORCH_THREADS_ALONE=1)
+    assert not pipeline_of(two).batcher.has_alone_executor
+    on_loop = two.portal.call
+    assert on_loop(functools.partial(pipeline_of(two).batcher.run_in_worker, torch.get_num_threads)) == 2
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [1, 1]
 
 
 # -- happy paths -----------------------------------------------------------------------------------

@@ -119,8 +119,20 @@ def test_workers_and_threads_defaults_share_the_cores() -> None:
     assert s.torch_threads(cpu_workers) == max(1, cores // cpu_workers)
     explicit = Settings(MODEL_WORKERS=3, TORCH_THREADS=5)
     assert explicit.model_workers("cpu") == 3 and explicit.torch_threads(3) == 5
-    # A batch computed alone may use every core on a CPU; a GPU pass gets the usual share.
-    assert s.torch_threads_alone("cpu", cpu_workers) == cores
+
+    # A batch computed alone gets what keeps libgomp's workers spinning (service.threads): 1 + every
+    # team's workers <= cores. All cores when the model threads use one thread each; a GPU pass gets the
+    # usual share; an explicit value wins.
+    def spinning(workers: int, threads: int, alone: int) -> bool:
+        return 1 + workers * (threads - 1) + (alone - 1) <= cores
+
+    alone = s.torch_threads_alone("cpu", cpu_workers)
+    per_worker = s.torch_threads(cpu_workers)
+    assert spinning(cpu_workers, per_worker, alone) and not spinning(cpu_workers, per_worker, alone + 1)
+    if per_worker == 1:
+        assert alone == cores
+    assert Settings(MODEL_WORKERS=2, TORCH_THREADS=1).torch_threads_alone("cpu", 2) == cores
+    assert Settings(MODEL_WORKERS=1, TORCH_THREADS=cores).torch_threads_alone("cpu", 1) == 1  # none left
     assert s.torch_threads_alone("cuda", 1) == s.torch_threads(1)
     assert Settings(TORCH_THREADS_ALONE=3).torch_threads_alone("cpu", 2) == 3
 
