@@ -15,9 +15,10 @@ Policy:
   not at all if nothing else is queued when it picks that job: an idle server answers a lone request at
   once, a busy one fills batches with whatever queued up during the previous forward pass.
 - A batch that starts while no other worker holds jobs and nothing is queued is computed *alone*: on
-  `alone_executor` when one is given (the service gives that thread every core), and the other workers'
-  batches wait for it to finish instead of sharing the cores with it. An idle server's lone request gets
-  the whole machine; under load batches never start alone, so side-by-side passes are unchanged.
+  `alone_executor` when one is given (the service gives that thread more torch threads: every core on a
+  small CPU), and the other workers' batches wait for it to finish instead of sharing the cores with it.
+  An idle server's lone request gets the whole machine; under load batches rarely start alone, and the
+  passes run side by side as before.
 - The queue is bounded: a full queue refuses at once (`Overloaded`) instead of building latency.
 - Every job has a deadline: an expired job is answered `DeadlineExceeded` and never reaches the model; a
   job whose caller went away (cancelled future) is skipped.

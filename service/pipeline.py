@@ -348,8 +348,8 @@ class Pipeline:
         predictor = Predictor(self.served)
         s = self.served.image_size
         view = np.full((s, s, 3), 127, dtype=np.uint8)
-        # The alone thread runs on more torch threads, which are kernels of their own: it warms up too, at
-        # one row, the size it mostly sees (an idle server's lone request).
+        # The alone thread runs on more torch threads, for which oneDNN builds kernels of their own: it warms
+        # up too, at one row, the size it mostly sees (an idle server's lone request).
         alone = [(1, True)] if self.batcher.has_alone_executor else []
         for n, in_alone in [(n, False) for n in sorted(set(batch_sizes))] + alone:
             run = functools.partial(self.batcher.run_in_worker, alone=in_alone)
