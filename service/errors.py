@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 import re
 import sys
-import uuid
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -29,6 +30,11 @@ log = logging.getLogger("carvae.service")
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Request ids must be unique, not secret: a generator seeded once from the OS, not uuid4, whose
+# os.urandom call releases the GIL on every request and makes the event loop win it back (2026-11-30 A/B,
+# 4 rounds: c=1 p50 9.32 vs 10.85 ms, every round ahead; c=64 255 vs 244 req/s).
+_REQUEST_IDS = random.Random()  # noqa: S311
+os.register_at_fork(after_in_child=_REQUEST_IDS.seed)  # a forked worker must not repeat its parent's ids
 # nginx's code for "client closed the request": only ever seen in our logs and metrics.
 CLIENT_CLOSED = 499
 
@@ -66,7 +72,7 @@ def new_request_id(incoming: str | None = None) -> str:
     """Keep a caller's id if it is short and plain (it ends up in our logs), else make one."""
     if incoming and _SANE_REQUEST_ID.match(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return f"{_REQUEST_IDS.getrandbits(128):032x}"
 
 
 def request_id_of(scope: Scope) -> str:

@@ -337,7 +337,9 @@ def test_request_ids_and_unknown_routes(client: TestClient) -> None:
     r = client.get("/healthz", headers={"X-Request-ID": "abc-123.def"})
     assert r.headers["x-request-id"] == "abc-123.def"
     r = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces" + "x" * 100})
-    assert len(r.headers["x-request-id"]) == 32
+    made = r.headers["x-request-id"]
+    assert len(made) == 32 and int(made, 16) >= 0
+    assert len({client.get("/healthz").headers["x-request-id"] for _ in range(50)} | {made}) == 51
     assert_error(client.get("/no/such/thing"), 404, "not_found")
     err = assert_error(client.get("/reconstruct"), 405, "method_not_allowed")
     assert "GET" in err["message"]
