@@ -56,6 +56,15 @@ def metric_samples(text: str, name: str) -> list[Any]:
 
 
 # -- threads -----------------------------------------------------------------------------------------
+def threads_of_a_new_thread() -> int:
+    """torch's thread count as a thread started now sees it on its first torch call."""
+    seen: list[int] = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return seen[0]
+
+
 def test_a_batch_alone_gets_every_core_and_every_other_thread_keeps_its_share(make_client: Any) -> None:
     client = make_client(MODEL_WORKERS=2, TORCH_THREADS=1, TORCH_THREADS_ALONE=2)
     batcher = pipeline_of(client).batcher
@@ -63,23 +72,16 @@ def test_a_batch_alone_gets_every_core_and_every_other_thread_keeps_its_share(ma
     on_loop = client.portal.call
     assert on_loop(functools.partial(batcher.run_in_worker, torch.get_num_threads, alone=True)) == 2
     assert on_loop(functools.partial(batcher.run_in_worker, torch.get_num_threads)) == 1
-    # A thread that first uses torch after start-up (an io thread, say) gets the model threads' share,
-    # not the alone thread's: start-up put torch's default back.
-    seen: list[int] = []
-    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert seen == [1]
+    # A thread that first uses torch after start-up (an io thread, say) gets one torch thread, not the
+    # alone thread's count: start-up put torch's default back.
+    assert threads_of_a_new_thread() == 1
     assert client.post("/reconstruct", files=upload()).status_code == 200
     # Model threads on two torch threads each, no alone path: still one for every other thread.
     two = make_client(MODEL_WORKERS=1, TORCH_THREADS=2, TORCH_THREADS_ALONE=1)
     assert not pipeline_of(two).batcher.has_alone_executor
     on_loop = two.portal.call
     assert on_loop(functools.partial(pipeline_of(two).batcher.run_in_worker, torch.get_num_threads)) == 2
-    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert seen == [1, 1]
+    assert threads_of_a_new_thread() == 1
 
 
 # -- happy paths -----------------------------------------------------------------------------------
