@@ -148,6 +148,44 @@ def test_evaluate_prints_vae_and_pca_scores_as_json(smoke_run: tuple[Path, str],
     assert limited["images"] == 7 and "pca" not in limited
 
 
+def test_evaluate_diagnostics_pca_curve_and_refined_latent(smoke_run: tuple[Path, str], capsys) -> None:
+    out, _ = smoke_run
+    ckpt = ["--checkpoint", str(out / "model.safetensors"), "--data", "synthetic"]
+    assert evaluate_mod.main([*ckpt, "--pca-k", "4,16,30,500", "--refine-steps", "40"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # k = latent size (16) stays the baseline; the others are capped at the training images - 1 (42)
+    assert result["pca"]["k"] == 16
+    more = {p["k"]: p["psnr"]["mean"] for p in result["pca_more"]}
+    assert sorted(more) == [4, 30, 42]
+    assert more[4] < result["pca"]["psnr"]["mean"] < more[30] <= more[42] + 1e-6
+    refined = result["refined_latent"]
+    assert refined["steps"] == 40 and refined["images"] == result["images"] == 5
+    # starts from the served reconstruction (through μ) and only gets closer to the image
+    assert refined["gain_over_mu_db"] > 0.05
+    assert refined["psnr"]["mean"] - refined["gain_over_mu_db"] == pytest.approx(
+        result["psnr"]["mean"], abs=1e-4
+    )
+
+    for bad in (["--pca-k", "0"], ["--pca-k", "a,b"]):
+        with pytest.raises(SystemExit) as exc:
+            evaluate_mod.main([*ckpt, *bad])
+        assert exc.value.code == 2
+    assert evaluate_mod.main([*ckpt, "--refine-steps", "-1"]) == 2
+    assert "--refine-steps" in capsys.readouterr().err
+
+
+def test_refine_latents_leaves_the_model_as_it_was(smoke_run: tuple[Path, str]) -> None:
+    out, _ = smoke_run
+    model = load_checkpoint(out / "model.safetensors").model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(3, 3, 64, 64)
+    start, refined = evaluate_mod.refine_latents(model, x, steps=20)
+    assert torch.equal(start, model.reconstruct(x).detach())
+    assert ((refined - x) ** 2).mean() < ((start - x) ** 2).mean()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_evaluate_on_foreign_data_and_bad_input(smoke_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
     out, _ = smoke_run
     rng = np.random.default_rng(0)
