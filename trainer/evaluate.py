@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_list,
         default=(),
         metavar="K[,K...]",
-        help="PCA at these code sizes too (pca_more): how many linear components the latent is worth",
+        help="PCA at these code sizes too (pca_more): how many linear components the latent is worth "
+        "(default: none)",
     )
     p.add_argument(
         "--refine-steps",
