@@ -8,9 +8,9 @@ linear model learns from the same images, on the same held-out images.
 
 Two optional diagnostics say where a missed quality target is lost. `--pca-k 128,256,…` adds PCA at
 larger code sizes: how many linear components the VAE's 128 numbers are worth. `--refine-steps N`
-optimises each evaluated image's latent directly against the image (the decoder fixed): the PSNR the
-decoder reaches from the best latent it can be given, so the gap to the encoder's μ is what a better
-encoder could win, and what remains is the decoder's.
+optimises each evaluated image's latent directly against the image (the decoder fixed), starting from
+the encoder's μ: the gain is what a better encoder could at least win; if it is small, the shortfall is
+the decoder's (a local optimum, so a lower bound on what latents alone could give).
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="also optimise each image's latent for N Adam steps against the image, decoder fixed "
-        "(refined_latent): the decoder's best with an ideal encoder; ~100 steps converge, use --limit",
+        "(refined_latent): what a better encoder could at least win; ~100 steps converge, use --limit",
     )
     return p
 
