@@ -45,13 +45,20 @@ def _stats(values: torch.Tensor) -> dict[str, float]:
     return {"mean": float(values.mean()), "median": float(values.median())} if len(values) else {}
 
 
-def pca_reconstruct(fit: torch.Tensor, target: torch.Tensor, k: int, batch: int = 512) -> torch.Tensor:
-    """Fit PCA (k components, centred) on `fit` (N, D) and reconstruct `target` (M, D) through it,
-    clamped to the data range. Randomized SVD (torch.pca_lowrank) keeps the fit to seconds on a CPU."""
+def pca_basis(fit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA of `fit` (N, D): its mean (1, D) and the top-k components (D, k), orthonormal columns in order,
+    so `basis[:, :j]` is the PCA with j < k components. Randomized SVD (torch.pca_lowrank) keeps the fit
+    to seconds on a CPU."""
     mean = fit.mean(0, keepdim=True)
     q = min(k + 10, *fit.shape)
     _, _, v = torch.pca_lowrank(fit - mean, q=q, center=False, niter=PCA_NITER)
-    basis = v[:, :k]  # (D, k), orthonormal columns
+    return mean, v[:, :k]
+
+
+def pca_reconstruct(
+    mean: torch.Tensor, basis: torch.Tensor, target: torch.Tensor, batch: int = 512
+) -> torch.Tensor:
+    """`target` (M, D) through the PCA (mean, basis), clamped to the data range."""
     out = torch.empty_like(target)
     for s in range(0, len(target), batch):
         centred = target[s : s + batch] - mean
@@ -113,8 +120,8 @@ def _flat(images: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     return images[torch.as_tensor(idx)].permute(0, 3, 1, 2).reshape(len(idx), -1).float().div_(255.0)
 
 
-def _pca_scores(fit_x: torch.Tensor, eval_x: torch.Tensor, k: int, size: int) -> dict[str, Any]:
-    recon = pca_reconstruct(fit_x, eval_x, k)
+def _pca_scores(mean: torch.Tensor, basis: torch.Tensor, eval_x: torch.Tensor, size: int) -> dict[str, Any]:
+    recon = pca_reconstruct(mean, basis, eval_x)
     shape = (-1, 3, size, size)
     ps = torch.cat([psnr(recon[s : s + 256], eval_x[s : s + 256]) for s in range(0, len(eval_x), 256)])
     ss = torch.cat(
@@ -123,7 +130,7 @@ def _pca_scores(fit_x: torch.Tensor, eval_x: torch.Tensor, k: int, size: int) ->
             for s in range(0, len(eval_x), 256)
         ]
     )
-    return {"k": k, "psnr": _stats(ps), "ssim": _stats(ss)}
+    return {"k": basis.shape[1], "psnr": _stats(ps), "ssim": _stats(ss)}
 
 
 def evaluate(
@@ -193,16 +200,19 @@ def evaluate(
     }
     if pca and len(eval_idx):
         k = min(ck.config.latent_dim, len(fit_idx) - 1, scores.dims)
+        more = sorted({min(int(j), len(fit_idx) - 1, scores.dims) for j in pca_k} - {k})
         fit_x, eval_x = _flat(ds.images, fit_idx), _flat(ds.images, eval_idx)
+        # One fit at the largest k serves every smaller k: the components come in order.
+        mean, basis = pca_basis(fit_x, max([k, *more]))
+        size = ck.config.image_size
         result["pca"] = {
-            **_pca_scores(fit_x, eval_x, k, ck.config.image_size),
+            **_pca_scores(mean, basis[:, :k], eval_x, size),
             "fit_on": fit_on,
             "fit_images": len(fit_idx),
         }
         result["vae_minus_pca_psnr_db"] = result["psnr"]["mean"] - result["pca"]["psnr"]["mean"]
-        more = sorted({min(int(j), len(fit_idx) - 1, scores.dims) for j in pca_k} - {k})
         if more:
-            result["pca_more"] = [_pca_scores(fit_x, eval_x, j, ck.config.image_size) for j in more]
+            result["pca_more"] = [_pca_scores(mean, basis[:, :j], eval_x, size) for j in more]
     if refine_steps > 0 and len(eval_idx):
         result["refined_latent"] = _refined_scores(
             model, ds.images, eval_idx, dev, refine_steps, batch_size, channels_last
