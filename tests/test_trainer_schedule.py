@@ -25,6 +25,36 @@ def test_cosine_warms_up_peaks_and_anneals_to_the_floor_at_the_planned_end() -> 
     assert LRSchedule("cosine", 1e-3, 10, warmup_steps=500).at(1, planned_epochs=2) == pytest.approx(1e-3)
 
 
+def test_a_replan_continues_the_cosine_from_where_the_run_is() -> None:
+    s = LRSchedule("cosine", lr=1e-3, steps_per_epoch=100, warmup_steps=20)
+    floor = 1e-3 * MIN_LR_RATIO
+    # A short budget first plans 2 epochs from a slow first epoch, then 5 once epochs run at full pace:
+    # the rate has annealed to the floor by step 200 and must not climb back up.
+    lrs = [s.at(i, planned_epochs=2) for i in range(200)]
+    anchor = s.replan(200, 2, 5, None)
+    lrs += [s.at(i, 5, anchor) for i in range(200, 500)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs[20:]))
+    assert lrs[199] == pytest.approx(floor, rel=1e-2) and lrs[-1] == pytest.approx(floor, rel=1e-3)
+    assert s.at(200, planned_epochs=5) > 10 * lrs[199]  # what stretching from step 0 would have done
+    # mid-curve: continuous at the re-plan, then annealed to the floor at the new end, monotonically
+    a = s.replan(150, 10, 12, None)
+    assert s.at(150, 12, a) == pytest.approx(s.at(150, 10), rel=1e-12)
+    tail = [s.at(i, 12, a) for i in range(150, 1200)]
+    assert all(x >= y for x, y in itertools.pairwise(tail)) and tail[-1] == pytest.approx(floor, rel=1e-3)
+    # a plan that shrinks anneals sooner, from the same point
+    b = s.replan(150, 10, 4, None)
+    assert s.at(150, 4, b) == pytest.approx(s.at(150, 10)) and s.at(399, 4, b) == pytest.approx(floor, rel=1e-2)
+    # re-plans chain: the second continues from where the first curve had got to
+    c = s.replan(300, 12, 8, a)
+    assert s.at(300, 8, c) == pytest.approx(s.at(300, 12, a), rel=1e-12)
+    # in warm-up: the warm-up keeps the length it started with (a 1-epoch plan: a tenth of 100 steps)
+    w = s.replan(5, 1, 10, None)
+    assert s.at(5, 10, w) == pytest.approx(1e-3 * 6 / 10) and s.at(9, 10, w) == pytest.approx(1e-3)
+    # a plan whose own curve passes through the current point needs no anchor (resume under the same plan)
+    assert s.replan(150, 10, 10, None) is None and s.replan(150, 12, 10, a) is None
+    assert LRSchedule("step", 1e-3, 10).replan(50, 2, 5, None) is None
+
+
 def test_step_schedule_is_the_seed_recipe_and_constant_is_constant() -> None:
     s = LRSchedule("step", lr=1e-3, steps_per_epoch=10, step_epoch=3)
     assert s.at(29, 100) == pytest.approx(1e-3) and s.at(30, 100) == pytest.approx(1e-4)

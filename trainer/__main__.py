@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="training time budget in minutes (data loading excluded): the run plans its epochs (and the "
-        "cosine schedule) to end within it, and stops after the epoch that reaches it (default: no budget)",
+        "cosine schedule) to end within it, re-plans after each epoch from the pace so far (the rate "
+        "never rises again), and stops after the epoch that reaches it (default: no budget)",
     )
     o.add_argument(
         "--eval-every", type=int, default=d.eval_every, help="validate every N epochs (and the last)"

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from carvae.device import pick_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value: T) -> T:
+    """Rank 0's value on every rank (the value itself in a single process): for decisions that every
+    rank must take the same way, such as how many epochs are left, which each would otherwise make from
+    its own clock."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return cast(T, box[0])
+
+
 def broadcast_error(message: str | None) -> str | None:
     """Rank 0's error (or None) reaches every rank, so all of them stop together instead of the others
     waiting forever in the next collective."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return message
-    box = [message]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return from_main(message)
 
 
 def physical_cores() -> int:

@@ -1,6 +1,7 @@
 """Learning-rate and KL-weight schedules, and fitting the run into a time budget.
 
-Schedules are pure functions of the step, so resuming needs only the step count and the planned length.
+Schedules are pure functions of the step, the planned length and (after a re-plan) an `Anchor`, so
+resuming needs only those three.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from dataclasses import dataclass
 LR_SCHEDULES = ("cosine", "step", "constant")
 MIN_LR_RATIO = 0.01  # cosine ends at 1 % of the peak rate
 STEP_FACTOR = 0.1  # the seeds' 1e-3 -> 1e-4
+
+
+# Where a cosine schedule was re-planned: (step, cosine progress reached there, warm-up steps in force).
+# A plain tuple, so it travels in train_state.pt, which is loaded with weights_only=True.
+Anchor = tuple[int, float, int]
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class LRSchedule:
         if self.kind not in LR_SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.kind!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
-    def at(self, step: int, planned_epochs: int) -> float:
+    def at(self, step: int, planned_epochs: int, anchor: Anchor | None = None) -> float:
         """Rate for optimiser step `step` (0-based) of a run planned to last `planned_epochs` epochs.
         cosine: linear warm-up, then cosine from lr to MIN_LR_RATIO·lr at the planned end.
         step: lr, then STEP_FACTOR·lr from epoch `step_epoch` on (the seeds' recipe). constant: lr."""
@@ -34,13 +40,46 @@ class LRSchedule:
             return self.lr
         if self.kind == "step":
             return self.lr * (STEP_FACTOR if step // self.steps_per_epoch >= self.step_epoch else 1.0)
-        total = max(1, planned_epochs * self.steps_per_epoch)
-        warmup = min(self.warmup_steps, total // 10)
+        warmup = self._warmup(planned_epochs, anchor)
         if step < warmup:
             return self.lr * (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         floor = self.lr * MIN_LR_RATIO
+        progress = self._progress(step, planned_epochs, anchor)
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def replan(self, step: int, old_epochs: int, new_epochs: int, anchor: Anchor | None) -> Anchor | None:
+        """The anchor to use from `step` on when the plan changes from `old_epochs` to `new_epochs`.
+
+        A time budget plans from the pace measured so far, and the first epoch (warm-up, caches) is
+        slow, so plans usually grow after it. Stretching the cosine over the new length from step 0 would
+        move the run back to an earlier, higher point of the curve: with a short budget the rate had
+        annealed to the floor and then jumped back up. Instead the curve continues from the point reached,
+        and the remaining steps anneal from there to the floor at the new end; warm-up keeps its length."""
+        if self.kind != "cosine" or new_epochs == old_epochs:
+            return anchor
+        warmup = self._warmup(old_epochs, anchor)
+        reached = self._progress(step, old_epochs, anchor) if step >= warmup else 0.0
+        if warmup == self._warmup(new_epochs, None) and (
+            step <= warmup or math.isclose(self._progress(step, new_epochs, None), reached, abs_tol=1e-12)
+        ):
+            # The new plan's own curve passes through where the run is: no anchor, so a run resumed
+            # under the plan it started with repeats the uninterrupted run's rates bit for bit.
+            return None
+        return (step, reached, warmup)
+
+    def _warmup(self, planned_epochs: int, anchor: Anchor | None) -> int:
+        if anchor is not None:
+            return anchor[2]
+        return min(self.warmup_steps, max(1, planned_epochs * self.steps_per_epoch) // 10)
+
+    def _progress(self, step: int, planned_epochs: int, anchor: Anchor | None) -> float:
+        """How far along the cosine (0 → 1) step `step` is; `anchor` fixes the start of the last stretch."""
+        total = max(1, planned_epochs * self.steps_per_epoch)
+        warmup = self._warmup(planned_epochs, anchor)
+        start, reached = (warmup, 0.0) if anchor is None else (max(anchor[0], warmup), anchor[1])
+        if step <= start:
+            return reached
+        return min(1.0, reached + (1.0 - reached) * (step - start) / max(1, total - start))
 
     def describe(self) -> dict[str, object]:
         d: dict[str, object] = {"kind": self.kind, "lr": self.lr}

@@ -43,7 +43,7 @@ from trainer.data import (
     to_batch,
 )
 from trainer.metrics import WeightedMeans, score_images, validation_summary
-from trainer.schedule import LR_SCHEDULES, LRSchedule, kl_weight, plan_epochs
+from trainer.schedule import LR_SCHEDULES, Anchor, LRSchedule, kl_weight, plan_epochs
 from trainer.state import (
     CHECKPOINT_FILE,
     RUN_FILE,
@@ -222,6 +222,7 @@ class Progress:
     train_images: int = 0
     train_s: float = 0.0  # time in optimisation steps only, for images/s
     grad_ema: float | None = None
+    lr_anchor: Anchor | None = None  # where the cosine was last re-planned (trainer.schedule)
     best_epoch: int = 0
     best_val: dict[str, float] | None = None
     final_val: dict[str, float] | None = None
@@ -344,8 +345,10 @@ class _Run:
         known = {f.name for f in fields(Progress)}
         p = self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
         # Re-plan with this invocation's --epochs / --max-minutes, so a resume can also extend a run.
+        if p.lr_anchor is not None:
+            p.lr_anchor = (int(p.lr_anchor[0]), float(p.lr_anchor[1]), int(p.lr_anchor[2]))
         budget = self.cfg.max_minutes * 60 if self.cfg.max_minutes else None
-        p.planned_epochs = plan_epochs(self.cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s)
+        self._replan(plan_epochs(self.cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s))
         self.best_weights = state.get("best_weights")
         # Epochs after the last saved state are redone; their metrics lines (if written) are dropped.
         self.rows = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.progress.epochs_done]
@@ -398,7 +401,7 @@ class _Run:
             if cfg.augment:
                 x = augment(x, cfg.augment, aug_gen)
                 x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-            lr = self.sched.at(p.step, p.planned_epochs)
+            lr = self.sched.at(p.step, p.planned_epochs, p.lr_anchor)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             beta = kl_weight(cfg.beta, cfg.kl_warmup_epochs, p.step / self.batches_per_epoch)
@@ -446,7 +449,9 @@ class _Run:
         bar.close()
         result = means.means()
         result.update(
-            lr=self.sched.at(max(0, p.step - 1), p.planned_epochs), beta=beta, skipped_steps=skipped
+            lr=self.sched.at(max(0, p.step - 1), p.planned_epochs, p.lr_anchor),
+            beta=beta,
+            skipped_steps=skipped,
         )
         return result, means.n
 
@@ -550,6 +555,14 @@ class _Run:
 
     # ------------------------------------------------------------ the loop
 
+    def _replan(self, epochs: int) -> None:
+        # Each rank measures its own pace; rank 0's plan is everyone's, or a rank could stop an epoch
+        # before the others and leave them waiting in a collective.
+        epochs = distributed.from_main(epochs)
+        p = self.progress
+        p.lr_anchor = self.sched.replan(p.step, p.planned_epochs, epochs, p.lr_anchor)
+        p.planned_epochs = epochs
+
     def run(self) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -570,7 +583,7 @@ class _Run:
             p.elapsed_s += epoch_s
             p.train_images += n_images
             p.train_s += train_s
-            p.planned_epochs = plan_epochs(cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s)
+            self._replan(plan_epochs(cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s))
             if val is None and p.epochs_done >= p.planned_epochs:
                 val = self.validate()  # the budget ended the run here: the last epoch must be scored
                 is_best = self._keep_if_best(val)
