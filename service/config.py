@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     MAX_IMAGE_PIXELS: int = Field(
         default=40_000_000, ge=64, description="width × height from the image header"
     )
+    BODY_TIMEOUT_S: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="time a request body may take to arrive, from the end of its headers; 408 after "
+        "(a stalled upload would otherwise hold its request slot)",
+    )
 
     # Resources
     MODEL_WORKERS: int | None = Field(

@@ -45,14 +45,21 @@ _STATUS_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    416: "range_not_satisfiable",
     422: "validation_error",
     429: "too_many_requests",
     500: "internal_error",
     503: "overloaded",
     504: "timeout",
 }
+
+
+def status_code_name(status: int) -> str:
+    """The error shape's `code` for an HTTP status that has no more specific one."""
+    return _STATUS_CODES.get(status, f"http_{status}")
 
 
 class ApiError(Exception):
@@ -81,10 +88,14 @@ def request_id_of(scope: Scope) -> str:
     return str(rid) if rid else "-"
 
 
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+
+
 def error_response(
     status: int, code: str, message: str, request_id: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message, "request_id": request_id}}).encode()
+    body = error_body(code, message, request_id)
     return Response(body, status_code=status, media_type="application/json", headers=dict(headers or {}))
 
 
@@ -109,6 +120,8 @@ def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[s
         if err.get("type") == "json_invalid":
             detail = (err.get("ctx") or {}).get("error")
             msg = f"body is not valid JSON ({detail})" if detail else "body is not valid JSON"
+        elif "Expected UploadFile" in msg:  # FastAPI's words for a form value where a file belongs
+            msg = "must be a file: a multipart part with a filename (curl -F 'file=@car.jpg')"
         parts.append(f"{loc}: {msg}" if loc else msg)
     if len(errors) > max_items:
         parts.append(f"and {len(errors) - max_items} more")
@@ -160,7 +173,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     err = cast(StarletteHTTPException, exc)
     if (problem := _unparsable_json(request, err)) is not None:
         return _error(request, 422, "validation_error", problem)
-    code = _STATUS_CODES.get(err.status_code, f"http_{err.status_code}")
+    code = status_code_name(err.status_code)
     detail = err.detail if isinstance(err.detail, str) else code.replace("_", " ")
     if err.status_code == 404:
         detail = f"no route for {request.method} {_clip(request.url.path, 200)}"

@@ -36,6 +36,7 @@ from service.middleware import (
     AdmissionMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    HeadAsGetMiddleware,
     RequestContextMiddleware,
 )
 from service.pipeline import Pipeline, Predictor, ServedModel
@@ -228,7 +229,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
     _openapi_fitted_to_the_model(app)
 
     # add_middleware wraps: the last added runs first. Order, outermost first: request id + log +
-    # metrics, CORS (answers preflights without a key), API key, body limits, admission.
+    # metrics, HEAD as GET, CORS (answers preflights without a key), API key, body limits, admission.
     def model_queue_is_full() -> bool:
         pipeline: Pipeline | None = app.state.pipeline
         return pipeline is not None and pipeline.batcher.depth() >= settings.QUEUE_SIZE
@@ -244,6 +245,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         BodyLimitMiddleware,
         default_limit=settings.MAX_UPLOAD_BYTES,
         limits=dict.fromkeys(JSON_PATHS, settings.MAX_JSON_BYTES),
+        timeout_s=settings.BODY_TIMEOUT_S,
     )
     if settings.API_KEY is not None:
         open_paths = OPEN_PATHS if settings.METRICS_REQUIRE_KEY else (*OPEN_PATHS, "/metrics")
@@ -261,10 +263,14 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept", "X-Request-ID"],
             expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
         )
-    known_paths = {
+    routes = [*app.routes, *(r for router in (*protected, meta.router) for r in router.routes)]
+    known_paths = {path for route in routes if isinstance(path := getattr(route, "path", None), str)}
+    get_paths = {
         path
-        for route in [*app.routes, *(r for router in (*protected, meta.router) for r in router.routes)]
-        if isinstance(path := getattr(route, "path", None), str)
+        for route in routes
+        if "GET" in (getattr(route, "methods", None) or ())
+        and isinstance(path := getattr(route, "path", None), str)
     }
+    app.add_middleware(HeadAsGetMiddleware, paths=get_paths)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, known_paths=known_paths)
     return app

@@ -25,6 +25,10 @@ WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Every label value these counters can take, exported at 0 from the start: a counter that appears only
+# after its first event reads as "no such metric" to a dashboard or an alert on rate().
+REJECT_REASONS = ("in_flight", "queue_full", "not_running")
+TIMEOUT_STAGES = ("queue", "wait")
 
 
 class Metrics:
@@ -75,6 +79,10 @@ class Metrics:
         self.timeouts_total = Counter(
             "carvae_timeouts", "requests answered 504 (deadline passed)", ["stage"], registry=r
         )
+        for reason in REJECT_REASONS:
+            self.rejected_total.labels(reason)
+        for stage in TIMEOUT_STAGES:
+            self.timeouts_total.labels(stage)
         self.model_info = Info("carvae_model", "the served model", registry=r)
         self.ready = Gauge("carvae_ready", "1 when the model is loaded and warmed up", registry=r)
 

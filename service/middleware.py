@@ -6,16 +6,20 @@ response. Refusals are sent from here, in the shared error shape, without callin
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
+import sys
 import time
 from collections.abc import Callable, Collection, Mapping
+from http import HTTPStatus
+from typing import NoReturn
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response, new_request_id, request_id_of
+from service.errors import error_body, error_response, new_request_id, request_id_of, status_code_name
 from service.metrics import Metrics
 
 log = logging.getLogger("carvae.service")
@@ -30,9 +34,22 @@ def route_label(scope: Scope, known_paths: Collection[str] = ()) -> str:
     return scope["path"] if scope["path"] in known_paths else "unmatched"
 
 
+# Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
+_REPLACED_ON_REWRITE = (b"content-type", b"content-length")
+_MAX_REWRITTEN_MESSAGE = 300
+
+
+def _is_json(headers: Collection[tuple[bytes, bytes]]) -> bool:
+    return any(k.lower() == b"content-type" and b"json" in v.lower() for k, v in headers)
+
+
 class RequestContextMiddleware:
     """Outermost: X-Request-ID on every response, one log line and the request metrics per request,
-    and the last line of defence that turns an unhandled exception into a logged 500."""
+    and the last line of defence that turns an unhandled exception into a logged 500.
+
+    It also holds every error response to the one JSON shape: a few are written by Starlette itself as
+    plain text, outside any exception handler (StaticFiles' 400 and 416 for a bad Range header); their
+    text becomes the message, and their other headers are kept."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Collection[str] = ()) -> None:
         self.app = app
@@ -49,13 +66,25 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = 500
         started = False
+        held: Message | None = None  # the start of a non-JSON error, until its body is complete
+        held_body = b""
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status, started, held, held_body
             if message["type"] == "http.response.start":
-                started = True
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+                headers = message.get("headers", ())
+                if status >= 400 and not _is_json(headers):
+                    held = message
+                    return
+                held, started = None, True
+                message = {**message, "headers": [*headers, rid_header]}
+            elif held is not None and message["type"] == "http.response.body":
+                held_body += message.get("body", b"")
+                if not message.get("more_body", False):
+                    started = True
+                    await self._send_as_json(send, held, held_body, rid_header)
+                return
             await send(message)
 
         try:
@@ -85,6 +114,42 @@ class RequestContextMiddleware:
                 status,
                 elapsed * 1000,
             )
+
+    @staticmethod
+    async def _send_as_json(send: Send, start: Message, text: bytes, rid_header: tuple[bytes, bytes]) -> None:
+        status = start["status"]
+        message = text.decode("utf-8", "replace").strip()[:_MAX_REWRITTEN_MESSAGE]
+        if not message:
+            try:
+                message = HTTPStatus(status).phrase
+            except ValueError:
+                message = f"HTTP {status}"
+        body = error_body(status_code_name(status), message, rid_header[1].decode())
+        kept = [(k, v) for k, v in start.get("headers", ()) if k.lower() not in _REPLACED_ON_REWRITE]
+        headers = [
+            *kept,
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            rid_header,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class HeadAsGetMiddleware:
+    """HEAD on the GET routes (probes, the page, /metrics, the model card), answered as GET without the
+    body: uptime monitors and load balancers probe with HEAD, and FastAPI routes only take the methods
+    they are declared with. The app sees a GET on a copy of the scope; the server keeps the original,
+    whose HEAD tells it to send the headers alone."""
+
+    def __init__(self, app: ASGIApp, paths: Collection[str]) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] in self.paths:
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 def _api_key_matches(headers: Headers, key: bytes) -> bool:
@@ -131,25 +196,54 @@ class ApiKeyMiddleware:
         return path in self.open_paths or path.startswith(self.open_prefixes)
 
 
-class _BodyTooLarge(Exception):
+class _BodyRefused(Exception):
     pass
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over a limit without holding them: a declared Content-Length over the limit
-    is answered 413 before any byte is read; a chunked (or lying) body is counted while it streams in and
-    answered 413 the moment it crosses the limit, while the client may still be sending."""
+async def _receive_by(receive: Receive, deadline: float) -> Message:
+    """receive(), or TimeoutError at `deadline` (loop time)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout_at(deadline):
+            return await receive()
+    return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
 
-    def __init__(self, app: ASGIApp, default_limit: int, limits: Mapping[str, int] | None = None) -> None:
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over a size limit or slower than a time limit, without holding them.
+
+    Size: a declared Content-Length over the limit is answered 413 before any byte is read; a chunked (or
+    lying) body is counted while it streams in and answered 413 the moment it crosses the limit, while the
+    client may still be sending. Time: the whole body must arrive within `timeout_s` of the request
+    reaching the app, or it is answered 408 and the connection closed. Without that, a client that sends
+    half a body and stalls (or lies in its Content-Length) would hold its request slot (the admission
+    cap) for as long as it keeps the connection open, and a few hundred of them would lock everyone out."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        default_limit: int,
+        limits: Mapping[str, int] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         self.app = app
         self.default_limit = default_limit
         self.limits = dict(limits or {})
+        self.timeout_s = timeout_s
 
     def _too_large(self, scope: Scope, limit: int) -> ASGIApp:
         return error_response(
             413,
             "payload_too_large",
             f"request body is larger than the limit of {limit} bytes",
+            request_id_of(scope),
+            {"Connection": "close"},
+        )
+
+    def _too_slow(self, scope: Scope) -> ASGIApp:
+        return error_response(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {self.timeout_s:g} s",
             request_id_of(scope),
             {"Connection": "close"},
         )
@@ -163,25 +257,41 @@ class BodyLimitMiddleware:
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             await self._too_large(scope, limit)(scope, receive, send)
             return
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         received = 0
         refused = False
+        body_done = False
+
+        async def refuse(response: ASGIApp) -> NoReturn:
+            nonlocal refused
+            refused = True
+            await response(scope, receive, send)
+            raise _BodyRefused
 
         async def counting_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or deadline is None:
+                # After the body, receive() only reports a disconnect: that wait has no deadline.
+                message = await receive()
+            else:
+                try:
+                    message = await _receive_by(receive, deadline)
+                except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
+                    if refused:
+                        raise _BodyRefused from None
+                    await refuse(self._too_slow(scope))
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit and not refused:
-                    refused = True
-                    await self._too_large(scope, limit)(scope, receive, send)
-                    raise _BodyTooLarge
+                    await refuse(self._too_large(scope, limit))
             return message
 
         async def guarded_send(message: Message) -> None:
-            if not refused:  # once we answered 413, whatever the app still sends is dropped
+            if not refused:  # once we answered 413 or 408, whatever the app still sends is dropped
                 await send(message)
 
-        with contextlib.suppress(_BodyTooLarge):
+        with contextlib.suppress(_BodyRefused):
             await self.app(scope, counting_receive, guarded_send)
 
 

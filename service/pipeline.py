@@ -58,6 +58,8 @@ T = TypeVar("T")
 # so at most WORKERS_DECODE uploads are in memory as bytes at once, however many requests wait.
 Upload = bytes | BinaryIO
 JSON = "application/json"
+# Image endpoints answer image bytes or JSON by the Accept header: caches must key on it.
+NEGOTIATED = {"Vary": "Accept"}
 GRID_COLUMNS = 8
 
 
@@ -191,6 +193,12 @@ def _json(model: Any) -> Rendered:
     return Rendered(pydantic_core.to_json(model), JSON)
 
 
+def _negotiated_json(model: Any) -> Rendered:
+    rendered = _json(model)
+    rendered.headers = dict(NEGOTIATED)
+    return rendered
+
+
 # -- encode: runs in the model thread, as each job's `then` right after its batch ---------------------------
 class Encoder:
     def __init__(self, served: ServedModel, png_compress_level: int) -> None:
@@ -205,9 +213,9 @@ class Encoder:
     ) -> Rendered:
         image = self.image(rec.image, fmt)
         if not as_json:
-            return Rendered(image, MEDIA_TYPES[fmt])
+            return Rendered(image, MEDIA_TYPES[fmt], dict(NEGOTIATED))
         quality = float(psnr(to_tensor(rec.image), to_tensor(view))[0])
-        return _json(
+        return _negotiated_json(
             ReconstructResponse(
                 model_id=self.served.model_id,
                 image_size=self.served.image_size,
@@ -235,7 +243,7 @@ class Encoder:
         self, images: np.ndarray, fmt: ImageFormat, as_json: bool, columns: int, seed: int | None = None
     ) -> Rendered:
         """(k, S, S, 3) → one grid image (`columns` per row), or JSON with one image per row."""
-        headers = {} if seed is None else {"X-Seed": str(seed)}
+        headers = dict(NEGOTIATED) if seed is None else {**NEGOTIATED, "X-Seed": str(seed)}
         if not as_json:
             grid = make_grid(images, nrow=columns)
             return Rendered(self.image(grid, fmt), MEDIA_TYPES[fmt], headers)

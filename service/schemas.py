@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -107,11 +107,10 @@ class SampleRequest(BaseModel):
     )
 
     n: JsonInt = Field(default=16, ge=1, le=MAX_IMAGES, description="number of cars")
-    seed: JsonInt | None = Field(
-        default=None,
-        ge=0,
-        le=MAX_SEED,
-        description="same seed, same cars; omitted: drawn and returned",
+    # The bounds sit before the validator, inside the optional: anywhere else pydantic writes them into
+    # the schema's integer branch as "ge"/"le", which are not JSON Schema, so clients never saw them.
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED), BeforeValidator(_json_number_only)] | None = Field(
+        default=None, description="same seed, same cars; omitted: drawn and returned"
     )
     temperature: float = Field(
         default=1.0,
@@ -160,6 +159,15 @@ class DecodeRequest(BaseModel):
     z: list[Annotated[list[LatentValue], Field(min_length=1, max_length=MAX_LATENT_DIM)]] = Field(
         min_length=1, max_length=MAX_IMAGES, description="latent vectors, each latent_dim finite floats"
     )
+
+    @field_validator("z", mode="before")
+    @classmethod
+    def _rows_not_one_flat_vector(cls, v: Any) -> Any:
+        # One vector sent without the outer list is the likeliest mistake; the generic errors for it
+        # ("at most 64 items", "should be a valid list" per number) do not say so.
+        if isinstance(v, list) and v and all(type(x) in (int, float) for x in v):
+            raise ValueError("z is a list of latent vectors, one list per image: send [[...]], not [...]")
+        return v
 
 
 class ModelResponse(BaseModel):

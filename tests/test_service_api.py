@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,11 +18,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import TINY, decode_png, photo_bytes
+from service_fixtures import TINY, decode_png, make_settings, photo_bytes
 
 from carvae.losses import psnr
 from carvae.preprocess import prepare, to_tensor, to_uint8
-from service.main import STATIC_DIR
+from service.main import STATIC_DIR, create_app
 from service.pipeline import Pipeline
 
 pytest_plugins = ["service_fixtures"]
@@ -520,8 +521,34 @@ def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
         "carvae_compute_seconds_count",
         "carvae_request_duration_seconds_count",
         "carvae_queue_depth",
+        "carvae_in_flight_requests",
     ):
         assert metric_samples(text, name), name
+
+
+def test_refusal_and_timeout_counters_exist_at_zero_before_any_event(service_checkpoint: Path) -> None:
+    """Alerts on rate(carvae_rejected_total[5m]) need the series before the first refusal."""
+    with TestClient(create_app(make_settings(service_checkpoint))) as fresh:
+        text = fresh.get("/metrics").text
+    rejected = {s.labels["reason"]: s.value for s in metric_samples(text, "carvae_rejected_total")}
+    timeouts = {s.labels["stage"]: s.value for s in metric_samples(text, "carvae_timeouts_total")}
+    assert rejected == {"in_flight": 0, "queue_full": 0, "not_running": 0}
+    assert timeouts == {"queue": 0, "wait": 0}
+
+
+def _keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _keys(v)}
+    return {k for v in node for k in _keys(v)} if isinstance(node, list) else set()
+
+
+def test_openapi_bounds_are_json_schema_keywords(client: TestClient) -> None:
+    """pydantic writes a bound on an optional, validated integer as "ge"/"le", which JSON Schema does not
+    know: clients and schema-driven testers then treat a negative seed as valid (schemathesis did)."""
+    spec = client.get("/openapi.json").json()
+    assert not _keys(spec) & {"ge", "le", "gt", "lt"}
+    seed = spec["components"]["schemas"]["SampleRequest"]["properties"]["seed"]["anyOf"][0]
+    assert seed["minimum"] == 0 and seed["type"] == "integer"
 
 
 def test_openapi_documents_images_errors_and_examples(client: TestClient) -> None:
@@ -551,3 +578,23 @@ def test_web_page_and_static_files_stay_open(make_client: Any) -> None:
     assert r.status_code == 200 and r.content == asset.read_bytes()
     assert_error(client.get("/static/no-such-file.js"), 404, "not_found")
     assert_error(client.get("/static/%2e%2e/config.py"), 404, "not_found")  # no way out of the folder
+
+
+def test_negotiated_responses_vary_on_accept(client: TestClient) -> None:
+    """Image endpoints answer image bytes or JSON by Accept: both forms say `Vary: Accept`, so a cache
+    between client and service never hands the PNG to a client that asked for JSON, or back."""
+    photo = {"file": ("c.png", photo_bytes(), "image/png")}
+    two = {
+        "file_a": ("a.png", photo_bytes(), "image/png"),
+        "file_b": ("b.png", photo_bytes(seed=1), "image/png"),
+    }
+    calls: dict[str, dict[str, Any]] = {
+        "/reconstruct": {"files": photo},
+        "/interpolate": {"files": two, "data": {"steps": "3"}},
+        "/sample": {"json": {"n": 2, "seed": 1}},
+        "/decode": {"json": {"z": [[0.0] * TINY.latent_dim]}},
+    }
+    for path, kwargs in calls.items():
+        for headers in ({}, JSON_ACCEPT):
+            r = client.post(path, headers=headers, **kwargs)
+            assert r.status_code == 200 and r.headers["vary"] == "Accept", (path, headers, r.headers)

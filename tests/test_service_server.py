@@ -4,6 +4,7 @@ with concurrent clients (batching, the README's curl line, client disconnects, S
 from __future__ import annotations
 
 import asyncio
+import http.client
 import shutil
 import socket
 import subprocess
@@ -133,6 +134,29 @@ def test_readme_curl_line(server: ServerProcess, tmp_path: Path) -> None:
         timeout=30,
     )
     assert decode_png((tmp_path / "reconstruction.png").read_bytes()).shape == (32, 32, 3)
+
+
+def test_head_on_get_routes_sends_headers_only(server: ServerProcess) -> None:
+    """Monitors probe with HEAD: the GET route's status and headers, no body on the wire (the next
+    response on the same keep-alive connection parses cleanly, so no stray body bytes were sent)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for path in ("/healthz", "/readyz", "/metrics", "/"):
+            conn.request("GET", path)
+            got = conn.getresponse()
+            body = got.read()
+            conn.request("HEAD", path)
+            head = conn.getresponse()
+            assert head.status == got.status == 200, path
+            assert head.getheader("content-type") == got.getheader("content-type"), path
+            assert head.read() == b"" and len(body) > 0
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read().startswith(b"{")
+        conn.request("HEAD", "/reconstruct")  # a POST route: still 405
+        refused = conn.getresponse()
+        assert refused.status == 405 and refused.read() == b""
+    finally:
+        conn.close()
 
 
 def test_sigterm_exits_cleanly(server: ServerProcess) -> None:

@@ -14,6 +14,7 @@ from service.schemas import ErrorResponse
 _ERROR_TEXT = {
     400: "empty file or unreadable body",
     401: "API key missing or wrong (only when CARVAE_API_KEY is set)",
+    408: "the request body did not arrive within CARVAE_BODY_TIMEOUT_S",
     413: "body over CARVAE_MAX_UPLOAD_BYTES, or image over CARVAE_MAX_IMAGE_PIXELS",
     415: "not an image in a supported format",
     422: "invalid parameters, corrupt image, image too small or too elongated",
@@ -37,8 +38,8 @@ def image_responses(description: str, *statuses: int) -> dict[int | str, dict[st
     return {200: ok, **errors(*statuses)}
 
 
-MODEL_ERRORS = (400, 401, 413, 415, 422, 500, 503, 504)
-LATENT_ERRORS = (400, 401, 413, 422, 500, 503, 504)
+MODEL_ERRORS = (400, 401, 408, 413, 415, 422, 500, 503, 504)
+LATENT_ERRORS = (400, 401, 408, 413, 422, 500, 503, 504)
 
 
 def to_response(rendered: Rendered) -> Response:
