@@ -27,7 +27,11 @@ EVAL = [sys.executable, "-m", "trainer.evaluate"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.recipes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--data", required=True, help="image folder (or 'synthetic')")
     p.add_argument("--minutes", type=float, default=6.0, help="training budget per recipe")
     p.add_argument("--out", default="runs/recipes", help="where the runs go")
