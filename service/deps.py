@@ -9,6 +9,7 @@ routes receive them from here, never from globals, so tests can build apps with 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, BinaryIO
 
 from fastapi import Depends, Header, Query, Request, UploadFile
@@ -53,12 +54,24 @@ async def get_call_context(request: Request) -> CallContext:
     return CallContext(tag=request_id_of(request.scope), cancel_on=lambda: _until_disconnected(receive))
 
 
-def prefers_json(accept: str | None) -> bool:
-    """True when the Accept header asks for application/json at least as much as for any image type."""
-    if not accept:
-        return False
+@dataclass(frozen=True)
+class Output:
+    """What a client asked an image endpoint for: image bytes or JSON, and the image encoding."""
+
+    fmt: ImageFormat
+    as_json: bool
+
+
+_IMAGE_TYPES: dict[str, ImageFormat] = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+
+def negotiate(accept: str | None, fmt: ImageFormat | None) -> Output:
+    """JSON when Accept asks for application/json at least as much as for any image type; the encoding
+    from `?format=` when given, else the image type Accept ranks highest (PNG on a tie, for `image/*`,
+    `*/*`, no Accept, or only types we do not make)."""
     json_q, image_q = 0.0, -1.0
-    for item in accept.split(","):
+    ranked: dict[ImageFormat, float] = {}
+    for item in (accept or "").split(","):
         media, *params = (p.strip() for p in item.split(";"))
         q = 1.0
         for p in params:
@@ -73,18 +86,36 @@ def prefers_json(accept: str | None) -> bool:
             json_q = max(json_q, q)
         elif media.startswith("image/"):
             image_q = max(image_q, q)
-    return json_q > 0 and json_q >= image_q
+            if media in _IMAGE_TYPES:
+                ranked[_IMAGE_TYPES[media]] = max(ranked.get(_IMAGE_TYPES[media], 0.0), q)
+    return Output(fmt if fmt is not None else _best_image(ranked), json_q > 0 and json_q >= image_q)
 
 
-async def wants_json(
+def _best_image(ranked: dict[ImageFormat, float]) -> ImageFormat:
+    best = max(ranked.values(), default=0.0)
+    if best <= 0 or ranked.get("png") == best:
+        return "png"
+    return next(f for f, q in ranked.items() if q == best)  # the first listed of the best
+
+
+async def output(
     accept: Annotated[
         str | None,
         Header(
-            description="`application/json` for a JSON body with base64 images; anything else: image bytes"
+            description="`application/json` for a JSON body with base64 images; `image/png`, `image/jpeg` "
+            "or `image/webp` for that encoding (`?format=` wins); anything else: PNG bytes"
         ),
     ] = None,
-) -> bool:
-    return prefers_json(accept)
+    fmt: Annotated[
+        ImageFormat | None,
+        Query(
+            alias="format",
+            description="encoding of the returned image(s): png, jpeg or webp (default: from Accept, "
+            "else png)",
+        ),
+    ] = None,
+) -> Output:
+    return negotiate(accept, fmt)
 
 
 async def single_upload(request: Request, name: str, upload: UploadFile) -> BinaryIO:
@@ -102,8 +133,4 @@ PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 ModelDep = Annotated[ServedModel, Depends(get_model)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 CallDep = Annotated[CallContext, Depends(get_call_context)]
-WantsJSON = Annotated[bool, Depends(wants_json)]
-FormatQuery = Annotated[
-    ImageFormat,
-    Query(alias="format", description="encoding of the returned image(s): png (default), jpeg or webp"),
-]
+OutputDep = Annotated[Output, Depends(output)]

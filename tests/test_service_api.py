@@ -22,6 +22,7 @@ from service_fixtures import TINY, decode_png, make_settings, photo_bytes
 
 from carvae.losses import psnr
 from carvae.preprocess import prepare, to_tensor, to_uint8
+from service.deps import Output, negotiate
 from service.main import STATIC_DIR, create_app
 from service.pipeline import Pipeline
 
@@ -598,3 +599,37 @@ def test_negotiated_responses_vary_on_accept(client: TestClient) -> None:
         for headers in ({}, JSON_ACCEPT):
             r = client.post(path, headers=headers, **kwargs)
             assert r.status_code == 200 and r.headers["vary"] == "Accept", (path, headers, r.headers)
+
+
+@pytest.mark.parametrize(
+    ("accept", "query", "fmt", "as_json"),
+    [
+        (None, None, "png", False),
+        ("*/*", None, "png", False),
+        ("image/*", None, "png", False),
+        ("image/webp", None, "webp", False),
+        ("image/jpeg", None, "jpeg", False),
+        ("image/webp;q=0.5, image/jpeg", None, "jpeg", False),
+        ("image/jpeg, image/png", None, "png", False),  # a tie goes to the default
+        ("image/webp, image/jpeg", None, "webp", False),  # else to the first listed
+        ("image/avif", None, "png", False),  # a type we do not make: the default, not a 406
+        ("image/webp", "png", "png", False),  # ?format= wins
+        ("application/json", None, "png", True),
+        ("application/json", "webp", "webp", True),
+        ("image/png, application/json", None, "png", True),
+        ("image/png, application/json;q=0.5", None, "png", False),
+        ("application/json;q=0", None, "png", False),
+    ],
+)
+def test_negotiate(accept: str | None, query: Any, fmt: Any, as_json: bool) -> None:
+    assert negotiate(accept, query) == Output(fmt, as_json)
+
+
+def test_accept_picks_the_encoding_of_the_image(client: TestClient) -> None:
+    photo = {"file": ("c.png", photo_bytes(), "image/png")}
+    webp = client.post("/reconstruct", files=photo, headers={"Accept": "image/webp"})
+    assert webp.headers["content-type"] == "image/webp" and webp.content[:4] == b"RIFF"
+    jpeg = client.post("/sample", json={"n": 2, "seed": 3}, headers={"Accept": "image/jpeg"})
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    query_wins = client.post("/reconstruct?format=png", files=photo, headers={"Accept": "image/webp"})
+    assert query_wins.headers["content-type"] == "image/png"

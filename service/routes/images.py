@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.responses import Response
 
-from service.deps import CallDep, FormatQuery, PipelineDep, WantsJSON, single_upload
+from service.deps import CallDep, OutputDep, PipelineDep, single_upload
 from service.routes.common import MODEL_ERRORS, errors, image_responses, to_response
 from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
 
@@ -30,11 +30,10 @@ async def reconstruct(
     file: Annotated[UploadFile, File(description=PHOTO)],
     pipeline: PipelineDep,
     ctx: CallDep,
-    as_json: WantsJSON,
-    fmt: FormatQuery = "png",
+    out: OutputDep,
 ) -> Response:
     data = await single_upload(request, "file", file)
-    return to_response(await pipeline.reconstruct(data, fmt, as_json, ctx))
+    return to_response(await pipeline.reconstruct(data, out.fmt, out.as_json, ctx))
 
 
 @router.post(
@@ -67,16 +66,15 @@ async def interpolate(
     file_b: Annotated[UploadFile, File(description="second car photo")],
     pipeline: PipelineDep,
     ctx: CallDep,
-    as_json: WantsJSON,
+    out: OutputDep,
     steps: Annotated[
         int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="number of frames (form)")
     ] = None,
     steps_query: Annotated[
         int | None, Query(alias="steps", ge=MIN_STEPS, le=MAX_STEPS, description="number of frames (query)")
     ] = None,
-    fmt: FormatQuery = "png",
 ) -> Response:
     data_a = await single_upload(request, "file_a", file_a)
     data_b = await single_upload(request, "file_b", file_b)
     n = steps if steps is not None else steps_query if steps_query is not None else DEFAULT_STEPS
-    return to_response(await pipeline.interpolate(data_a, data_b, n, fmt, as_json, ctx))
+    return to_response(await pipeline.interpolate(data_a, data_b, n, out.fmt, out.as_json, ctx))

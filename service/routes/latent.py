@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body
 from starlette.responses import Response
 
-from service.deps import CallDep, FormatQuery, PipelineDep, WantsJSON
+from service.deps import CallDep, OutputDep, PipelineDep
 from service.routes.common import LATENT_ERRORS, image_responses, to_response
 from service.schemas import DecodeRequest, ImagesResponse, SampleRequest, SampleResponse
 
@@ -26,12 +26,11 @@ router = APIRouter(tags=["latent"])
 async def sample(
     pipeline: PipelineDep,
     ctx: CallDep,
-    as_json: WantsJSON,
+    out: OutputDep,
     body: Annotated[SampleRequest | None, Body()] = None,
-    fmt: FormatQuery = "png",
 ) -> Response:
     req = body or SampleRequest()
-    return to_response(await pipeline.sample(req.n, req.seed, req.temperature, fmt, as_json, ctx))
+    return to_response(await pipeline.sample(req.n, req.seed, req.temperature, out.fmt, out.as_json, ctx))
 
 
 @router.post(
@@ -42,7 +41,5 @@ async def sample(
     response_model=ImagesResponse,
     responses=image_responses("the grid of decoded images (default PNG)", *LATENT_ERRORS),
 )
-async def decode(
-    body: DecodeRequest, pipeline: PipelineDep, ctx: CallDep, as_json: WantsJSON, fmt: FormatQuery = "png"
-) -> Response:
-    return to_response(await pipeline.decode(body.z, fmt, as_json, ctx))
+async def decode(body: DecodeRequest, pipeline: PipelineDep, ctx: CallDep, out: OutputDep) -> Response:
+    return to_response(await pipeline.decode(body.z, out.fmt, out.as_json, ctx))
