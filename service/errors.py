@@ -145,7 +145,15 @@ async def _invalid_latents(request: Request, exc: Exception) -> Response:
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     err = cast(RequestValidationError, exc)
-    code, message = describe_validation_errors(list(err.errors()))
+    errors = list(err.errors())
+    ctype = request.headers.get("content-type", "")
+    if "json" not in ctype.lower() and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+        # A JSON endpoint given another content type sees the body as text ("should be a valid
+        # dictionary"); say what to fix instead.
+        what = f"Content-Type {_clip(ctype, 80)}" if ctype else "no Content-Type"
+        message = f"the body must be JSON sent with Content-Type: application/json (got {what})"
+        return _error(request, 422, "validation_error", message)
+    code, message = describe_validation_errors(errors)
     return _error(request, 422, code, message)
 
 

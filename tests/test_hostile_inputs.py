@@ -327,9 +327,13 @@ def test_oversized_json_body(client: TestClient, route: str) -> None:
     assert_error(client.post(route, content=body, headers=JSON), 413, "payload_too_large")
 
 
-def test_json_sent_with_another_content_type(client: TestClient) -> None:
-    r = client.post("/sample", content=b'{"n": 1}', headers={"content-type": "text/plain"})
-    assert "valid dictionary" in assert_error(r, 422, "validation_error")["message"]
+@pytest.mark.parametrize("route", ["/sample", "/decode"])
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_json_sent_with_another_content_type(client: TestClient, route: str, ctype: str | None) -> None:
+    headers = {"content-type": ctype} if ctype else {}
+    r = client.post(route, content=b'{"n": 1}', headers=headers)
+    message = assert_error(r, 422, "validation_error")["message"]
+    assert "Content-Type: application/json" in message and (ctype or "no Content-Type") in message
 
 
 @pytest.mark.parametrize(
