@@ -42,7 +42,7 @@ from service.middleware import (
 from service.pipeline import Pipeline, Predictor, ServedModel
 from service.routes import images, latent, meta
 from service.routes.common import declare_api_key
-from service.threads import model_threads, use_one_thread
+from service.threads import gil_switch_interval, model_threads, use_one_thread
 
 log = logging.getLogger("carvae.service")
 
@@ -198,11 +198,12 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await _start(app, settings, metrics, checkpoint)
-        try:
-            yield
-        finally:
-            await _stop(app, settings, metrics)
+        with gil_switch_interval():
+            await _start(app, settings, metrics, checkpoint)
+            try:
+                yield
+            finally:
+                await _stop(app, settings, metrics)
 
     # FastAPI's own /docs and /redoc pages load their scripts from CDNs; service.docs serves /docs offline.
     app = FastAPI(

@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 import json
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from carvae.preprocess import prepare, to_tensor, to_uint8
 from service.deps import Output, negotiate
 from service.main import STATIC_DIR, create_app
 from service.pipeline import Pipeline
+from service.threads import GIL_SWITCH_INTERVAL_S
 
 pytest_plugins = ["service_fixtures"]
 
@@ -633,3 +635,10 @@ def test_accept_picks_the_encoding_of_the_image(client: TestClient) -> None:
     assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
     query_wins = client.post("/reconstruct?format=png", files=photo, headers={"Accept": "image/webp"})
     assert query_wins.headers["content-type"] == "image/png"
+
+
+def test_the_gil_switch_interval_is_short_while_serving_and_restored_after(service_checkpoint: Path) -> None:
+    before = sys.getswitchinterval()
+    with TestClient(create_app(make_settings(service_checkpoint))):
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S) != before
+    assert sys.getswitchinterval() == before
