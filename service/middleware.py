@@ -37,6 +37,7 @@ def route_label(scope: Scope, known_paths: Collection[str] = ()) -> str:
 # Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
 _REPLACED_ON_REWRITE = (b"content-type", b"content-length")
 _MAX_REWRITTEN_MESSAGE = 300
+_MAX_HELD_BYTES = 4096
 
 
 def _is_json(headers: Collection[tuple[bytes, bytes]]) -> bool:
@@ -80,7 +81,8 @@ class RequestContextMiddleware:
                 held, started = None, True
                 message = {**message, "headers": [*headers, rid_header]}
             elif held is not None and message["type"] == "http.response.body":
-                held_body += message.get("body", b"")
+                if len(held_body) < _MAX_HELD_BYTES:  # only its start becomes the message
+                    held_body += message.get("body", b"")
                 if not message.get("more_body", False):
                     started = True
                     await self._send_as_json(send, held, held_body, rid_header)
