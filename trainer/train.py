@@ -343,12 +343,9 @@ class _Run:
                 f"{self.out}/{STATE_FILE} does not fit this run ({str(e).splitlines()[0]})"
             ) from None
         known = {f.name for f in fields(Progress)}
-        p = self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
         # Re-plan with this invocation's --epochs / --max-minutes, so a resume can also extend a run.
-        if p.lr_anchor is not None:
-            p.lr_anchor = (int(p.lr_anchor[0]), float(p.lr_anchor[1]), int(p.lr_anchor[2]))
-        budget = self.cfg.max_minutes * 60 if self.cfg.max_minutes else None
-        self._replan(plan_epochs(self.cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s))
+        self._replan()
         self.best_weights = state.get("best_weights")
         # Epochs after the last saved state are redone; their metrics lines (if written) are dropped.
         self.rows = [r for r in read_metrics(self.out) if r.get("epoch", 0) <= self.progress.epochs_done]
@@ -555,17 +552,20 @@ class _Run:
 
     # ------------------------------------------------------------ the loop
 
-    def _replan(self, epochs: int) -> None:
+    def _replan(self) -> None:
+        """Plan the run's length from this invocation's --epochs / --max-minutes and the pace so far."""
+        p, cfg = self.progress, self.cfg
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         # Each rank measures its own pace; rank 0's plan is everyone's, or a rank could stop an epoch
         # before the others and leave them waiting in a collective.
-        epochs = distributed.from_main(epochs)
-        p = self.progress
+        epochs = distributed.from_main(
+            plan_epochs(cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s)
+        )
         p.lr_anchor = self.sched.replan(p.step, p.planned_epochs, epochs, p.lr_anchor)
         p.planned_epochs = epochs
 
     def run(self) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
-        budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         self.write_run_json("running")
         while p.epochs_done < p.planned_epochs:
             t0 = time.perf_counter()
@@ -583,7 +583,7 @@ class _Run:
             p.elapsed_s += epoch_s
             p.train_images += n_images
             p.train_s += train_s
-            self._replan(plan_epochs(cfg.epochs, p.epochs_done, p.epoch_seconds, budget, p.elapsed_s))
+            self._replan()
             if val is None and p.epochs_done >= p.planned_epochs:
                 val = self.validate()  # the budget ended the run here: the last epoch must be scored
                 is_best = self._keep_if_best(val)
