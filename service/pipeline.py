@@ -188,15 +188,9 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _json(model: Any) -> Rendered:
+def _json(model: Any, headers: dict[str, str] | None = None) -> Rendered:
     # pydantic's serializer: fast, and writes non-finite floats (e.g. in training metrics) as null.
-    return Rendered(pydantic_core.to_json(model), JSON)
-
-
-def _negotiated_json(model: Any) -> Rendered:
-    rendered = _json(model)
-    rendered.headers = dict(NEGOTIATED)
-    return rendered
+    return Rendered(pydantic_core.to_json(model), JSON, dict(headers or {}))
 
 
 # -- encode: runs in the model thread, as each job's `then` right after its batch ---------------------------
@@ -215,7 +209,7 @@ class Encoder:
         if not as_json:
             return Rendered(image, MEDIA_TYPES[fmt], dict(NEGOTIATED))
         quality = float(psnr(to_tensor(rec.image), to_tensor(view))[0])
-        return _negotiated_json(
+        return _json(
             ReconstructResponse(
                 model_id=self.served.model_id,
                 image_size=self.served.image_size,
@@ -224,7 +218,8 @@ class Encoder:
                 input=_b64(self.image(view, "png")),
                 mu=rec.mu.tolist(),
                 psnr=round(quality, 4),
-            )
+            ),
+            NEGOTIATED,
         )
 
     def latents(self, encoded: tuple[np.ndarray, np.ndarray]) -> Rendered:
@@ -252,9 +247,7 @@ class Encoder:
             body = ImagesResponse(model_id=self.served.model_id, format=fmt, images=encoded)
         else:
             body = SampleResponse(model_id=self.served.model_id, format=fmt, images=encoded, seed=seed)
-        rendered = _json(body)
-        rendered.headers = headers
-        return rendered
+        return _json(body, headers)
 
 
 @dataclass(frozen=True)
