@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,17 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@contextmanager
+def serving(checkpoint: Path, **settings: Any) -> Iterator[ServerProcess]:
+    """A ready `python -m service` on the checkpoint, on CPU with one torch thread and warning logs unless
+    `settings` say otherwise; stopped afterwards."""
+    srv = ServerProcess(
+        **{"DEVICE": "cpu", "TORCH_THREADS": 1, "LOG_LEVEL": "warning", **settings, "CHECKPOINT": checkpoint}
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import ServerProcess, photo_bytes
+from service_fixtures import ServerProcess, photo_bytes, serving
 
 from service.middleware import BodyLimitMiddleware
 
@@ -30,19 +30,8 @@ BOUNDARY = "slowboundary"
 
 @pytest.fixture(scope="module")
 def server(service_checkpoint: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        CHECKPOINT=service_checkpoint,
-        DEVICE="cpu",
-        TORCH_THREADS=1,
-        MAX_IN_FLIGHT=2,
-        BODY_TIMEOUT_S=TIMEOUT_S,
-        LOG_LEVEL="warning",
-    )
-    try:
-        srv.wait_ready()
+    with serving(service_checkpoint, MAX_IN_FLIGHT=2, BODY_TIMEOUT_S=TIMEOUT_S) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _multipart(data: bytes) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ServerProcess, photo_bytes
+from service_fixtures import ServerProcess, photo_bytes, serving
 
 pytest_plugins = ["service_fixtures"]
 pytestmark = pytest.mark.slow
@@ -23,19 +23,8 @@ BOUNDARY = "carvaeboundary"
 
 @pytest.fixture(scope="module")
 def server(service_checkpoint: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        CHECKPOINT=service_checkpoint,
-        DEVICE="cpu",
-        TORCH_THREADS=1,
-        MAX_UPLOAD_BYTES=LIMIT,
-        MAX_JSON_BYTES=JSON_LIMIT,
-        LOG_LEVEL="warning",
-    )
-    try:
-        srv.wait_ready()
+    with serving(service_checkpoint, MAX_UPLOAD_BYTES=LIMIT, MAX_JSON_BYTES=JSON_LIMIT) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _head(path: str, extra: str) -> bytes:

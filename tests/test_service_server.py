@@ -20,7 +20,15 @@ import pytest
 import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import ServerProcess, decode_png, free_port, make_settings, photo_bytes, run_service
+from service_fixtures import (
+    ServerProcess,
+    decode_png,
+    free_port,
+    make_settings,
+    photo_bytes,
+    run_service,
+    serving,
+)
 
 from service.main import create_app
 
@@ -76,14 +84,8 @@ def test_invalid_setting_is_named(service_checkpoint: Path) -> None:
 # -- a real `python -m service` --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(service_checkpoint: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(
-        CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, MAX_WAIT_MS=10, LOG_LEVEL="warning"
-    )
-    try:
-        srv.wait_ready()
+    with serving(service_checkpoint, MAX_WAIT_MS=10) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 async def _hammer(url: str, datas: list[bytes], concurrency: int) -> list[httpx.Response]:
