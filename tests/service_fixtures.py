@@ -5,13 +5,15 @@ The checkpoint is a tiny untrained model: the service tests check contracts and 
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,53 @@ def photo_bytes(width: int = 48, height: int = 40, seed: int = 0, fmt: str = "PN
 def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def block_handler(batcher: Any, name: str = "reconstruct") -> tuple[threading.Event, threading.Event]:
+    """Make the batcher's `name` handler wait on a gate before it computes; returns (entered, gate)."""
+    original = batcher.handlers[name]
+    entered, gate = threading.Event(), threading.Event()
+
+    def blocked(payloads: list[Any]) -> Any:
+        entered.set()
+        gate.wait(10)
+        return original(payloads)
+
+    batcher.handlers[name] = blocked
+    return entered, gate
+
+
+def asgi_post(
+    app: Any, path: str, headers: list[tuple[bytes, bytes]], chunk: bytes, more_body: bool
+) -> tuple[list[MutableMapping[str, Any]], int]:
+    """One POST straight into the ASGI app, with no server: every receive() returns `chunk`. Returns the
+    messages the app sent and how many times it called receive()."""
+    received: list[int] = []
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        received.append(1)
+        return {"type": "http.request", "body": chunk, "more_body": more_body}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "scheme": "http",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    return sent, len(received)
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,7 @@ decoded only to be refused a second later). The in-process companion of test_fau
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from hostile_support import assert_error
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import make_settings, photo_bytes
+from service_fixtures import asgi_post, block_handler, make_settings, photo_bytes
 
 from service.main import create_app
 
@@ -24,47 +21,16 @@ pytest_plugins = ["service_fixtures"]
 
 def _call_without_body(app: Any, path: str) -> tuple[int, dict[bytes, bytes], int]:
     """One POST straight into the ASGI app; returns (status, headers, receive() calls)."""
-    received: list[int] = []
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        received.append(1)
-        return {"type": "http.request", "body": b"--x--\r\n", "more_body": False}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "scheme": "http",
-        "query_string": b"",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"7")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    asyncio.run(app(scope, receive, send))
-    return sent[0]["status"], dict(sent[0]["headers"]), len(received)
+    headers = [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"7")]
+    sent, reads = asgi_post(app, path, headers, b"--x--\r\n", more_body=False)
+    return sent[0]["status"], dict(sent[0]["headers"]), reads
 
 
 def test_a_full_model_queue_refuses_before_the_body_is_read(service_checkpoint: Path) -> None:
     app = create_app(make_settings(service_checkpoint, QUEUE_SIZE=1, MAX_BATCH_SIZE=1, MAX_IN_FLIGHT=100))
     with TestClient(app) as client:
         batcher = app.state.pipeline.batcher
-        original = batcher.handlers["reconstruct"]
-        entered, gate = threading.Event(), threading.Event()
-
-        def blocked(payloads: list[Any]) -> Any:
-            entered.set()
-            gate.wait(10)
-            return original(payloads)
-
-        batcher.handlers["reconstruct"] = blocked
+        entered, gate = block_handler(batcher)
         files = {"file": ("c.png", photo_bytes(), "image/png")}
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(client.post, "/reconstruct", files=files)

@@ -5,7 +5,6 @@ suppression."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -14,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hostile_support import assert_error
-from service_fixtures import ROOT, TINY, ServerProcess, make_settings, photo_bytes
+from service_fixtures import ROOT, TINY, ServerProcess, asgi_post, make_settings, photo_bytes
 
 import service.middleware
 from service.main import create_app
@@ -110,33 +109,10 @@ def test_the_key_is_compared_in_constant_time(keyed: TestClient, monkeypatch: py
 def test_the_key_is_checked_before_the_body_is_read(service_checkpoint: Path) -> None:
     """At the ASGI level: a request without the key is answered 401 without one receive() call."""
     app = create_app(make_settings(service_checkpoint, API_KEY=KEY))  # lifespan not even started
-    received: list[Any] = []
-    sent: list[MutableMapping[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        received.append(1)
-        return {"type": "http.request", "body": b"x" * 1_000_000, "more_body": True}
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/reconstruct",
-        "raw_path": b"/reconstruct",
-        "root_path": "",
-        "scheme": "http",
-        "query_string": b"",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"999999999")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    asyncio.run(app(scope, receive, send))
+    headers = [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"999999999")]
+    sent, reads = asgi_post(app, "/reconstruct", headers, b"x" * 1_000_000, more_body=True)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 401
-    assert received == []
+    assert reads == 0
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import TINY, decode_png, make_settings, photo_bytes
+from service_fixtures import TINY, block_handler, decode_png, make_settings, photo_bytes
 
 from carvae.losses import psnr
 from carvae.preprocess import prepare, to_tensor, to_uint8
@@ -438,24 +438,9 @@ def test_unexpected_exception_is_a_logged_500(client: TestClient, caplog: pytest
     assert "bug" not in err["message"]  # internals stay in the log
 
 
-def _blocked_handler(client: TestClient) -> tuple[threading.Event, threading.Event]:
-    """Make the reconstruct handler wait on a gate; returns (entered, gate)."""
-    batcher = pipeline_of(client).batcher
-    original = batcher.handlers["reconstruct"]
-    entered, gate = threading.Event(), threading.Event()
-
-    def blocked(payloads: list[Any]) -> Any:
-        entered.set()
-        gate.wait(10)
-        return original(payloads)
-
-    batcher.handlers["reconstruct"] = blocked
-    return entered, gate
-
-
 def test_full_queue_gives_503_with_retry_after(make_client: Any) -> None:
     client = make_client(QUEUE_SIZE=1, MAX_BATCH_SIZE=1)
-    entered, gate = _blocked_handler(client)
+    entered, gate = block_handler(pipeline_of(client).batcher)
     batcher = pipeline_of(client).batcher
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(client.post, "/reconstruct", files=upload())
@@ -477,7 +462,7 @@ def test_full_queue_gives_503_with_retry_after(make_client: Any) -> None:
 
 def test_in_flight_cap_refuses_before_reading_the_body(make_client: Any) -> None:
     client = make_client(MAX_IN_FLIGHT=1)
-    entered, gate = _blocked_handler(client)
+    entered, gate = block_handler(pipeline_of(client).batcher)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(client.post, "/reconstruct", files=upload())
         assert entered.wait(5)
@@ -494,7 +479,7 @@ def test_in_flight_cap_refuses_before_reading_the_body(make_client: Any) -> None
 
 def test_deadline_gives_504(make_client: Any) -> None:
     client = make_client(REQUEST_TIMEOUT_S=0.3)
-    _entered, gate = _blocked_handler(client)
+    _entered, gate = block_handler(pipeline_of(client).batcher)
     try:
         assert_error(client.post("/reconstruct", files=upload()), 504, "timeout")
     finally:
