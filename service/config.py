@@ -6,24 +6,15 @@ file. Invalid values stop start-up with one line naming the variable (see `servi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from carvae.device import DEVICE_PATTERN
+from carvae.device import DEVICE_PATTERN, available_cores
 
 MiB = 1024 * 1024
-
-
-def available_cores() -> int:
-    """Cores this process may run on (respects CPU affinity / container cpusets where the OS exposes it)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS and Windows have no sched_getaffinity
-        return max(1, os.cpu_count() or 1)
 
 
 class Settings(BaseSettings):

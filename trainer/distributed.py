@@ -14,7 +14,7 @@ from typing import TypeVar, cast
 import torch
 import torch.distributed as dist
 
-from carvae.device import pick_device
+from carvae.device import available_cores, pick_device
 
 T = TypeVar("T")
 
@@ -95,13 +95,14 @@ def broadcast_error(message: str | None) -> str | None:
 
 
 def physical_cores() -> int:
-    """Physical cores this process may run on: hyper-threads share one core's FPU and only add
-    contention for conv kernels. Falls back to the logical count where /proc/cpuinfo is not there."""
+    """Physical cores this process may run on, within its container's CPU quota: hyper-threads share one
+    core's FPU and only add contention for conv kernels. Falls back to the logical count where
+    /proc/cpuinfo is not there."""
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return max(1, logical)
+        return available_cores()
     cores: set[tuple[str, str]] = set()
     phys = core = ""
     for line in text.splitlines():
@@ -113,7 +114,7 @@ def physical_cores() -> int:
             core = value.strip()
             cores.add((phys, core))
     threads_per_core = max(1, (os.cpu_count() or 1) // max(1, len(cores))) if cores else 1
-    return max(1, logical // threads_per_core)
+    return max(1, min(logical // threads_per_core, available_cores()))
 
 
 def default_threads(local_world_size: int = 1) -> int:
