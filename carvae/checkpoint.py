@@ -107,6 +107,11 @@ def save_checkpoint(
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """Only the header: cheap, used to decide whether a checkpoint matches a configuration."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a model.safetensors file (a container bind mount of a "
+            "host file that does not exist creates an empty directory in its place)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -120,6 +125,33 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def _one_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between the tensors the config's model has and those in the file, in one line
+    (load_state_dict's own message lists every key over many lines); empty when they fit."""
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", …" if len(keys) > 3 else "")
+
+    def dims(t: torch.Tensor) -> str:
+        return "×".join(map(str, t.shape)) or "scalar"
+
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & found.keys() if expected[k].shape != found[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(
+            f"{len(reshaped)} of another shape, e.g. {k}: {dims(found[k])} in the file, "
+            f"{dims(expected[k])} for the config"
+        )
+    return "; ".join(parts)
 
 
 def load_checkpoint(
@@ -160,6 +192,9 @@ def load_checkpoint(
     # Checkpoints written before the fitted prior existed sample from N(0, I): the defaults.
     defaults = model.state_dict()
     tensors.update({k: defaults[k] for k in PRIOR_BUFFERS if k not in tensors})
+    mismatch = _state_mismatch(defaults, tensors)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not match its model config ({mismatch})")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from typing import NoReturn
@@ -21,6 +22,7 @@ from service.config import Settings
 from service.threads import use_one_thread
 
 EXIT_CONFIG = 2
+EXIT_NOT_STARTED = 3  # uvicorn's own status for a server that could not start
 
 
 def _fail(message: str) -> NoReturn:
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = (
             ""
             if settings.CHECKPOINT.exists()
-            else " (train one with `python -m trainer`, or set CARVAE_CHECKPOINT)"
+            else " (train one with `python -m trainer` — in Docker the compose stack's trainer does — "
+            "or point CARVAE_CHECKPOINT at one)"
         )
         _fail(f"{e}{hint}")
     except Exception as e:  # e.g. out of device memory while moving the weights: still one line
@@ -81,24 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late: the FastAPI/uvicorn stack is not needed to report a configuration error.
     import uvicorn
 
-    from service.main import create_app
+    from service.main import begin_drain, create_app
+    from service.server import DrainingServer
 
     app = create_app(settings, checkpoint=checkpoint)
-    # uvicorn handles SIGTERM/SIGINT itself (stop accepting, finish accepted requests, run the lifespan
-    # shutdown), then restores the previous handlers and re-raises the signal. With these handlers that
-    # re-raise ends the process with status 0: a requested, graceful stop is a success, not a kill.
-    signal.signal(signal.SIGTERM, _stop_cleanly)
-    signal.signal(signal.SIGINT, _stop_cleanly)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.HOST,
         port=settings.PORT,
         log_level=settings.LOG_LEVEL,
+        log_config=None,  # uvicorn's own lines go through the format above instead of a second one
         access_log=False,  # our RequestContextMiddleware logs one line per request, with its id
         server_header=False,
-        # On SIGTERM uvicorn stops accepting and waits for accepted requests; give them their deadline.
-        timeout_graceful_shutdown=int(settings.REQUEST_TIMEOUT_S) + 5,
+        timeout_keep_alive=math.ceil(settings.KEEP_ALIVE_S),
+        # On SIGTERM uvicorn stops accepting and waits for accepted requests: as long as they may take.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
+    server = DrainingServer(config, lambda: begin_drain(app), settings.SHUTDOWN_DELAY_S)
+    # uvicorn handles SIGTERM/SIGINT itself (here: drain, stop accepting, finish accepted requests, run
+    # the lifespan shutdown), then restores the previous handlers and re-raises the signal. With these
+    # handlers that re-raise ends the process with status 0: a requested, graceful stop is a success.
+    signal.signal(signal.SIGTERM, _stop_cleanly)
+    signal.signal(signal.SIGINT, _stop_cleanly)
+    server.run()
+    if not server.started:  # e.g. the port is taken: uvicorn has logged why
+        return EXIT_NOT_STARTED
     return 0
 
 

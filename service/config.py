@@ -20,7 +20,10 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     """Field names are the variable names without the `CARVAE_` prefix (case-insensitive in the env)."""
 
-    model_config = SettingsConfigDict(env_prefix="CARVAE_", extra="ignore", validate_default=True)
+    # An empty variable means "the default" (a compose file passes every setting as ${CARVAE_X:-}).
+    model_config = SettingsConfigDict(
+        env_prefix="CARVAE_", extra="ignore", validate_default=True, env_ignore_empty=True
+    )
 
     CHECKPOINT: Path = Field(
         default=Path("runs/default/model.safetensors"), description="model.safetensors to serve"
@@ -99,6 +102,22 @@ class Settings(BaseSettings):
         default=1, ge=0, le=9, description="zlib level for PNG responses (1: fast)"
     )
 
+    # Connections and shutdown
+    KEEP_ALIVE_S: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="an idle keep-alive connection is closed after this; behind a load balancer set it "
+        "above the balancer's idle timeout (e.g. 75 behind a 60 s one), or it reuses closed connections",
+    )
+    SHUTDOWN_DELAY_S: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="after SIGTERM, seconds /readyz answers 503 while requests are still served, before "
+        "the port closes: give load balancers and Kubernetes a probe period to stop sending traffic",
+    )
+
     # Security and operations
     API_KEY: SecretStr | None = Field(default=None, description="when set, model endpoints require this key")
     METRICS_REQUIRE_KEY: bool = Field(default=False, description="put /metrics behind API_KEY too")
@@ -154,6 +173,12 @@ class Settings(BaseSettings):
         # PIL releases the GIL while decoding/resizing, so one thread more than the cores keeps them busy
         # while another thread parses; more only adds memory.
         return self.WORKERS_DECODE or min(8, max(2, available_cores() + 1))
+
+    @property
+    def shutdown_timeout_s(self) -> float:
+        """How long the graceful stop waits for accepted requests: a body may take BODY_TIMEOUT_S to arrive
+        and its model work REQUEST_TIMEOUT_S more; a request still running after that is cut off."""
+        return self.BODY_TIMEOUT_S + self.REQUEST_TIMEOUT_S + 5.0
 
     @property
     def max_in_flight(self) -> int:

@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import FileResponse
+from starlette.routing import Mount
 
 from carvae import __version__
 from carvae.checkpoint import Checkpoint, load_checkpoint
@@ -59,6 +60,8 @@ OPEN_PATHS = (
     "/openapi.json",
     "/favicon.ico",
 )
+# Logged at debug when they succeed: probes and scrapes (service.middleware).
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 OPEN_PREFIXES = ("/static/", f"{ASSETS_PATH}/")
 WARM_UP_BATCH = 4
 
@@ -141,6 +144,13 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
     )
 
 
+def begin_drain(app: FastAPI) -> None:
+    """The server is stopping: /readyz answers 503 and carvae_ready is 0 from now on, so load balancers
+    take this instance out, while accepted and new requests are still served (service.server)."""
+    app.state.draining = True
+    app.state.metrics.ready.set(0)
+
+
 async def _stop(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.state.ready = False
     metrics.ready.set(0)
@@ -216,7 +226,8 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.ready = False
+    app.state.ready = False  # the model can take requests
+    app.state.draining = False  # stopping: readiness says no, requests are still served
     app.state.pipeline = None
     install_error_handlers(app)
 
@@ -273,5 +284,11 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         and isinstance(path := getattr(route, "path", None), str)
     }
     app.add_middleware(HeadAsGetMiddleware, paths=get_paths)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, known_paths=known_paths)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        known_paths=known_paths,
+        quiet_paths=QUIET_PATHS,
+        mounts=[route.path for route in app.routes if isinstance(route, Mount)],
+    )
     return app

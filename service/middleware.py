@@ -25,13 +25,17 @@ from service.metrics import Metrics
 log = logging.getLogger("carvae.service")
 
 
-def route_label(scope: Scope, known_paths: Collection[str] = ()) -> str:
+def route_label(scope: Scope, known_paths: Collection[str] = (), mounts: Collection[str] = ()) -> str:
     """The matched route's template, so label values stay bounded. A request refused by middleware before
-    routing keeps its path if that is one of the app's routes; anything else is "unmatched"."""
+    routing keeps its path if that is one of the app's routes; a file under a mount (the page's assets,
+    the docs' assets) is labelled with the mount's path; anything else is "unmatched"."""
     path = getattr(scope.get("route"), "path", None)
     if isinstance(path, str) and path:
         return path
-    return scope["path"] if scope["path"] in known_paths else "unmatched"
+    path = scope["path"]
+    if path in known_paths:
+        return str(path)
+    return next((m for m in mounts if path.startswith(m + "/")), "unmatched")
 
 
 # Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
@@ -52,10 +56,21 @@ class RequestContextMiddleware:
     plain text, outside any exception handler (StaticFiles' 400 and 416 for a bad Range header); their
     text becomes the message, and their other headers are kept."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        known_paths: Collection[str] = (),
+        quiet_paths: Collection[str] = (),
+        mounts: Collection[str] = (),
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.known_paths = frozenset(known_paths)
+        self.mounts = tuple(mounts)
+        # Probes and scrapes succeed every few seconds for the whole life of a deployment: their lines
+        # at info would bury the requests (a 5 s healthcheck alone is ~17,000 lines a day). Debug instead.
+        self.quiet_paths = frozenset(quiet_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,7 +111,7 @@ class RequestContextMiddleware:
                 "request_id=%s unhandled error on %s %s",
                 rid,
                 scope["method"],
-                route_label(scope, self.known_paths),
+                route_label(scope, self.known_paths, self.mounts),
             )
             if not started:
                 response = error_response(
@@ -106,9 +121,11 @@ class RequestContextMiddleware:
             status = 500
         finally:
             elapsed = time.perf_counter() - start
-            route = route_label(scope, self.known_paths)
+            route = route_label(scope, self.known_paths, self.mounts)
             self.metrics.observe_request(route, scope["method"], status, elapsed)
-            log.info(
+            quiet = status < 400 and route in self.quiet_paths
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "request_id=%s method=%s route=%s status=%d ms=%.1f",
                 rid,
                 scope["method"],

@@ -54,6 +54,16 @@ def _replace_first_tensor(rehash: bool) -> Callable[[dict[str, torch.Tensor], di
     return edit
 
 
+def _edit_tensors(
+    change: Callable[[dict[str, torch.Tensor]], object],
+) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+    def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        change(tensors)
+        meta["content_hash"] = content_hash(tensors)
+
+    return edit
+
+
 class _Payload:
     """Unpickling this creates a file: proof that something unpickled it."""
 
@@ -96,11 +106,19 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
     ),
     "weights-of-another-shape-rehashed": (
         lambda g, p: _rewrite(g, p, _replace_first_tensor(rehash=True)),
-        "does not match its model config",
+        "does not match its model config (1 of another shape, e.g. ",
+    ),
+    "a-tensor-missing-rehashed": (
+        lambda g, p: _rewrite(g, p, _edit_tensors(lambda t: t.pop("decoder.fc.weight"))),
+        "does not match its model config (1 tensor(s) missing: decoder.fc.weight)",
+    ),
+    "an-extra-tensor-rehashed": (
+        lambda g, p: _rewrite(g, p, _edit_tensors(lambda t: t.update({"extra.weight": torch.ones(1)}))),
+        "does not match its model config (1 unexpected: extra.weight)",
     ),
     "config-does-not-fit-weights": (
         lambda g, p: _rewrite(g, p, _config_edit(latent_dim=64)),
-        "does not match its model config",
+        "does not match its model config (",
     ),
     "metadata-not-json": (
         lambda g, p: _rewrite(g, p, lambda t, m: m.update(model_config="{not json")),
@@ -111,7 +129,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
         "has invalid metadata",
     ),
     "empty-file": (lambda g, p: p.write_bytes(b""), "is not a readable safetensors file"),
-    "a-folder": (lambda g, p: p.mkdir(), "does not exist"),
+    "a-folder": (lambda g, p: p.mkdir(), "is a directory, not a model.safetensors file"),
 }
 
 

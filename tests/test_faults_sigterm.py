@@ -3,6 +3,7 @@ every request it had accepted (0 lost), and exits 0 within a bound."""
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -110,3 +111,85 @@ def test_sigterm_finishes_every_accepted_request_then_exits_0(service_checkpoint
         assert status == 200, body[:200]
         assert headers["content-type"] == "image/png" and decode_png(body).shape == (32, 32, 3)
     assert "Traceback" not in log and "stopped" in log
+
+
+def _status(url: str) -> int:
+    return httpx.get(url, timeout=5).status_code
+
+
+def test_sigterm_drains_with_readyz_503_while_serving_then_stops(service_checkpoint: Path) -> None:
+    """CARVAE_SHUTDOWN_DELAY_S: a load balancer's probe sees 503 while requests are still answered, and
+    only then does the port close. Also: CARVAE_KEEP_ALIVE_S closes idle connections, and every log line,
+    uvicorn's included, has one format."""
+    delay = 2.0
+    srv = ServerProcess(
+        CHECKPOINT=service_checkpoint,
+        DEVICE="cpu",
+        TORCH_THREADS=1,
+        LOG_LEVEL="info",
+        SHUTDOWN_DELAY_S=delay,
+        KEEP_ALIVE_S=1,
+    )
+    try:
+        srv.wait_ready()
+        with socket.create_connection(("127.0.0.1", srv.port)) as idle:
+            idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            idle.settimeout(10)
+            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+            t_idle = time.monotonic()
+            assert idle.recv(1) == b"", "the idle connection is closed by the server"
+            idle_for = time.monotonic() - t_idle
+        assert 0.5 < idle_for < 4, idle_for  # 1 s, not uvicorn's default of 5
+
+        t0 = time.monotonic()
+        srv.proc.terminate()
+        end = time.monotonic() + 1.5
+        while _status(srv.url + "/readyz") != 503:
+            assert time.monotonic() < end, "/readyz still 200 after SIGTERM"
+            time.sleep(0.05)
+        assert _status(srv.url + "/healthz") == 200
+        files = {"file": ("c.png", photo_bytes(), "image/png")}
+        served = httpx.post(srv.url + "/reconstruct", files=files, timeout=10)
+        assert served.status_code == 200 and decode_png(served.content).shape == (32, 32, 3)
+        ready = [
+            s.value
+            for fam in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=5).text)
+            for s in fam.samples
+            if s.name == "carvae_ready"
+        ]
+        assert ready == [0]
+        assert time.monotonic() - t0 < delay, "the checks above ran inside the delay"
+        end = time.monotonic() + delay + 5
+        while not _refuses_connections(srv.port):
+            assert time.monotonic() < end, "the port is still open long after the delay"
+            time.sleep(0.05)
+        closed_after = time.monotonic() - t0
+        code = srv.proc.wait(EXIT_BOUND_S)
+    finally:
+        srv.stop()
+    log = srv.output()
+    assert code == 0, log
+    assert closed_after >= delay - 0.2, closed_after
+    assert "draining: /readyz answers 503" in log and "Traceback" not in log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert any("uvicorn" in line for line in lines)
+    for line in lines:
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \S+: ", line), line
+
+
+def test_a_second_signal_cuts_the_drain_delay_short(service_checkpoint: Path) -> None:
+    srv = ServerProcess(CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, SHUTDOWN_DELAY_S=60)
+    try:
+        srv.wait_ready()
+        srv.proc.terminate()
+        end = time.monotonic() + 1.5
+        while _status(srv.url + "/readyz") != 503:
+            assert time.monotonic() < end, "/readyz still 200 after SIGTERM"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        srv.proc.terminate()
+        code = srv.proc.wait(10)
+        assert time.monotonic() - t0 < 5
+    finally:
+        srv.stop()
+    assert code == 0, srv.output()

@@ -6,6 +6,7 @@ import base64
 import functools
 import io
 import json
+import logging
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from service_fixtures import TINY, block_handler, decode_png, make_settings, pho
 
 from carvae.losses import psnr
 from carvae.preprocess import prepare, to_tensor, to_uint8
+from service.config import Settings
 from service.deps import Output, negotiate
 from service.main import STATIC_DIR, create_app
 from service.pipeline import Pipeline
@@ -512,6 +514,44 @@ def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
         "carvae_in_flight_requests",
     ):
         assert metric_samples(text, name), name
+
+
+def test_files_under_a_mount_are_labelled_by_the_mount_and_no_created_series(client: TestClient) -> None:
+    assert client.get("/docs/assets/swagger-ui.css").status_code == 200
+    assert client.get("/static/js/api.js").status_code == 200
+    assert client.get("/static/no-such-file.js").status_code == 404
+    text = client.get("/metrics").text
+    seen = {(s.labels["route"], s.labels["status"]) for s in metric_samples(text, "carvae_requests_total")}
+    assert {("/docs/assets", "200"), ("/static", "200"), ("/static", "404")} <= seen
+    assert "unmatched" not in {route for route, _ in seen}
+    # Counters and histograms without their `_created` twins (half the series, nothing lost).
+    assert not [line for line in text.splitlines() if "_created" in line]
+
+
+def test_probes_and_scrapes_are_logged_at_debug_requests_at_info(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    def lines(level: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(level, logger="carvae.service"):
+            for path in ("/healthz", "/readyz", "/metrics", "/v1/model"):
+                client.get(path)
+        return [r.getMessage() for r in caplog.records if "route=" in r.getMessage()]
+
+    at_info = lines(logging.INFO)
+    assert len(at_info) == 1 and "route=/v1/model status=200" in at_info[0]
+    assert len(lines(logging.DEBUG)) == 4
+
+
+def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-compose.yml passes every setting as ${CARVAE_X:-}: unset there must not be invalid here."""
+    for name in Settings.model_fields:
+        monkeypatch.setenv(f"CARVAE_{name}", "")
+    defaults = Settings()
+    assert defaults.QUEUE_SIZE == 256 and defaults.API_KEY is None and defaults.CORS_ORIGINS == []
+    assert defaults.KEEP_ALIVE_S == 5 and defaults.SHUTDOWN_DELAY_S == 0
+    monkeypatch.setenv("CARVAE_QUEUE_SIZE", "7")
+    assert Settings().QUEUE_SIZE == 7
 
 
 def test_refusal_and_timeout_counters_exist_at_zero_before_any_event(service_checkpoint: Path) -> None:

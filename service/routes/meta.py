@@ -34,10 +34,10 @@ async def healthz() -> HealthResponse:
     responses={503: {"model": errors(503)[503]["model"], "description": "starting up or shutting down"}},
 )
 async def readyz(request: Request) -> Response:
-    if not request.app.state.ready:
-        return error_response(
-            503, "not_ready", "the model is not loaded and warmed up", request_id_of(request.scope)
-        )
+    state = request.app.state
+    if not state.ready or state.draining:
+        why = "the service is shutting down" if state.draining else "the model is not loaded and warmed up"
+        return error_response(503, "not_ready", why, request_id_of(request.scope))
     return Response(ReadyResponse().model_dump_json(), media_type="application/json")
 
 
