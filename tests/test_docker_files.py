@@ -161,6 +161,32 @@ def test_compose_service_settings_exist_in_the_service_config() -> None:
         assert name in fields, f"{name} in docker-compose.yml is not a service setting"
 
 
+def test_compose_passes_every_service_setting_through() -> None:
+    """A setting put in .env reaches the service (only four did: the others were silently ignored)."""
+    from service.config import Settings
+
+    env = _compose()["services"]["service"]["environment"]
+    in_container = {"HOST", "PORT", "CHECKPOINT"}  # fixed by the image and the volume layout
+    for name in Settings.model_fields:
+        if name in in_container:
+            continue
+        assert env.get(f"CARVAE_{name}") == f"${{CARVAE_{name}:-}}", (
+            f"CARVAE_{name} is not passed through as ${{CARVAE_{name}:-}} (empty = the default)"
+        )
+
+
+def test_compose_stops_gracefully() -> None:
+    """Signals reach Python through an init, and `docker compose down` waits for the service's drain."""
+    from service.config import Settings
+
+    services = _compose()["services"]
+    assert services["trainer"]["init"] is True and services["service"]["init"] is True
+    grace = re.fullmatch(r"\$\{CARVAE_STOP_GRACE_PERIOD:-(\d+)s\}", services["service"]["stop_grace_period"])
+    assert grace is not None
+    defaults = Settings(CHECKPOINT=Path("x"))
+    assert int(grace.group(1)) >= defaults.shutdown_timeout_s + defaults.SHUTDOWN_DELAY_S + 5
+
+
 def test_service_reads_the_checkpoint_the_trainer_writes() -> None:
     compose = _compose()["services"]
     checkpoint = compose["service"]["environment"]["CARVAE_CHECKPOINT"]
