@@ -3,7 +3,8 @@
 #   docker build --target service -t carvae-service .     (also the default target)
 #
 # Build arguments:
-#   PYTHON_IMAGE     base image of every stage (default python:3.11-slim)
+#   PYTHON_IMAGE     base image of every stage (default python:3.11-slim; 3.11 or newer: the deps stage reads
+#                    pyproject.toml with tomllib)
 #   TORCH_VERSION    default 2.13.0
 #   TORCH_INDEX_URL  where torch comes from when building online; the CPU build by default. For a CUDA
 #                    image: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128

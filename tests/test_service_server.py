@@ -70,6 +70,17 @@ def test_bad_checkpoint_stops_startup_with_one_line(
     assert expected in line
 
 
+def test_a_taken_port_exits_3(service_checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_service(CHECKPOINT=service_checkpoint, DEVICE="cpu", HOST="127.0.0.1", PORT=port)
+    assert result.returncode == 3, result.stderr
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(service_checkpoint: Path) -> None:
     assert "CUDA is not available" in _one_line_error(
