@@ -21,6 +21,8 @@ from carvae.device import DeviceError, pick_device
 from service.config import Settings
 from service.threads import use_one_thread
 
+log = logging.getLogger("carvae.service")
+
 EXIT_CONFIG = 2
 EXIT_NOT_STARTED = 3  # uvicorn's own status for a server that could not start
 
@@ -62,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.LOG_LEVEL.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # A stop requested while the model loads ends the process at once with status 0. Installed first:
+    # as a container's PID 1 (no init) Python would otherwise ignore SIGTERM until uvicorn's handlers are
+    # in. uvicorn then handles SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run
+    # the lifespan shutdown), restores these handlers and re-raises the signal: status 0 again.
+    signal.signal(signal.SIGTERM, _stop_cleanly)
+    signal.signal(signal.SIGINT, _stop_cleanly)
+    log.info("loading %s", settings.CHECKPOINT)
     try:
         device = pick_device(settings.DEVICE)
         # Before the first torch op: a thread that once computed on more threads keeps its OpenMP team,
@@ -101,11 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
     server = DrainingServer(config, lambda: begin_drain(app), settings.SHUTDOWN_DELAY_S)
-    # uvicorn handles SIGTERM/SIGINT itself (here: drain, stop accepting, finish accepted requests, run
-    # the lifespan shutdown), then restores the previous handlers and re-raises the signal. With these
-    # handlers that re-raise ends the process with status 0: a requested, graceful stop is a success.
-    signal.signal(signal.SIGTERM, _stop_cleanly)
-    signal.signal(signal.SIGINT, _stop_cleanly)
     server.run()
     if not server.started:  # e.g. the port is taken: uvicorn has logged why
         return EXIT_NOT_STARTED

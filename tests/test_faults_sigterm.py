@@ -193,3 +193,21 @@ def test_a_second_signal_cuts_the_drain_delay_short(service_checkpoint: Path) ->
     finally:
         srv.stop()
     assert code == 0, srv.output()
+
+
+def test_sigterm_while_the_model_loads_stops_with_status_0(service_checkpoint: Path) -> None:
+    """Python as a container's PID 1 (no init) ignores a signal that has no handler: the handler is
+    installed before the checkpoint loads, so a stop during start-up is not lost."""
+    srv = ServerProcess(CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, LOG_LEVEL="info")
+    try:
+        assert srv.proc.stdout is not None
+        seen = ""
+        while "loading" not in seen:  # main() has started: settings read, handlers installed
+            line = srv.proc.stdout.readline()
+            assert line, f"exited before loading: {seen}"
+            seen += line
+        srv.proc.terminate()
+        code = srv.proc.wait(10)
+    finally:
+        srv.stop()
+    assert code == 0, seen + srv.output()
