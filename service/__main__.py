@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from service.config import Settings
+from service.logs import configure_logging
 from service.threads import use_one_thread
 
 log = logging.getLogger("carvae.service")
@@ -61,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ).parse_args(argv)
     settings = _load_settings()
-    logging.basicConfig(
-        level=settings.LOG_LEVEL.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     # A stop requested while the model loads ends the process at once with status 0. Installed first:
     # as a container's PID 1 (no init) Python would otherwise ignore SIGTERM until uvicorn's handlers are
     # in. uvicorn then handles SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     LOG_LEVEL: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log level"
     )
+    LOG_FORMAT: Literal["text", "json"] = Field(
+        default="text", description="text: one readable line per record; json: one JSON object per line"
+    )
 
     @field_validator("CORS_ORIGINS", mode="before")
     @classmethod
@@ -135,7 +138,7 @@ class Settings(BaseSettings):
             return [o.strip() for o in v.split(",") if o.strip()]
         return v
 
-    @field_validator("LOG_LEVEL", mode="before")
+    @field_validator("LOG_LEVEL", "LOG_FORMAT", mode="before")
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v

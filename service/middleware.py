@@ -123,16 +123,17 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - start
             route = route_label(scope, self.known_paths, self.mounts)
             self.metrics.observe_request(route, scope["method"], status, elapsed)
-            quiet = status < 400 and route in self.quiet_paths
-            log.log(
-                logging.DEBUG if quiet else logging.INFO,
-                "request_id=%s method=%s route=%s status=%d ms=%.1f",
-                rid,
-                scope["method"],
-                route,
-                status,
-                elapsed * 1000,
-            )
+            level = logging.DEBUG if status < 400 and route in self.quiet_paths else logging.INFO
+            if log.isEnabledFor(level):
+                fields = {
+                    "request_id": rid,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "ms": round(elapsed * 1000, 1),
+                }
+                # The fields twice: in the message for a reader, as attributes for the JSON format.
+                log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
     @staticmethod
     async def _send_as_json(send: Send, start: Message, text: bytes, rid_header: tuple[bytes, bytes]) -> None:

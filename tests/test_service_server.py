@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import shutil
 import socket
 import subprocess
@@ -176,6 +177,20 @@ def test_sigterm_exits_cleanly(server: ServerProcess) -> None:
     t0 = time.monotonic()
     assert server.stop() == 0
     assert time.monotonic() - t0 < 15
+
+
+def test_json_logs_one_object_per_line(service_checkpoint: Path) -> None:
+    """CARVAE_LOG_FORMAT=json: every line a collector reads is JSON, uvicorn's included, and a request's
+    fields are keys, not text inside the message."""
+    with serving(service_checkpoint, LOG_FORMAT="json", LOG_LEVEL="info") as srv:
+        assert httpx.get(srv.url + "/v1/model", headers={"X-Request-ID": "json-log-test"}).status_code == 200
+        assert srv.stop() == 0
+    records = [json.loads(line) for line in srv.output().splitlines() if line.strip()]
+    assert {"uvicorn.error", "carvae.service"} <= {r["logger"] for r in records}
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    (request,) = [r for r in records if r.get("request_id") == "json-log-test"]
+    assert request["route"] == "/v1/model" and request["status"] == 200 and request["method"] == "GET"
+    assert isinstance(request["ms"], float) and request["time"].endswith("Z")
 
 
 # -- in-process uvicorn, so a slow model can be injected -------------------------------------------
