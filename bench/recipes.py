@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     for i, (name, flags) in enumerate(RECIPES.items()):
         run_dir = out / f"r{i}"
+        # --overwrite: a second sitting of the comparison replaces the first one's runs.
         cmd = [sys.executable, "-m", "trainer", "--data", args.data, "--out", str(run_dir), "--threads", "1"]
+        cmd += ["--overwrite"]
         cmd += ["--max-minutes", str(args.minutes), "--no-progress", "--workers", "1", *flags]
         log = open(out.parent / f"{out.name}-r{i}.log", "w")  # noqa: SIM115 (closed after the wait below)
         out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ RECIPES = ("sigma-vae", "mse")
 LOG_2PI = math.log(2 * math.pi)
 # Floor on log σ: stops the optimal-σ NLL from rewarding a perfect fit of a single image without bound.
 MIN_LOG_SIGMA = -6.0
+SSIM_WINDOW = 11
 
 
 @dataclass
@@ -80,7 +81,9 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -10.0 * torch.log10(mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5, device: torch.device | None = None) -> torch.Tensor:
+def _gaussian_window(
+    size: int = SSIM_WINDOW, sigma: float = 1.5, device: torch.device | None = None
+) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float32, device=device) - size // 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
@@ -89,9 +92,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, device: torch.device | 
 
 def ssim(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """SSIM per image (Wang et al. 2004: 11×11 Gaussian window σ=1.5, K1=0.01, K2=0.03, data range 1),
-    averaged over channels and valid window positions."""
+    averaged over channels and valid window positions. Images smaller than the window (8 px) use the
+    largest odd window that fits, so every size the model accepts can be scored."""
     x_hat, x = x_hat.float(), x.float()
-    w = _gaussian_window(device=x.device)
+    side = min(SSIM_WINDOW, *x.shape[-2:])
+    w = _gaussian_window(side - (1 - side % 2), device=x.device)
     conv = lambda t: torch.nn.functional.conv2d(t, w, groups=3)  # noqa: E731
     c1, c2 = 0.01**2, 0.03**2
     mu_x, mu_y = conv(x), conv(x_hat)

@@ -221,13 +221,24 @@ class VAE(nn.Module):
     @torch.no_grad()
     def fit_prior(self, mus: torch.Tensor, shrinkage: float = 1e-3) -> None:
         """Set the sampling prior to the Gaussian of the given posterior means (N, latent_dim), raw
-        encoder coordinates. A small ridge keeps the covariance invertible."""
+        encoder coordinates. A small ridge keeps the covariance invertible.
+
+        Raises ValueError, leaving the prior as it was, when the means define no Gaussian: fewer than two
+        of them, non-finite values (a diverged model), or no spread at all (identical training images)."""
         m = mus.double()
+        if m.ndim != 2 or len(m) < 2:
+            raise ValueError(f"a prior needs at least 2 posterior means, got {len(m)}")
+        if not torch.isfinite(m).all():
+            raise ValueError("the posterior means are not all finite")
         loc = m.mean(0)
         cov = torch.cov(m.T).reshape(len(loc), len(loc))
         cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(len(loc), dtype=cov.dtype)
-        tril = torch.linalg.cholesky(cov)
+        tril, info = torch.linalg.cholesky_ex(cov)
+        if int(info) != 0:
+            raise ValueError("the posterior means have no spread (their covariance is singular)")
         whiten = torch.linalg.solve_triangular(tril, torch.eye(len(loc), dtype=cov.dtype), upper=False)
+        if not torch.isfinite(whiten).all():
+            raise ValueError("the covariance of the posterior means cannot be inverted")
         for name, value in (("prior_loc", loc), ("prior_scale_tril", tril), ("prior_whiten", whiten)):
             self.get_buffer(name).copy_(value.to(self.get_buffer(name)))
 

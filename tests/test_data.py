@@ -278,3 +278,32 @@ def test_real_car_photos_decode_exactly_as_the_service_does(tmp_path: Path) -> N
     assert ds.images.shape == (24, 64, 64, 3) and ds.source["skipped"] == 0
     first = prepare(photos[0].read_bytes(), PreprocessPolicy(image_size=64))
     np.testing.assert_array_equal(ds.images[0].numpy(), first)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_scan_keeps_regular_files_and_dangling_links_only(tmp_path: Path) -> None:
+    rgb = _halves(24, 24, RED, BLUE)
+    _save(tmp_path / "a.png", rgb, "PNG")
+    os.mkfifo(tmp_path / "fifo.jpg")  # reading it would block the trainer forever
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "linked.png").symlink_to(tmp_path / "a.png")
+    names = [p.name for p in scan_images(tmp_path)]
+    assert names == ["a.png", "dangling.png", "linked.png"]
+    ds = load_folder(tmp_path, POLICY)  # and so it loads instead of hanging
+    assert len(ds) == 2 and ds.source["skipped_reasons"] == {"unreadable": 1}
+
+
+def test_scan_skips_training_run_folders_inside_the_data(tmp_path: Path) -> None:
+    rgb = _halves(24, 24, RED, BLUE)
+    _save(tmp_path / "cars" / "a.png", rgb, "PNG")
+    fingerprint = data_fingerprint(str(tmp_path), 16, 0)
+    for marker in ("run.json", "train_state.pt", "model.safetensors"):
+        run = tmp_path / f"run-{marker}"  # a --out inside --data, with the images a run writes
+        _save(run / "samples.png", rgb, "PNG")
+        _save(run / "nested" / "loss.png", rgb, "PNG")
+        (run / marker).write_bytes(b"{}")
+    _save(tmp_path / "no-run" / "b.png", rgb, "PNG")  # a folder of photos is still scanned
+    names = [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path)]
+    assert names == ["cars/a.png", "no-run/b.png"]
+    (tmp_path / "no-run" / "b.png").unlink()
+    assert data_fingerprint(str(tmp_path), 16, 0) == fingerprint

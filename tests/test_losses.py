@@ -86,9 +86,9 @@ def test_psnr_identical_and_known_noise() -> None:
     torch.testing.assert_close(psnr(noisier, x), torch.tensor([20.0 - 10 * math.log10(4)] * 2))
 
 
-def _ssim_by_hand(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two 11×11 single-window images (3 channels) with explicit weighted statistics."""
-    coords = np.arange(11) - 5
+def _ssim_by_hand(a: np.ndarray, b: np.ndarray, size: int = 11) -> float:
+    """SSIM of two size×size single-window images (3 channels) with explicit weighted statistics."""
+    coords = np.arange(size) - size // 2
     g = np.exp(-(coords**2) / (2 * 1.5**2))
     w = np.outer(g, g) / np.outer(g, g).sum()
     c1, c2 = 0.01**2, 0.03**2
@@ -116,3 +116,16 @@ def test_ssim_matches_a_hand_computation_and_orders_noise() -> None:
     assert scores[0] > scores[1] > scores[2]
     y = (x + 0.1 * noise).clamp(0, 1)
     torch.testing.assert_close(ssim(x, y), ssim(y, x))  # symmetric
+
+
+def test_ssim_of_images_smaller_than_the_window_uses_the_largest_odd_window_that_fits() -> None:
+    # --image-size 8 is a valid model size: validation must score it, not fail in conv2d.
+    rng = np.random.default_rng(2)
+    a = rng.random((3, 7, 7))
+    b = np.clip(a + rng.normal(0, 0.1, a.shape), 0, 1)
+    got = ssim(torch.tensor(b[None]), torch.tensor(a[None]))
+    assert float(got[0]) == pytest.approx(_ssim_by_hand(b, a, size=7), abs=1e-5)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-6)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert bool((ssim((x + 0.3 * noise).clamp(0, 1), x) < ssim((x + 0.02 * noise).clamp(0, 1), x)).all())

@@ -158,3 +158,18 @@ def test_a_fitted_prior_standardises_the_latent_coordinates() -> None:
     w = model.prior_whiten
     expected = torch.stack([torch.diag(w @ torch.diag(v) @ w.T) for v in raw_logvar.exp()])
     torch.testing.assert_close(logvar.exp(), expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    ("codes", "why"),
+    [
+        (torch.randn(1, 8), "at least 2"),  # a training split of one image
+        (torch.ones(5, 8) * 0.3, "no spread"),  # identical training images
+        (torch.full((5, 8), float("nan")), "not all finite"),  # a diverged model
+    ],
+)
+def test_fit_prior_refuses_codes_that_define_no_gaussian_and_keeps_n01(codes: torch.Tensor, why: str) -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match=why):
+        model.fit_prior(codes)
+    assert not model.prior_is_fitted and torch.equal(model.prior_whiten, torch.eye(8))

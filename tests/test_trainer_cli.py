@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 import carvae.checkpoint as ckpt_mod
+import trainer.data as data_mod
 import trainer.state as state_mod
+import trainer.train as train_mod
 from carvae.checkpoint import load_checkpoint
 from trainer import evaluate as evaluate_mod
 from trainer.__main__ import build_parser, main
@@ -34,6 +36,9 @@ DOCUMENTED_FLAGS = (
     "--smoke --eval-every"
 )
 FAST = ["--no-progress", "--threads", "1", "--workers", "1"]
+# A run of a fraction of a second: 24 synthetic cars at 16 px, 5 steps per epoch.
+TINY_FLAGS = "--data synthetic --synthetic-count 24 --image-size 16 --channels 8,8 --latent-dim 8"
+TINY = [*TINY_FLAGS.split(), "--batch-size", "4", "--warmup-steps", "2", "--epochs", "1", *FAST]
 RUN_FILES = {"model.safetensors", "metrics.jsonl", "run.json", "train_state.pt"} | {
     f"{name}.png" for name in ("loss", "reconstructions", "samples")
 }
@@ -189,14 +194,24 @@ def test_refine_latents_leaves_the_model_as_it_was(smoke_run: tuple[Path, str]) 
 def test_evaluate_on_foreign_data_and_bad_input(smoke_run: tuple[Path, str], tmp_path: Path, capsys) -> None:
     out, _ = smoke_run
     rng = np.random.default_rng(0)
-    for i in range(6):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(buf, "PNG")
-        (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+
+    def photos(n: int) -> None:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(buf, "PNG")
+            (tmp_path / f"{i}.png").write_bytes(buf.getvalue())
+
+    photos(6)
     assert evaluate_mod.main(["--checkpoint", str(out / "model.safetensors"), "--data", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert not result["data"]["matches_training"] and result["split"] == "all" and result["images"] == 6
-    assert result["pca"]["fit_on"].startswith("evaluated images")
+    # fitted on the 6 images it scores, a 16-component PCA would reproduce them: no baseline, and why
+    assert result["pca"] is None and result["vae_minus_pca_psnr_db"] is None
+    assert result["pca_skipped"].startswith("only 6 images to fit the PCA on")
+    photos(20)
+    assert evaluate_mod.main(["--checkpoint", str(out / "model.safetensors"), "--data", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pca"]["fit_on"].startswith("evaluated images") and result["pca"]["psnr"]["mean"] < 60
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"junk")
@@ -331,12 +346,28 @@ def test_full_disk_mid_run_keeps_every_file_whole(tmp_path: Path, monkeypatch, c
         (["--data", "synthetic", "--out", "{tmp}/run", "--augment", "rotate"], "unknown augmentation"),
         (["--data", "synthetic", "--out", "{tmp}/run", "--device", "tpu"], "unknown device"),
         (["--resume", "{tmp}/nothing"], "not a run folder"),
+        # non-finite or absurd numbers fail here, not mid-run with a torch traceback
+        (["--smoke", "--out", "{tmp}/run", "--max-minutes", "inf"], "must be finite"),
+        (["--smoke", "--out", "{tmp}/run", "--lr", "inf"], "must be finite"),
+        (["--smoke", "--out", "{tmp}/run", "--lr", "nan"], "must be finite"),
+        (["--smoke", "--out", "{tmp}/run", "--lr", "1e300"], "learning rate must be in (0, 1]"),
+        (["--smoke", "--out", "{tmp}/run", "--beta", "inf"], "must be finite"),
+        (["--smoke", "--out", "{tmp}/run", "--kl-warmup-epochs", "inf"], "must be finite"),
+        (["--smoke", "--out", "{tmp}/run", "--grad-clip", "inf"], "must be finite"),
+        (["--smoke", "--out", "{tmp}/run", "--blocks-per-level", "-1"], "blocks per level must be >= 0"),
+        (["--smoke", "--out", "{tmp}/run", "--warmup-steps", "-1"], "warm-up steps must be >= 0"),
+        (["--smoke", "--out", "{tmp}/run", "--lr-step-epoch", "-1"], "lr step epoch must be >= 0"),
+        (["--smoke", "--out", ""], "--out must not be empty"),
+        (["--data", "", "--out", "{tmp}/run"], "--data must not be empty"),
+        (["--data", "{tmp}", "--out", "{tmp}"], "must not be the data folder"),
+        (["--resume", "{tmp}/run", "--overwrite"], "cannot be combined with --resume"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args: list[str], message: str) -> None:
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args] + FAST) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
 
 
 def test_resume_refuses_to_change_what_is_trained(
@@ -347,3 +378,205 @@ def test_resume_refuses_to_change_what_is_trained(
     assert main(["--resume", str(out), "--latent-dim", "32", *FAST]) == 2
     assert "--latent-dim cannot change on --resume" in capsys.readouterr().err
     assert load_state(out)["progress"]["epochs_done"] == 1
+
+
+def _nan_loss_from_step(monkeypatch: pytest.MonkeyPatch, first: int, last: float = float("inf")) -> None:
+    """Training steps `first`..`last` (0-based) get a NaN loss, so their gradients are non-finite."""
+    real, calls = train_mod.vae_loss, [0]
+
+    def vae_loss(*args: object, **kwargs: object) -> object:
+        terms = real(*args, **kwargs)  # type: ignore[arg-type]
+        if first <= calls[0] <= last:
+            terms.loss = terms.loss * float("nan")
+        calls[0] += 1
+        return terms
+
+    monkeypatch.setattr(train_mod, "vae_loss", vae_loss)
+
+
+def test_an_epoch_without_one_finite_step_is_a_divergence(tmp_path: Path, monkeypatch, capsys) -> None:
+    # 5 steps per epoch never reach the 20-in-a-row limit; the run must still stop with exit 1, not crash.
+    _nan_loss_from_step(monkeypatch, 0)
+    assert main([*TINY, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "error: training diverged: every step of epoch 1 had non-finite gradients; lower --lr or "
+        "raise --warmup-steps"
+    )
+
+
+def test_non_finite_steps_in_a_row_are_counted_across_epochs(tmp_path: Path, monkeypatch, capsys) -> None:
+    # batch 1: 21 steps per epoch; steps 12-31 (the last 9 of epoch 1, the first 11 of epoch 2) are bad.
+    _nan_loss_from_step(monkeypatch, 12, 31)
+    args = [*TINY, "--batch-size", "1", "--epochs", "3", "--out", str(tmp_path / "run")]
+    assert main(args) == 1
+    assert "20 steps in a row had non-finite gradients (epoch 2)" in capsys.readouterr().err
+
+
+def test_a_nan_validation_loss_never_stays_the_best_epoch(tmp_path: Path, monkeypatch) -> None:
+    real, calls = train_mod.validation_summary, [0]
+
+    def nan_first(*args: object, **kwargs: object) -> dict[str, float]:
+        val = real(*args, **kwargs)  # type: ignore[arg-type]
+        calls[0] += 1
+        return {**val, "loss": float("nan")} if calls[0] == 1 else val
+
+    monkeypatch.setattr(train_mod, "validation_summary", nan_first)
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "2", "--out", str(out)]) == 0
+    t = load_checkpoint(out / "model.safetensors").training
+    assert t["best_epoch"] == 2 and np.isfinite(t["best_val"]["loss"])
+    assert [r["best"] for r in read_metrics(out)] == [True, True]
+
+
+def test_a_prior_that_cannot_be_fitted_falls_back_to_n01(tmp_path: Path, capsys) -> None:
+    # 2 images: 1 in training, so the fitted prior has a single code and no covariance.
+    out = tmp_path / "run"
+    assert main([*TINY, "--synthetic-count", "2", "--out", str(out)]) == 0
+    assert "cannot fit the sampling prior (a prior needs at least 2" in capsys.readouterr().out
+    ck = load_checkpoint(out / "model.safetensors")
+    assert ck.training["complete"] and ck.training["prior"] == "standard" and not ck.model.prior_is_fitted
+    assert "at least 2" in ck.training["prior_fit_error"]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+def _photos(folder: Path, n: int) -> list[str]:
+    """n small random PNGs in folder; returns TINY with --data pointing there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    args = [a for a in TINY if a not in ("--synthetic-count", "24")]
+    args[args.index("synthetic")] = str(folder)
+    return args
+
+
+def test_an_8_px_run_is_validated_and_finishes(tmp_path: Path) -> None:
+    # 8 px is smaller than SSIM's 11×11 window, which validation uses after every epoch
+    out = tmp_path / "run"
+    tiny = _photos(tmp_path / "photos", 12)
+    assert main([*tiny, "--image-size", "8", "--channels", "8", "--out", str(out)]) == 0
+    assert -1 <= read_metrics(out)[0]["val_ssim"] <= 1  # scored (random photos: near 0)
+
+
+def test_a_fresh_run_never_replaces_a_run_it_was_not_told_to(
+    smoke_run: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # forgetting --resume, or reusing a finished run's folder: refused, nothing touched
+    assert main(["--smoke", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {out} already holds a run (train_state.pt, model.safetensors); continue or extend it with "
+        f"--resume {out}, or pass --overwrite to replace it"
+    )
+    # --overwrite with a mistyped --data: the old resume point is only dropped once the data has loaded
+    assert main(["--data", str(tmp_path / "typo"), "--out", str(out), "--overwrite", *FAST]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # --overwrite with good data: a new run replaces the old one
+    assert main(["--smoke", "--out", str(out), "--seed", "1", "--overwrite", *FAST]) == 0
+    assert load_checkpoint(out / "model.safetensors").training["seed"] == 1
+    assert load_state(out)["config"]["seed"] == 1
+
+
+def test_a_run_folder_inside_the_data_folder_is_not_training_data(tmp_path: Path, capsys) -> None:
+    photos = tmp_path / "photos"
+    tiny = _photos(photos, 12)
+    out = photos / "run"  # its loss.png, samples.png, … land among the photos
+    assert main([*tiny, "--out", str(out)]) == 0
+    assert (out / "loss.png").is_file()
+    capsys.readouterr()
+    assert main(["--resume", str(out), "--epochs", "2", *FAST]) == 0, capsys.readouterr().err
+    t = load_checkpoint(out / "model.safetensors").training
+    assert t["epochs_done"] == 2 and t["data"]["count"] == 12
+
+
+def test_evaluate_refuses_a_batch_size_below_1(tiny_checkpoint: Path, capsys) -> None:
+    for bad in ("0", "-1"):
+        args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--batch-size", bad]
+        assert evaluate_mod.main(args) == 2
+        assert capsys.readouterr().err == "error: --batch-size must be >= 1\n"
+
+
+REAL_TRAIN_EPOCH = train_mod._Run.train_epoch
+
+
+def _interrupt_at_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Ctrl-C at the start of (0-based) `epoch`."""
+
+    def train_epoch(self: train_mod._Run, e: int) -> tuple[dict[str, float], int]:
+        if e == epoch:
+            raise KeyboardInterrupt
+        return REAL_TRAIN_EPOCH(self, e)
+
+    monkeypatch.setattr(train_mod._Run, "train_epoch", train_epoch)
+
+
+def test_ctrl_c_suggests_resume_only_when_there_is_a_resume_point(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "run"
+    _interrupt_at_epoch(monkeypatch, 0)
+    assert main([*TINY, "--epochs", "2", "--out", str(out)]) == 130
+    assert (
+        capsys.readouterr().err == f"interrupted before an epoch was completed; nothing to resume in {out}\n"
+    )
+    _interrupt_at_epoch(monkeypatch, 1)
+    assert main([*TINY, "--epochs", "2", "--out", str(out), "--overwrite"]) == 130
+    assert capsys.readouterr().err == f"interrupted; continue with: python -m trainer --resume {out}\n"
+    assert main(["--resume", str(out), *FAST]) == 130  # the suggestion is a command that resumes
+    assert "resuming after epoch 1" in capsys.readouterr().out
+
+
+def test_evaluate_renders_only_the_synthetic_cars_it_uses(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    rendered: list[int] = []
+    real = data_mod._synthetic_chunk
+
+    def chunk(args: tuple[int, int, int]) -> np.ndarray:
+        rendered.extend(range(args[0], args[0] + args[1]))
+        return real(args)
+
+    monkeypatch.setattr(data_mod, "_synthetic_chunk", chunk)
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--cache-dir", str(tmp_path)]
+    assert evaluate_mod.main([*args, "--limit", "2", "--no-pca", "--workers", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2 and rendered == [0, 1]
+    # the scores are those of the same cars in the whole set (which the PCA baseline needs)
+    rendered.clear()
+    whole = evaluate_mod.evaluate(tiny_checkpoint, "synthetic", limit=2, device="cpu", cache_dir=tmp_path)
+    assert sorted(rendered) == list(range(16)) and whole["pca"]["fit_images"] == 16
+    part = evaluate_mod.evaluate(tiny_checkpoint, "synthetic", limit=2, pca=False, device="cpu")
+    assert part["psnr"] == whole["psnr"] and part["ssim"] == whole["ssim"]
+
+
+def test_sigterm_stops_a_real_run_like_ctrl_c(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """`docker stop` sends SIGTERM: status 130 and the resume hint, the completed epochs kept."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainer", *TINY_FLAGS.split(), "--batch-size", "4", "--epochs", "500"]
+    proc = subprocess.Popen(
+        [*cmd, *FAST, "--out", str(out)],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        while "epoch 2/" not in seen:  # epoch 1 is complete: there is a resume point
+            line = proc.stdout.readline()
+            assert line, f"the trainer ended early: {seen}"
+            seen += line
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert f"interrupted; continue with: python -m trainer --resume {out}" in err
+    assert "Traceback" not in err
+    assert (out / "train_state.pt").is_file()

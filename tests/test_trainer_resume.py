@@ -106,3 +106,35 @@ def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path: Path, cli_env: dic
     t = load_checkpoint(out / "model.safetensors").training
     assert t["complete"] and t["epochs_done"] == 3
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[]",
+        b"{}",
+        b'{"status": "running", "config": {"data": "synthetic", "epo',  # truncated
+        b'{"config": []}',
+        b'{"config": {"data": "synthetic", "epochs": "twelve"}}',
+        b"\xff\xfe not UTF-8",
+    ],
+)
+def test_a_damaged_run_json_is_one_line_naming_the_file(tmp_path: Path, capsys, content: bytes) -> None:
+    run_file = tmp_path / "run.json"
+    run_file.write_bytes(content)
+    assert main(["--resume", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and str(run_file) in err and "damaged" in err and err.count("\n") == 1
+
+
+def test_resume_refuses_fewer_epochs_than_already_done(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_ARGS, "--epochs", "2", "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["--resume", str(out), "--epochs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: --epochs 1 is below the 2 epochs {out} has already completed; "
+        "pass --epochs 2 or more to resume it\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -77,6 +77,8 @@ def test_plan_epochs_fits_the_budget() -> None:
     assert plan_epochs(50, 2, [30.0, 10.0], 100.0, 40.0) == 8
     assert plan_epochs(5, 1, [1.0], 1000.0, 1.0) == 5  # never more than requested
     assert plan_epochs(50, 3, [10.0, 10.0, 10.0], 25.0, 30.0) == 3  # over budget: stop now
+    assert plan_epochs(50, 1, [10.0], 1e300 * 60, 10.0) == 50  # a budget of ~forever fits them all
+    assert plan_epochs(50, 1, [10.0], 1e308 * 60, 10.0) == 50  # ... even when it overflows to inf seconds
 
 
 def test_weighted_means_cover_every_batch_by_size() -> None:

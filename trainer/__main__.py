@@ -1,13 +1,15 @@
 """`python -m trainer`: train a car VAE into RUN_DIR/model.safetensors. `--help` documents every flag.
 
 Exit codes: 0 done (or --if-missing found a matching model), 1 training diverged, 2 bad arguments,
-unusable data or an unwritable run folder (one line on stderr), 130 interrupted (resume with --resume).
+unusable data, an unwritable run folder or one that already holds a run (one line on stderr), 130
+interrupted by Ctrl-C or SIGTERM (resume with --resume once an epoch has completed).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -22,7 +24,7 @@ from trainer.cli import HelpFormatter, setup_logging
 from trainer.data import AUGMENTATIONS, DataError, data_fingerprint
 from trainer.distributed import PRECISIONS
 from trainer.schedule import LR_SCHEDULES
-from trainer.state import CHECKPOINT_FILE, RUN_FILE, OutputError, ResumeError, read_json
+from trainer.state import CHECKPOINT_FILE, RUN_FILE, STATE_FILE, OutputError, ResumeError, read_json
 from trainer.train import PRIORS, TrainConfig, TrainingDiverged, train
 
 DEFAULTS = TrainConfig()
@@ -76,7 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument(
         "--out",
-        type=Path,
         default=None,
         metavar="RUN_DIR",
         help="run folder, created if needed (default: none; required unless --resume)",
@@ -110,7 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument(
         "--cache-dir",
-        type=Path,
         default=None,
         help="where decoded images are cached as .npy (default: RUN_DIR/../.cache)",
     )
@@ -227,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--resume",
-        type=Path,
         default=None,
         metavar="RUN_DIR",
         help="continue a stopped run from its last completed epoch (model, optimiser, schedule, "
@@ -237,7 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--if-missing",
         action="store_true",
         help="exit 0 at once if RUN_DIR/model.safetensors is valid, complete and trained with this "
-        "configuration",
+        "configuration; otherwise train into RUN_DIR, replacing what is there",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in a RUN_DIR that already holds one (its model.safetensors or "
+        "train_state.pt), replacing it; without this flag such a folder is refused",
     )
     r.add_argument(
         "--smoke",
@@ -259,15 +264,47 @@ def _explicit(argv: Sequence[str] | None) -> set[str]:
     return set(vars(p.parse_args(argv)))
 
 
+def _paths(args: argparse.Namespace) -> None:
+    """The path flags as Paths. Refused when empty: Path('') is the current directory, and a run (or its
+    training data) silently landing there is never what an empty variable in a script meant."""
+    for name in ("data", "out", "resume", "cache_dir"):
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise ValueError(f"--{name.replace('_', '-')} must not be empty")
+        if value is not None and name != "data":
+            setattr(args, name, Path(value))
+
+
+def _stored_config(run_dir: Path) -> dict[str, Any]:
+    """The configuration run_dir/run.json recorded. A damaged file is one line naming it, not a traceback."""
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise ResumeError(f"no {RUN_FILE} in {run_dir}: not a run folder this trainer can resume")
+    try:
+        record = read_json(run_file)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise ResumeError(f"cannot read {run_file} ({e}); it is damaged, start a new run") from None
+    stored = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(stored, dict) or "data" not in stored:
+        raise ResumeError(f"{run_file} is damaged (it holds no run configuration); start a new run")
+    try:
+        TrainConfig.from_dict({**stored, "out": run_dir})
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ResumeError(
+            f"{run_file} holds an unusable configuration ({e}): damaged, or from another version of the "
+            "trainer; start a new run"
+        ) from None
+    return stored
+
+
 def _config(args: argparse.Namespace, given: set[str]) -> TrainConfig:
     config_fields = {f.name for f in fields(TrainConfig)}
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if k in config_fields and v is not None}
     values["progress"] = not args.no_progress
     if args.resume is not None:
-        run_file = args.resume / RUN_FILE
-        if not run_file.is_file():
-            raise ResumeError(f"no {RUN_FILE} in {args.resume}: not a run folder this trainer can resume")
-        stored = read_json(run_file)["config"]
+        if args.overwrite:
+            raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+        stored = _stored_config(args.resume)
         if args.out is not None and args.out.resolve() != args.resume.resolve():
             raise ValueError("--out and --resume name different folders; --resume continues the run in place")
         given = given | ({"progress"} if "no_progress" in given else set())
@@ -306,20 +343,43 @@ def _matches(cfg: TrainConfig) -> tuple[bool, str]:
     return (not diff), (f"configuration differs in {', '.join(diff)}" if diff else "matches")
 
 
+def _interrupted(out: Path | None) -> str:
+    """What to tell a user who pressed Ctrl-C: --resume only where there is a resume point to continue."""
+    if out is None:
+        return "interrupted"
+    if (out / STATE_FILE).is_file() and (out / RUN_FILE).is_file():
+        return f"interrupted; continue with: python -m trainer --resume {out}"
+    return f"interrupted before an epoch was completed; nothing to resume in {out}"
+
+
+def _stop_like_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `docker stop`, Kubernetes and batch schedulers stop with SIGTERM: end the way Ctrl-C does (status 130,
+    # the last completed epoch resumable) instead of dying mid-line — and as a container's PID 1 without
+    # an init, Python would not stop at all on a signal it has no handler for.
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     setup_logging()
     log = logging.getLogger("trainer")
+    out: Path | None = None
     try:
+        _paths(args)
+        out = args.resume or args.out
         cfg = _config(args, _explicit(argv))
+        # --if-missing is the unattended "make sure a model for this configuration is there": when the one
+        # in RUN_DIR is something else (the data changed), replacing it is what it was asked for.
+        overwrite = args.overwrite or args.if_missing
         if args.if_missing and args.resume is None:
             ok, why = _matches(cfg)
             if ok:
                 log.info("%s is a complete run of this configuration; nothing to do (--if-missing)", cfg.out)
                 return 0
             log.info("training (--if-missing: %s)", why)
-        train(cfg, resume=args.resume is not None)
+        train(cfg, resume=args.resume is not None, overwrite=overwrite)
         return 0
     except (OutputError, DataError, ResumeError, DeviceError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -331,8 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        out = args.resume or args.out
-        print(f"interrupted; continue with: python -m trainer --resume {out}", file=sys.stderr)
+        print(_interrupted(out), file=sys.stderr)
         return 130
 
 

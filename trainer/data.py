@@ -13,6 +13,7 @@ import json
 import logging
 import multiprocessing
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from carvae.checkpoint import atomic_write_bytes
 from carvae.preprocess import DecodeLimits, ImageError, PreprocessPolicy, prepare, to_tensor
+from trainer.state import CHECKPOINT_FILE, RUN_FILE, STATE_FILE
 
 log = logging.getLogger("trainer")
 
@@ -37,6 +39,8 @@ TRAIN_LIMITS = DecodeLimits(max_pixels=200_000_000)
 CACHE_VERSION = 1
 SYNTHETIC_SEED = 0  # the embedded dataset is one fixed set of cars; --seed varies the split and the model
 AUGMENTATIONS = ("hflip", "shift", "color")
+# A folder holding any of these is a training run's folder, not photos.
+RUN_MARKERS = (RUN_FILE, STATE_FILE, CHECKPOINT_FILE)
 
 
 class DataError(RuntimeError):
@@ -56,14 +60,35 @@ class Dataset:
 # ---------------------------------------------------------------- folder scan and fingerprints
 
 
+def _is_run_folder(path: Path) -> bool:
+    return any((path / name).exists() for name in RUN_MARKERS)
+
+
+def _is_file_or_dangling(path: Path) -> bool:
+    """A regular file (or a link to one) or a link to nothing. Not a FIFO, socket or device: reading a FIFO
+    named x.jpg blocks forever. A dangling link stays, to be counted as an unreadable file."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return True
+
+
 def scan_images(root: Path) -> list[Path]:
     """Every image file under root, recursively, sorted by relative path so the order (and so the split)
     is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
-    followed (no cycles)."""
+    followed (no cycles). Run folders below root (a --out inside --data) are skipped: their loss curves and
+    sample grids are not photos, and would change the data's fingerprint after every epoch."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        found.extend(Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        skipped = [d for d in dirnames if _is_run_folder(Path(dirpath, d))]
+        for d in skipped:
+            log.info("data: skipping %s (a training run's folder, not photos)", Path(dirpath, d))
+        dirnames[:] = sorted(d for d in dirnames if d not in skipped)
+        found.extend(
+            Path(dirpath, f)
+            for f in filenames
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and _is_file_or_dangling(Path(dirpath, f))
+        )
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -265,6 +290,24 @@ def load_synthetic(count: int, image_size: int, cache_dir: Path | None = None, w
         arr = _generate_synthetic(count, image_size, workers)
         _write_cache(cache_dir, key, arr, {"count": count, "skipped": 0})
     log.info("data: %d synthetic cars at %d px", count, image_size)
+    source = {"source": "synthetic", "count": count, "skipped": 0, "seed": SYNTHETIC_SEED}
+    return Dataset(torch.from_numpy(arr), fingerprint, source)
+
+
+def load_synthetic_rows(
+    count: int, image_size: int, rows: np.ndarray, cache_dir: Path | None = None, workers: int = 1
+) -> Dataset:
+    """The synthetic set of `count` cars with only `rows` rendered (the others left black), for a scorer
+    that reads a few cars of a large set: `evaluate --limit 5` need not render 4000. The whole set when it
+    is cached, or when most of it is wanted anyway (rendered in parallel and cached then)."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    fingerprint = synthetic_fingerprint(count, image_size)
+    if 2 * len(rows) >= count or _read_cache(cache_dir, f"synthetic-{fingerprint[:40]}") is not None:
+        return load_synthetic(count, image_size, cache_dir, workers)
+    arr = np.zeros((count, image_size, image_size, 3), dtype=np.uint8)
+    for i in rows:
+        arr[i] = _synthetic_chunk((int(i), 1, image_size))[0]
+    log.info("data: %d of %d synthetic cars at %d px (the ones used)", len(rows), count, image_size)
     source = {"source": "synthetic", "count": count, "skipped": 0, "seed": SYNTHETIC_SEED}
     return Dataset(torch.from_numpy(arr), fingerprint, source)
 

@@ -4,7 +4,9 @@ VAE: PSNR and SSIM of the deterministic reconstruction (through μ, as served), 
 image under the checkpoint's calibrated decoder σ. Baseline: PCA with k = latent size, i.e. the best
 linear autoencoder with the same code size, fitted on the checkpoint's own training split when the given
 data is the training data (same fingerprint, same seeded split) — so the VAE is compared with what a
-linear model learns from the same images, on the same held-out images.
+linear model learns from the same images, on the same held-out images. On other data it is fitted on the
+scored images themselves, and left out (null, with `pca_skipped` saying why) when they are too few
+(≤ k): k components reproduce k + 1 images exactly.
 
 Two optional diagnostics say where a missed quality target is lost. `--pca-k 128,256,…` adds PCA at
 larger code sizes: how many linear components the VAE's 128 numbers are worth. `--refine-steps N`
@@ -33,7 +35,15 @@ from carvae.device import DeviceError, pick_device
 from carvae.losses import psnr, ssim
 from carvae.model import VAE
 from trainer.cli import HelpFormatter, setup_logging
-from trainer.data import DataError, Dataset, load_data, make_split, to_batch
+from trainer.data import (
+    DataError,
+    Dataset,
+    load_data,
+    load_synthetic_rows,
+    make_split,
+    synthetic_fingerprint,
+    to_batch,
+)
 from trainer.metrics import score_images
 from trainer.train import default_workers
 
@@ -133,6 +143,31 @@ def _pca_scores(mean: torch.Tensor, basis: torch.Tensor, eval_x: torch.Tensor, s
     return {"k": basis.shape[1], "psnr": _stats(ps), "ssim": _stats(ss)}
 
 
+def _choose(
+    n: int, fingerprint: str, training: dict[str, Any], split: str, limit: int | None
+) -> tuple[np.ndarray, np.ndarray, str, str, bool]:
+    """(images to score, images to fit the PCA on, what those are, the split scored, whether the data is
+    the checkpoint's training data) for a dataset of n images with this fingerprint."""
+    # The recorded split is only meaningful for the very data it was drawn from.
+    recorded = training.get("data") or {}
+    rec_split = training.get("split") or {}
+    matches = fingerprint == recorded.get("fingerprint") and "seed" in rec_split
+    everything = np.arange(n)
+    if matches:
+        sp = make_split(n, float(rec_split["val_fraction"]), int(rec_split["seed"]))
+        matches = sp.val_hash == rec_split.get("val_hash")
+    if matches:
+        eval_idx, fit_idx, fit_on = (sp.val if split == "val" else everything), sp.train, "training split"
+    else:
+        if split == "val":
+            log.warning("the data is not this checkpoint's training data: evaluating all %d images", n)
+        eval_idx, fit_idx, fit_on = everything, everything, "evaluated images (training data not given)"
+        split = "all"
+    if limit is not None:
+        eval_idx = eval_idx[:limit]
+    return eval_idx, fit_idx, fit_on, split, bool(matches)
+
+
 def evaluate(
     checkpoint: Path,
     data: str,
@@ -153,24 +188,16 @@ def evaluate(
     recorded = training.get("data") or {}
     count = int(recorded.get("count", 4000)) if recorded.get("source") == "synthetic" else 4000
     cache = cache_dir if cache_dir is not None else checkpoint.resolve().parent.parent / ".cache"
-    ds: Dataset = load_data(data, ck.policy, synthetic_count=count, workers=workers, cache_dir=cache)
-
-    # The recorded split is only meaningful for the very data it was drawn from.
-    rec_split = training.get("split") or {}
-    matches = ds.fingerprint == recorded.get("fingerprint") and "seed" in rec_split
-    everything = np.arange(len(ds))
-    if matches:
-        sp = make_split(len(ds), float(rec_split["val_fraction"]), int(rec_split["seed"]))
-        matches = sp.val_hash == rec_split.get("val_hash")
-    if matches:
-        eval_idx, fit_idx, fit_on = (sp.val if split == "val" else everything), sp.train, "training split"
+    if data == "synthetic":
+        # The synthetic set's fingerprint and split need no pixels: render only the cars that are used.
+        size = ck.policy.image_size
+        chosen = _choose(count, synthetic_fingerprint(count, size), training, split, limit)
+        used = np.concatenate([chosen[0], chosen[1]]) if pca and len(chosen[0]) else chosen[0]
+        ds: Dataset = load_synthetic_rows(count, size, used, cache, workers)
     else:
-        if split == "val":
-            log.warning("the data is not this checkpoint's training data: evaluating all %d images", len(ds))
-        eval_idx, fit_idx, fit_on = everything, everything, "evaluated images (training data not given)"
-        split = "all"
-    if limit is not None:
-        eval_idx = eval_idx[:limit]
+        ds = load_data(data, ck.policy, synthetic_count=count, workers=workers, cache_dir=cache)
+        chosen = _choose(len(ds), ds.fingerprint, training, split, limit)
+    eval_idx, fit_idx, fit_on, split, matches = chosen
 
     model = ck.model
     channels_last = dev.type in ("cpu", "cuda")  # 2× faster convolutions on this kind of CPU
@@ -198,7 +225,16 @@ def evaluate(
         "log_sigma": log_sigma,
         "kl_nats_per_image": float(scores.kl.mean()) if len(elbo) else None,
     }
-    if pca and len(eval_idx):
+    if pca and len(eval_idx) and len(fit_idx) <= ck.config.latent_dim and np.isin(eval_idx, fit_idx).any():
+        # k components reproduce k + 1 images exactly: fitted on the images it scores, a PCA would score
+        # 100 dB, a baseline in name only.
+        result.update(pca=None, vae_minus_pca_psnr_db=None)
+        result["pca_skipped"] = (
+            f"only {len(fit_idx)} images to fit the PCA on, and they are the scored images: it would "
+            "reproduce them exactly (give the checkpoint's training data, or more than "
+            f"{ck.config.latent_dim} images)"
+        )
+    elif pca and len(eval_idx):
         k = min(ck.config.latent_dim, len(fit_idx) - 1, scores.dims)
         more = sorted({min(int(j), len(fit_idx) - 1, scores.dims) for j in pca_k} - {k})
         fit_x, eval_x = _flat(ds.images, fit_idx), _flat(ds.images, eval_idx)
@@ -287,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be >= 1", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     if args.refine_steps < 0:
         print("error: --refine-steps must be >= 0", file=sys.stderr)

@@ -112,5 +112,9 @@ def plan_epochs(
         return max_epochs
     times = list(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds)
     pace = sum(times) / len(times)
-    fit = int(max(0.0, budget_s - elapsed_s) // max(pace, 1e-9))
-    return max(epochs_done, min(max_epochs, epochs_done + fit))
+    fit = max(0.0, budget_s - elapsed_s) // max(pace, 1e-9)
+    # Compared as a float first: a budget of 1e300 minutes fits inf (or, at inf seconds, nan) epochs,
+    # which int() cannot hold.
+    if not fit < max_epochs - epochs_done:
+        return max(epochs_done, max_epochs)
+    return max(epochs_done, epochs_done + int(fit))

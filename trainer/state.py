@@ -51,6 +51,17 @@ def check_writable(out: Path) -> None:
         raise OutputError(f"output folder {out} is not writable")
 
 
+def check_no_run(out: Path) -> None:
+    """Refuse a fresh run into a folder holding another run's resume point or model: starting over there
+    would destroy it, and a forgotten --resume must not throw away hours of training."""
+    held = [name for name in (STATE_FILE, CHECKPOINT_FILE) if (out / name).exists()]
+    if held:
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(held)}); continue or extend it with --resume {out}, "
+            "or pass --overwrite to replace it"
+        )
+
+
 def save_state(out: Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -50,6 +50,7 @@ from trainer.state import (
     STATE_FILE,
     OutputError,
     ResumeError,
+    check_no_run,
     check_writable,
     load_state,
     read_metrics,
@@ -62,6 +63,7 @@ log = logging.getLogger("trainer")
 
 PRIORS = ("fitted", "standard")
 MAX_BAD_STEPS = 20  # consecutive non-finite steps before the run is declared diverged
+MAX_LR = 1.0
 GRAD_EMA_DECAY = 0.98
 
 
@@ -78,6 +80,14 @@ def ema_update(decay: float) -> Any:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def _better(loss: float, best: float) -> bool:
+    """Is validation loss `loss` better than `best`? A non-finite loss is worse than any finite one, so a
+    NaN epoch can never stay the saved best once a finite one exists (NaN compares false both ways)."""
+    if not math.isfinite(loss):
+        return False
+    return not math.isfinite(best) or loss < best
 
 
 def default_workers() -> int:
@@ -128,14 +138,28 @@ class TrainConfig:
         self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
         self.channels = tuple(int(c) for c in self.channels)
         self.augment = parse_augment(self.augment)
+        finite = (self.lr, self.beta, self.kl_warmup_epochs, self.grad_clip, self.max_minutes or 0.0)
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch size must be >= 1"),
-            (self.lr > 0, "learning rate must be > 0"),
+            # inf / nan pass a plain >= 0 check and only fail later, mid-run, with a torch traceback.
+            (
+                all(math.isfinite(v) for v in finite),
+                "lr, beta, kl warm-up, grad clip and max minutes must be finite",
+            ),
+            # Adam's step is about lr per weight: above 1 nothing is learnt, and 1e300 overflows inside Adam.
+            (0 < self.lr <= MAX_LR, f"learning rate must be in (0, {MAX_LR:g}]"),
             (self.beta >= 0, "beta must be >= 0"),
             (self.kl_warmup_epochs >= 0, "kl warm-up must be >= 0"),
             (self.grad_clip >= 0, "grad clip must be >= 0"),
             (0 <= self.ema < 1, "ema decay must be in [0, 1)"),
+            (self.blocks_per_level >= 0, "blocks per level must be >= 0"),
+            (self.warmup_steps >= 0, "warm-up steps must be >= 0"),
+            (self.lr_step_epoch >= 0, "lr step epoch must be >= 0"),
+            (
+                self.data == "synthetic" or Path(self.data).resolve() != self.out.resolve(),
+                "the run folder (--out) must not be the data folder: its images would become training data",
+            ),
             (self.prior in PRIORS, f"prior must be one of {', '.join(PRIORS)}"),
             (0 < self.val_fraction < 1, "val fraction must be in (0, 1)"),
             (self.workers >= 1, "workers must be >= 1"),
@@ -231,8 +255,10 @@ class Progress:
 class _Run:
     """One training run in one process. Split into small steps so each can be read on its own."""
 
-    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, resume: bool) -> None:
-        self.cfg, self.info, self.resume = cfg, info, resume
+    def __init__(
+        self, cfg: TrainConfig, info: distributed.DistInfo, resume: bool, overwrite: bool = False
+    ) -> None:
+        self.cfg, self.info, self.resume, self.overwrite = cfg, info, resume, overwrite
         self.device = info.device
         self.out = cfg.out
         self.channels_last = self.device.type in ("cpu", "cuda")
@@ -240,6 +266,8 @@ class _Run:
         self.progress = Progress(planned_epochs=cfg.epochs)
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.rows: list[dict[str, Any]] = []
+        # Kept across epochs: with fewer than MAX_BAD_STEPS batches per epoch a per-epoch count never trips.
+        self.bad_in_a_row = 0
 
     # ------------------------------------------------------------ setup
 
@@ -265,12 +293,10 @@ class _Run:
             torch.set_num_threads(cfg.threads or distributed.default_threads(self.info.local_world_size))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        if not self.resume and not self.overwrite:
+            self._on_main(check_no_run, self.out)
         self._on_main(check_writable, self.out)
         state = load_state(self.out) if self.resume else None
-        if state is None and self.info.is_main and (self.out / STATE_FILE).exists():
-            # A fresh run in an old run's folder: the old resume point must not outlive it.
-            log.info("fresh run in %s: discarding the previous run's %s", self.out, STATE_FILE)
-            (self.out / STATE_FILE).unlink()
 
         t0 = time.perf_counter()
         load = lambda progress: load_data(  # noqa: E731
@@ -281,6 +307,11 @@ class _Run:
         self.data: Dataset = data if data is not None else load(False)
         self.split: Split = make_split(len(self.data), cfg.val_fraction, cfg.seed)
         data_s = time.perf_counter() - t0
+        if state is None and self.info.is_main and (self.out / STATE_FILE).exists():
+            # A fresh run in an old run's folder (--overwrite): the old resume point must not outlive it.
+            # Only now that the data and split are good: a mistyped --data must not cost the old run.
+            log.info("fresh run in %s: discarding the previous run's %s", self.out, STATE_FILE)
+            (self.out / STATE_FILE).unlink()
         # On a GPU the whole uint8 set usually fits (6k photos at 64 px: 75 MB), so batches never cross PCIe.
         self.images = self.data.images.to(self.device) if self.device.type == "cuda" else self.data.images
 
@@ -344,6 +375,13 @@ class _Run:
             ) from None
         known = {f.name for f in fields(Progress)}
         self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        done = self.progress.epochs_done
+        if self.cfg.epochs < done:
+            # Epochs cannot be undone: accepting this would only record a request the run already exceeds.
+            raise ResumeError(
+                f"--epochs {self.cfg.epochs} is below the {done} epochs {self.out} has already completed; "
+                f"pass --epochs {done} or more to resume it"
+            )
         # Re-plan with this invocation's --epochs / --max-minutes, so a resume can also extend a run.
         self._replan()
         self.best_weights = state.get("best_weights")
@@ -377,7 +415,7 @@ class _Run:
             self.split.train, epoch, cfg.seed, cfg.batch_size, self.info.rank, self.info.world_size
         )
         means = WeightedMeans(self.device)
-        bad_in_a_row = skipped = 0
+        skipped = 0
         params = [q for q in self.model.parameters() if q.requires_grad]
         self.net.train()
         bar = tqdm(
@@ -416,14 +454,14 @@ class _Run:
                 # Gradients are already averaged over ranks here, so every rank skips the same step.
                 self.opt.zero_grad(set_to_none=True)
                 skipped += 1
-                bad_in_a_row += 1
-                if bad_in_a_row >= MAX_BAD_STEPS:
+                self.bad_in_a_row += 1
+                if self.bad_in_a_row >= MAX_BAD_STEPS:
                     raise TrainingDiverged(
                         f"{MAX_BAD_STEPS} steps in a row had non-finite gradients (epoch {epoch + 1}); "
                         "lower --lr or raise --warmup-steps"
                     )
                 continue
-            bad_in_a_row = 0
+            self.bad_in_a_row = 0
             self.opt.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
@@ -444,6 +482,13 @@ class _Run:
                     psnr=f"{batch_psnr.item():.2f}",
                 )
         bar.close()
+        if skipped == len(batches):
+            # Nothing was learnt and there is no training error to calibrate σ on. Every rank skipped the
+            # same steps (the gradients are averaged first), so every rank raises here together.
+            raise TrainingDiverged(
+                f"every step of epoch {epoch + 1} had non-finite gradients; "
+                "lower --lr or raise --warmup-steps"
+            )
         result = means.means()
         result.update(
             lr=self.sched.at(max(0, p.step - 1), p.planned_epochs, p.lr_anchor),
@@ -464,7 +509,7 @@ class _Run:
     def _keep_if_best(self, val: dict[str, float]) -> bool:
         p = self.progress
         p.final_val = val
-        if p.best_val is not None and not val["loss"] < p.best_val["loss"]:
+        if p.best_val is not None and not _better(val["loss"], p.best_val["loss"]):
             return False
         p.best_val, p.best_epoch = val, p.epochs_done
         self.best_weights = {
@@ -658,6 +703,15 @@ class _Run:
             ]
         )
 
+    def _fit_prior(self, model: VAE, meta: dict[str, Any]) -> None:
+        """The fitted sampling prior, or N(0, I) when the training codes define none (one training image,
+        identical images, a diverged model): a run that trained must not be lost to its sampling prior."""
+        try:
+            model.fit_prior(self._posterior_means(model))
+        except ValueError as e:
+            log.warning("cannot fit the sampling prior (%s); samples are drawn from N(0, I)", e)
+            meta.update(prior="standard", prior_fit_error=str(e))
+
     def finish(self) -> dict[str, Any]:
         meta = self.training_meta(True)
         if self.info.is_main:
@@ -665,7 +719,7 @@ class _Run:
             if self.best_weights is not None:
                 best.load_state_dict(self.best_weights)
             if self.cfg.prior == "fitted":
-                best.fit_prior(self._posterior_means(best))
+                self._fit_prior(best, meta)
             self._save_checkpoint(best, meta)
             plots.write_all(self.out, best, self.data.images, self.split.val, self.rows)
             self.write_run_json("complete")
@@ -682,11 +736,12 @@ class _Run:
         return meta
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or resume) the run in cfg.out; returns the checkpoint's `training` metadata."""
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train (or resume) the run in cfg.out; returns the checkpoint's `training` metadata. A fresh run
+    into a folder that already holds a run is refused unless `overwrite`."""
     info = distributed.setup(cfg.device)
     try:
-        run = _Run(cfg, info, resume)
+        run = _Run(cfg, info, resume, overwrite)
         run.setup()
         return run.run()
     finally:
