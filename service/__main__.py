@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     # the lifespan shutdown), restores these handlers and re-raises the signal: status 0 again.
     signal.signal(signal.SIGTERM, _stop_cleanly)
     signal.signal(signal.SIGINT, _stop_cleanly)
-    log.info("loading %s", settings.CHECKPOINT)
+    log.debug("loading %s", settings.CHECKPOINT)  # debug: a failure below must stay ONE line at info
     try:
         device = pick_device(settings.DEVICE)
         # Before the first torch op: a thread that once computed on more threads keeps its OpenMP team,

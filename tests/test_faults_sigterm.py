@@ -135,7 +135,15 @@ def test_sigterm_drains_with_readyz_503_while_serving_then_stops(service_checkpo
         with socket.create_connection(("127.0.0.1", srv.port)) as idle:
             idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             idle.settimeout(10)
-            assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+            response = b""
+            while b"\r\n\r\n" not in response:
+                response += idle.recv(65536)
+            head, _, body = response.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: (\d+)", head)
+            assert length is not None
+            while len(body) < int(length.group(1)):
+                body += idle.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200")
             t_idle = time.monotonic()
             assert idle.recv(1) == b"", "the idle connection is closed by the server"
             idle_for = time.monotonic() - t_idle
@@ -198,7 +206,7 @@ def test_a_second_signal_cuts_the_drain_delay_short(service_checkpoint: Path) ->
 def test_sigterm_while_the_model_loads_stops_with_status_0(service_checkpoint: Path) -> None:
     """Python as a container's PID 1 (no init) ignores a signal that has no handler: the handler is
     installed before the checkpoint loads, so a stop during start-up is not lost."""
-    srv = ServerProcess(CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, LOG_LEVEL="info")
+    srv = ServerProcess(CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, LOG_LEVEL="debug")
     try:
         assert srv.proc.stdout is not None
         seen = ""
