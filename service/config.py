@@ -91,6 +91,14 @@ class Settings(BaseSettings):
         default=True,
         description="run the model as traced, frozen TorchScript (less Python per pass); false: eager",
     )
+    DECODE_MEMORY_MB: int = Field(
+        default=512,
+        ge=16,
+        le=1_000_000,
+        description="memory the uploads being decoded may take together (estimated from their headers); "
+        "a decode that does not fit waits, one larger than this runs alone. A flat 40 M-pixel PNG is "
+        "~10 MB on the wire and ~1 GB while it decodes",
+    )
     WORKERS_DECODE: int | None = Field(
         default=None,
         ge=1,

@@ -28,6 +28,7 @@ from carvae.checkpoint import Checkpoint, load_checkpoint
 from carvae.device import describe, pick_device
 from carvae.preprocess import DecodeLimits
 from service.batcher import Batcher
+from service.budget import MemoryBudget
 from service.config import Settings
 from service.docs import ASSETS_PATH, mount_docs
 from service.errors import install_error_handlers
@@ -111,6 +112,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
         batcher,
         io_pool,
         DecodeLimits(max_pixels=settings.MAX_IMAGE_PIXELS),
+        MemoryBudget(settings.DECODE_MEMORY_MB * 2**20),
         settings.REQUEST_TIMEOUT_S,
         settings.PNG_COMPRESS_LEVEL,
     )

@@ -36,6 +36,7 @@ from carvae.preprocess import (
     DecodeLimits,
     ImageError,
     PreprocessPolicy,
+    decode_footprint,
     encode_image,
     make_grid,
     prepare,
@@ -43,6 +44,7 @@ from carvae.preprocess import (
     to_uint8,
 )
 from service.batcher import Batcher
+from service.budget import MemoryBudget
 from service.inference import InferenceModel
 from service.schemas import (
     EncodeResponse,
@@ -268,6 +270,7 @@ class Pipeline:
         batcher: Batcher,
         io_pool: Executor,
         limits: DecodeLimits,
+        decode_budget: MemoryBudget,
         timeout_s: float,
         png_compress_level: int = 1,
     ) -> None:
@@ -275,6 +278,7 @@ class Pipeline:
         self.batcher = batcher
         self.io_pool = io_pool
         self.limits = limits
+        self.decode_budget = decode_budget
         self.timeout_s = timeout_s
         self.encoder = Encoder(served, png_compress_level)
 
@@ -296,7 +300,9 @@ class Pipeline:
 
     def _prepare(self, source: Upload) -> np.ndarray:
         data = source if isinstance(source, bytes) else source.read()
-        return prepare(data, self.served.policy, self.limits)
+        policy = self.served.policy
+        with self.decode_budget.hold(decode_footprint(data, policy.image_size)):
+            return prepare(data, policy, self.limits)
 
     async def decode_upload(self, source: Upload, field_name: str | None = None) -> np.ndarray:
         try:
