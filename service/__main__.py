@@ -5,13 +5,28 @@ incompatible checkpoint, a device that is not there or a bad setting ends start-
 (`carvae: error: ...`) and exit status 2, instead of a traceback from inside the server's lifespan.
 """
 
+# ruff: noqa: E402  (the signal handlers go in before the heavy imports below; see there)
 from __future__ import annotations
+
+import signal
+import sys
+
+
+def _stop_cleanly(signum: int, frame: object) -> None:
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    # A stop requested during start-up ends the process at once with status 0. First thing: importing
+    # torch below takes ~2 s, and Python as a container's PID 1 (no init) ignores a signal it has no
+    # handler for. Only when run as a program: importing this module (tests) leaves the caller's alone.
+    signal.signal(signal.SIGTERM, _stop_cleanly)
+    signal.signal(signal.SIGINT, _stop_cleanly)
 
 import argparse
 import logging
 import math
-import signal
-import sys
+import os
 from typing import NoReturn
 
 from pydantic import ValidationError
@@ -19,7 +34,7 @@ from pydantic import ValidationError
 from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from service.config import Settings
-from service.logs import configure_logging
+from service.logs import JsonFormatter, configure_logging
 from service.threads import use_one_thread
 
 log = logging.getLogger("carvae.service")
@@ -29,12 +44,15 @@ EXIT_NOT_STARTED = 3  # uvicorn's own status for a server that could not start
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"carvae: error: {message}", file=sys.stderr)
+    line = f"carvae: error: {message}"
+    # Read directly: the settings may be what failed. A collector of JSON logs parses every line.
+    if os.environ.get("CARVAE_LOG_FORMAT", "").strip().lower() == "json":
+        record = logging.makeLogRecord(
+            {"name": log.name, "levelname": "ERROR", "levelno": logging.ERROR, "msg": line}
+        )
+        line = JsonFormatter().format(record)
+    print(line, file=sys.stderr)
     sys.exit(EXIT_CONFIG)
-
-
-def _stop_cleanly(signum: int, frame: object) -> None:
-    sys.exit(0)
 
 
 def _settings_help() -> str:
@@ -63,10 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
     settings = _load_settings()
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
-    # A stop requested while the model loads ends the process at once with status 0. Installed first:
-    # as a container's PID 1 (no init) Python would otherwise ignore SIGTERM until uvicorn's handlers are
-    # in. uvicorn then handles SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run
-    # the lifespan shutdown), restores these handlers and re-raises the signal: status 0 again.
+    # Again for the `carvae-serve` entry point, which imports this module. uvicorn later handles
+    # SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run the lifespan shutdown),
+    # restores these handlers and re-raises the signal: status 0 again.
     signal.signal(signal.SIGTERM, _stop_cleanly)
     signal.signal(signal.SIGINT, _stop_cleanly)
     log.debug("loading %s", settings.CHECKPOINT)  # debug: a failure below must stay ONE line at info
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # uvicorn's own lines go through the format above instead of a second one
         access_log=False,  # our RequestContextMiddleware logs one line per request, with its id
         server_header=False,
-        timeout_keep_alive=math.ceil(settings.KEEP_ALIVE_S),
+        timeout_keep_alive=settings.KEEP_ALIVE_S,
         # On SIGTERM uvicorn stops accepting and waits for accepted requests: as long as they may take.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )

@@ -1,27 +1,28 @@
-"""A memory budget shared by the decode threads.
+"""A memory budget for decoding uploads.
 
 An upload's bytes say little about what decoding it costs: a 10 MB PNG of a flat colour can be
 40 M pixels, about a gigabyte while it decodes. With several decode threads, a few such uploads at once
 would exceed a container's memory limit and the kernel would kill the process with every request in it.
-Each decode therefore holds its estimated peak (`carvae.preprocess.decode_footprint`, from the header)
-against this budget and waits while the others' holdings leave no room; one that is larger than the
-whole budget runs alone. Ordinary photos hold a few megabytes and never wait.
+So an upload whose decode would take more than `BUDGETED_ABOVE` bytes (`carvae.preprocess.decode_footprint`,
+from the header) holds that much of the budget while it decodes; one that does not fit waits on the event
+loop — not in a decode thread, so ordinary photos (a few megabytes, never budgeted) keep every thread —
+until the others leave room, or until its deadline. One larger than the whole budget runs alone.
 
 Serialising is not enough on glibc: memory a thread freed stays in that thread's malloc arena, so a big
 decode in each decode thread in turn still adds up (measured 2026-11-30, three flat 36 M-pixel PNGs one
-after another in three threads: 1.6 GB resident, 0.8 GB for one). A large holding is therefore given
-back to the system (`malloc_trim`) before the budget is.
+after another in three threads: 1.6 GB resident, 0.8 GB for one). A budgeted decode therefore gives its
+memory back to the system (`release_free_memory`) before it gives back its holding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
-TRIM_ABOVE_BYTES = 32 * 2**20  # below this, what an arena keeps is not worth a trim's few milliseconds
+BUDGETED_ABOVE = 32 * 2**20  # below: a photo, decoded at once; what an arena keeps is not worth a trim
 
 
 def _malloc_trim() -> Callable[[], object]:
@@ -41,20 +42,19 @@ class MemoryBudget:
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self.held = 0
-        self._changed = threading.Condition()
+        self._changed = asyncio.Condition()
 
-    @contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
-        """Block until `nbytes` (at most the whole budget) fit beside what others hold; hold it inside."""
+    @asynccontextmanager
+    async def hold(self, nbytes: int, timeout_s: float) -> AsyncIterator[None]:
+        """Wait (at most `timeout_s`: TimeoutError) until `nbytes`, at most the whole budget, fit beside
+        what others hold; hold them inside."""
         n = max(0, min(nbytes, self.limit))
-        with self._changed:
-            self._changed.wait_for(lambda: self.held + n <= self.limit)
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(lambda: self.held + n <= self.limit), timeout_s)
             self.held += n
         try:
             yield
         finally:
-            if nbytes > TRIM_ABOVE_BYTES:
-                release_free_memory()
-            with self._changed:
+            async with self._changed:
                 self.held -= n
                 self._changed.notify_all()

@@ -111,9 +111,9 @@ class Settings(BaseSettings):
     )
 
     # Connections and shutdown
-    KEEP_ALIVE_S: float = Field(
-        default=5.0,
-        gt=0,
+    KEEP_ALIVE_S: int = Field(
+        default=5,
+        ge=1,
         le=3600,
         description="an idle keep-alive connection is closed after this; behind a load balancer set it "
         "above the balancer's idle timeout (e.g. 75 behind a 60 s one), or it reuses closed connections",

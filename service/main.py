@@ -291,6 +291,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         metrics=metrics,
         known_paths=known_paths,
         quiet_paths=QUIET_PATHS,
+        draining=lambda: bool(app.state.draining),
         mounts=[route.path for route in app.routes if isinstance(route, Mount)],
     )
     return app

@@ -33,7 +33,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Every label value these counters can take, exported at 0 from the start: a counter that appears only
 # after its first event reads as "no such metric" to a dashboard or an alert on rate().
 REJECT_REASONS = ("in_flight", "queue_full", "not_running")
-TIMEOUT_STAGES = ("queue", "wait")
+TIMEOUT_STAGES = ("decode", "queue", "wait")
 
 
 class Metrics:

@@ -39,6 +39,7 @@ def route_label(scope: Scope, known_paths: Collection[str] = (), mounts: Collect
 
 
 # Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
+_CLOSE = (b"connection", b"close")
 _REPLACED_ON_REWRITE = (b"content-type", b"content-length")
 _MAX_REWRITTEN_MESSAGE = 300
 _MAX_HELD_BYTES = 4096
@@ -63,9 +64,13 @@ class RequestContextMiddleware:
         known_paths: Collection[str] = (),
         quiet_paths: Collection[str] = (),
         mounts: Collection[str] = (),
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        # While the service drains (service.server), every response closes its connection: a client's
+        # pooled keep-alive connection would otherwise stay on this instance until the port closes.
+        self.draining = draining
         self.known_paths = frozenset(known_paths)
         self.mounts = tuple(mounts)
         # Probes and scrapes succeed every few seconds for the whole life of a deployment: their lines
@@ -94,7 +99,8 @@ class RequestContextMiddleware:
                     held = message
                     return
                 held, started = None, True
-                message = {**message, "headers": [*headers, rid_header]}
+                extra = [rid_header, _CLOSE] if self.draining() else [rid_header]
+                message = {**message, "headers": [*headers, *extra]}
             elif held is not None and message["type"] == "http.response.body":
                 if len(held_body) < _MAX_HELD_BYTES:  # only its start becomes the message
                     held_body += message.get("body", b"")
@@ -106,6 +112,17 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when its graceful stop runs out of time. Answer
+            # them in the one error shape rather than with its plain-text 500 and a traceback each; this is
+            # the request's outermost layer, so the cancellation ends here.
+            log.warning("request_id=%s cancelled by the server's stop", rid)
+            if not started:
+                response = error_response(
+                    503, "unavailable", "the service stopped before this request was answered", rid
+                )
+                await response(scope, receive, send_with_id)
+            status = 503
         except Exception:
             log.exception(
                 "request_id=%s unhandled error on %s %s",

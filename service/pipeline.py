@@ -43,8 +43,8 @@ from carvae.preprocess import (
     to_tensor,
     to_uint8,
 )
-from service.batcher import Batcher
-from service.budget import MemoryBudget
+from service.batcher import Batcher, DeadlineExceeded
+from service.budget import BUDGETED_ABOVE, MemoryBudget, release_free_memory
 from service.inference import InferenceModel
 from service.schemas import (
     EncodeResponse,
@@ -261,6 +261,14 @@ class CallContext:
     cancel_on: Callable[[], Awaitable[Any]] | None = None
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """An upload whose decode waits for the memory budget (service.budget)."""
+
+    data: bytes
+    footprint: int
+
+
 class Pipeline:
     """decode → predict → encode for each endpoint."""
 
@@ -298,19 +306,42 @@ class Pipeline:
         rendered: Rendered = await self._predict(op, payload, rows, ctx, then=encode)
         return rendered
 
-    def _prepare(self, source: Upload) -> np.ndarray:
+    def _prepare(self, source: Upload) -> np.ndarray | _Deferred:
+        """In an io thread: the model's view of an upload — or, when its decode would take more memory than
+        a photo does, the bytes back to the event loop to wait for the decode budget first."""
         data = source if isinstance(source, bytes) else source.read()
         policy = self.served.policy
-        with self.decode_budget.hold(decode_footprint(data, policy.image_size)):
-            return prepare(data, policy, self.limits)
+        footprint = decode_footprint(data, policy.image_size)
+        if footprint > BUDGETED_ABOVE:
+            return _Deferred(data, footprint)
+        return prepare(data, policy, self.limits)
+
+    def _prepare_budgeted(self, data: bytes) -> np.ndarray:
+        try:
+            return prepare(data, self.served.policy, self.limits)
+        finally:
+            release_free_memory()
 
     async def decode_upload(self, source: Upload, field_name: str | None = None) -> np.ndarray:
         try:
-            return await self._offload(self._prepare, source)
+            view = await self._offload(self._prepare, source)
+            if isinstance(view, _Deferred):
+                view = await self._decode_in_budget(view)
+            return view
         except ImageError as e:
             if field_name is None:
                 raise
             raise ImageError(e.code, f"{field_name}: {e.message}", e.status) from None
+
+    async def _decode_in_budget(self, deferred: _Deferred) -> np.ndarray:
+        try:
+            async with self.decode_budget.hold(deferred.footprint, self.timeout_s):
+                return await self._offload(self._prepare_budgeted, deferred.data)
+        except asyncio.TimeoutError:  # the wait for room (the builtin TimeoutError from Python 3.11)
+            self.batcher.observer.timed_out("decode")
+            raise DeadlineExceeded(
+                f"no room to decode this large image within {self.timeout_s:g} s (others were decoding)"
+            ) from None
 
     async def reconstruct(self, data: Upload, fmt: ImageFormat, as_json: bool, ctx: CallContext) -> Rendered:
         view = await self.decode_upload(data)

@@ -30,7 +30,8 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler interrupts the event loop thread anywhere, even inside a metric's lock: only
         # note the time here; on_tick (on the loop, within 0.1 s) does the rest.
-        if self._draining_since is None and self._delay_s > 0:
+        # Not started yet (loading, warming up): nobody routes traffic here, so stop without a delay.
+        if self._draining_since is None and self._delay_s > 0 and self.started:
             self._draining_since = time.monotonic()
             self._captured_signals.append(sig)  # re-raised after the stop, like uvicorn's own
             return

@@ -3,10 +3,13 @@ every request it had accepted (0 lost), and exits 0 within a bound."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -159,6 +162,7 @@ def test_sigterm_drains_with_readyz_503_while_serving_then_stops(service_checkpo
         files = {"file": ("c.png", photo_bytes(), "image/png")}
         served = httpx.post(srv.url + "/reconstruct", files=files, timeout=10)
         assert served.status_code == 200 and decode_png(served.content).shape == (32, 32, 3)
+        assert served.headers["connection"] == "close"  # clients leave this instance's pooled connections
         ready = [
             s.value
             for fam in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=5).text)
@@ -204,18 +208,76 @@ def test_a_second_signal_cuts_the_drain_delay_short(service_checkpoint: Path) ->
 
 
 def test_sigterm_while_the_model_loads_stops_with_status_0(service_checkpoint: Path) -> None:
-    """Python as a container's PID 1 (no init) ignores a signal that has no handler: the handler is
-    installed before the checkpoint loads, so a stop during start-up is not lost."""
     srv = ServerProcess(CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, LOG_LEVEL="debug")
     try:
-        assert srv.proc.stdout is not None
-        seen = ""
-        while "loading" not in seen:  # main() has started: settings read, handlers installed
-            line = srv.proc.stdout.readline()
-            assert line, f"exited before loading: {seen}"
-            seen += line
+        code = _signal_after_line(srv, "loading")  # main() has read the settings; the model loads next
+    finally:
+        srv.stop()
+    assert code == 0, srv.output()
+
+
+def _signal_after_line(srv: ServerProcess, marker: str) -> int:
+    """SIGTERM as soon as the server prints `marker`; its exit status (it must come within 10 s)."""
+    assert srv.proc.stdout is not None
+    seen = ""
+    while marker not in seen:
+        line = srv.proc.stdout.readline()
+        assert line, f"exited before {marker!r}: {seen}"
+        seen += line
+    srv.proc.terminate()
+    return srv.proc.wait(10)
+
+
+def test_sigterm_while_importing_stops_with_status_0(service_checkpoint: Path) -> None:
+    """The handler goes in before torch is imported (~2 s): a stop that early is not lost either."""
+    srv = ServerProcess(CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1)
+    try:
+        time.sleep(0.4)
+        assert srv.proc.poll() is None
         srv.proc.terminate()
         code = srv.proc.wait(10)
     finally:
         srv.stop()
-    assert code == 0, seen + srv.output()
+    assert code == 0, srv.output()
+
+
+def test_sigterm_while_warming_up_skips_the_drain_delay(service_checkpoint: Path) -> None:
+    """An instance that never became ready has no traffic to drain: it stops without the delay."""
+    srv = ServerProcess(
+        CHECKPOINT=service_checkpoint, DEVICE="cpu", TORCH_THREADS=1, LOG_LEVEL="info", SHUTDOWN_DELAY_S=60
+    )
+    try:
+        code = _signal_after_line(srv, "Waiting for application startup")
+    finally:
+        srv.stop()
+    assert code == 0, srv.output()
+
+
+def test_a_request_cancelled_by_the_stop_gets_a_json_503() -> None:
+    """uvicorn cancels what is still running when its graceful stop times out: the client gets the one
+    error shape (not uvicorn's plain-text 500) and the cancellation ends at the outermost layer."""
+    from service.metrics import Metrics
+    from service.middleware import RequestContextMiddleware
+
+    async def stuck(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(60)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def run() -> None:
+        scope = {"type": "http", "method": "POST", "path": "/reconstruct", "headers": []}
+        task = asyncio.create_task(RequestContextMiddleware(stuck, Metrics())(scope, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await task  # does not raise
+
+    asyncio.run(run())
+    assert sent[0]["status"] == 503
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body["error"]["code"] == "unavailable"

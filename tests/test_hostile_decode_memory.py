@@ -4,8 +4,8 @@ upload limit) and ~1 GB while it decodes. Several at once must not add up past t
 
 from __future__ import annotations
 
+import asyncio
 import io
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,24 +38,25 @@ def test_footprint_from_the_header() -> None:
     # decoded at 1/8 scale when that still covers the model's size: 250×125
     assert decode_footprint(jpeg.getvalue(), draft_size=64) == 250 * 125 * 8
     assert decode_footprint(jpeg.getvalue(), draft_size=200) == 500 * 250 * 8
+    palette = io.BytesIO()
+    Image.new("P", (1000, 1000)).save(palette, "PNG", transparency=0)
+    assert decode_footprint(palette.getvalue()) == 1000 * 1000 * 24  # composited through RGBA
     assert decode_footprint(b"not an image") == 0
 
 
-def _holders(budget: MemoryBudget, sizes: list[int]) -> list[tuple[float, float]]:
-    """Run one holder per size at once, each holding for 0.2 s; returns their (start, end) times."""
-    spans: list[tuple[float, float]] = []
-    lock = threading.Lock()
+def _holders(budget: MemoryBudget, sizes: list[int], timeout_s: float = 5) -> list[tuple[float, float]]:
+    """One holder per size at once, each holding for 0.2 s; their (start, end) times, sorted."""
 
-    def hold(n: int) -> None:
-        with budget.hold(n):
+    async def hold(n: int) -> tuple[float, float]:
+        async with budget.hold(n, timeout_s):
             start = time.monotonic()
-            time.sleep(0.2)
-            with lock:
-                spans.append((start, time.monotonic()))
+            await asyncio.sleep(0.2)
+            return start, time.monotonic()
 
-    with ThreadPoolExecutor(len(sizes)) as pool:
-        list(pool.map(hold, sizes))
-    return sorted(spans)
+    async def everyone() -> list[tuple[float, float]]:
+        return list(await asyncio.gather(*(hold(n) for n in sizes)))
+
+    return sorted(asyncio.run(everyone()))
 
 
 def _overlap(spans: list[tuple[float, float]]) -> int:
@@ -63,11 +64,11 @@ def _overlap(spans: list[tuple[float, float]]) -> int:
 
 
 def test_budget_serialises_what_does_not_fit_and_lets_small_ones_share() -> None:
-    budget = MemoryBudget(100)
-    assert _overlap(_holders(budget, [60, 60, 60])) == 1  # no two fit together
-    assert _overlap(_holders(budget, [30, 30, 30])) == 3
-    assert _overlap(_holders(budget, [500, 500])) == 1  # larger than the budget: alone, not never
-    assert budget.held == 0
+    assert _overlap(_holders(MemoryBudget(100), [60, 60, 60])) == 1  # no two fit together
+    assert _overlap(_holders(MemoryBudget(100), [30, 30, 30])) == 3
+    assert _overlap(_holders(MemoryBudget(100), [500, 500])) == 1  # larger than the budget: alone, not never
+    with pytest.raises(asyncio.TimeoutError):  # a wait for room has a deadline
+        _holders(MemoryBudget(100), [100, 100], timeout_s=0.05)
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -106,3 +107,31 @@ def test_concurrent_bombs_stay_within_the_budget(service_checkpoint: Path) -> No
     # One decode at a time, its memory returned before the next: ~825 MiB measured. Three at once: ~2 GiB;
     # one at a time but each kept in its thread's malloc arena: ~1.6 GiB.
     assert grew < 1300, f"peak RSS grew by {grew:.0f} MiB"
+
+
+@pytest.mark.slow
+def test_photos_pass_waiting_bombs_and_a_bomb_waits_no_longer_than_its_deadline(
+    service_checkpoint: Path,
+) -> None:
+    """Bombs wait for the budget on the event loop, not in a decode thread: a photo sent behind eight of
+    them is answered at once, and a bomb that gets no room within REQUEST_TIMEOUT_S is a 504."""
+    bomb = _flat_png(4000, "RGBA")  # ~370 MB to decode, ~0.5 s: eight in a row take longer than 2 s
+    with serving(service_checkpoint, WORKERS_DECODE=2, DECODE_MEMORY_MB=64, REQUEST_TIMEOUT_S=2) as srv:
+
+        def post(data: bytes) -> tuple[int, float, str]:
+            t0 = time.monotonic()
+            r = httpx.post(srv.url + "/reconstruct", files={"file": ("x.png", data)}, timeout=60)
+            code = r.json()["error"]["code"] if r.status_code != 200 else ""
+            return r.status_code, time.monotonic() - t0, code
+
+        with ThreadPoolExecutor(9) as pool:
+            bombs = [pool.submit(post, bomb) for _ in range(8)]
+            time.sleep(0.5)  # every bomb is decoding or waiting for room
+            photo = post(_flat_png(300, "RGB"))
+            results = [b.result() for b in bombs]
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert photo[0] == 200 and photo[1] < 1.5, photo
+    assert {status for status, _, _ in results} == {200, 504}, results
+    assert all(code == "timeout" for status, _, code in results if status == 504)
+    assert max(elapsed for _, elapsed, _ in results) < 2 + 3  # the deadline, plus one decode in progress
+    assert 'carvae_timeouts_total{stage="decode"} 0.0' not in metrics

@@ -179,6 +179,14 @@ def test_sigterm_exits_cleanly(server: ServerProcess) -> None:
     assert time.monotonic() - t0 < 15
 
 
+def test_a_start_up_error_is_one_json_line_under_json_logs(tmp_path: Path) -> None:
+    result = run_service(CHECKPOINT=tmp_path / "missing.safetensors", DEVICE="cpu", LOG_FORMAT="json")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and "does not exist" in record["message"]
+
+
 def test_json_logs_one_object_per_line(service_checkpoint: Path) -> None:
     """CARVAE_LOG_FORMAT=json: every line a collector reads is JSON, uvicorn's included, and a request's
     fields are keys, not text inside the message."""
@@ -188,6 +196,7 @@ def test_json_logs_one_object_per_line(service_checkpoint: Path) -> None:
     records = [json.loads(line) for line in srv.output().splitlines() if line.strip()]
     assert {"uvicorn.error", "carvae.service"} <= {r["logger"] for r in records}
     assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    assert not any("color_message" in r for r in records)  # uvicorn's ANSI-coloured duplicate
     (request,) = [r for r in records if r.get("request_id") == "json-log-test"]
     assert request["route"] == "/v1/model" and request["status"] == 200 and request["method"] == "GET"
     assert isinstance(request["ms"], float) and request["time"].endswith("Z")
