@@ -561,7 +561,7 @@ def test_refusal_and_timeout_counters_exist_at_zero_before_any_event(service_che
     rejected = {s.labels["reason"]: s.value for s in metric_samples(text, "carvae_rejected_total")}
     timeouts = {s.labels["stage"]: s.value for s in metric_samples(text, "carvae_timeouts_total")}
     assert rejected == {"in_flight": 0, "queue_full": 0, "not_running": 0}
-    assert timeouts == {"queue": 0, "wait": 0}
+    assert timeouts == {"decode": 0, "queue": 0, "wait": 0}
 
 
 def _keys(node: Any) -> set[str]:
