@@ -91,7 +91,9 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         # 16/32-bit greyscale: PIL's convert() clips to 0..255 instead of scaling, which whitens the image.
         arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or arr.max(initial=0) > 255:
+        if mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0  # a float image in [0, 1], the usual convention (was decoded black)
+        elif mode.startswith("I;16") or arr.max(initial=0) > 255:
             arr = arr / 257.0
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")

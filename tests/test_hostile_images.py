@@ -81,6 +81,14 @@ def grey16(fmt: str) -> Case:
     return data, np.repeat(grey[..., None], 3, axis=2), 1
 
 
+def float_unit_tiff() -> Case:
+    ramp = np.linspace(0, 1, W, dtype=np.float32)[None, :].repeat(H, 0)
+    data = encode(Image.fromarray(ramp), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "F"
+    grey = (ramp.astype(np.float64) * 255).round().astype(np.uint8)  # [0, 1] → 0..255, not all black
+    return data, np.repeat(grey[..., None], 3, axis=2), 1
+
+
 def cmyk_jpeg() -> Case:
     data = encode(Image.fromarray(gradient()).convert("CMYK"), "JPEG", quality=95)
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
@@ -136,6 +144,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "png-16bit-rgb": png16_rgb,
     "png-16bit-grey-I;16": lambda: grey16("PNG"),
     "tiff-16bit-grey-I;16": lambda: grey16("TIFF"),
+    "tiff-float-grey-0-to-1": float_unit_tiff,
     "jpeg-cmyk": cmyk_jpeg,
     "png-palette-transparency": palette_with_transparency,
     "png-LA": grey_alpha,
