@@ -40,6 +40,15 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 # turns every Exception from Pillow into an ImageError; a property test holds it to that.
 
 
+class FootprintExceeded(Exception):
+    """Raised by decode_image before decoding when the image would take more memory than the caller
+    allows at once: the caller decides when to decode it (the service's decode budget)."""
+
+    def __init__(self, footprint: int) -> None:
+        super().__init__(f"decoding takes about {footprint} bytes")
+        self.footprint = footprint
+
+
 class ImageError(ValueError):
     """A rejected image. `code` is stable and machine-readable; `status` is the HTTP status it maps to."""
 
@@ -124,7 +133,10 @@ def _sniff(data: bytes) -> str | None:
 
 
 def decode_image(
-    data: bytes, limits: DecodeLimits | None = None, draft_size: int | None = None
+    data: bytes,
+    limits: DecodeLimits | None = None,
+    draft_size: int | None = None,
+    max_footprint: int | None = None,
 ) -> Image.Image:
     """Bytes of any accepted format -> an RGB PIL image, EXIF orientation applied, first frame only.
 
@@ -163,6 +175,8 @@ def decode_image(
             f"image is {w}×{h}; the aspect ratio must be at most {limits.max_aspect:g}:1",
             422,
         )
+    if max_footprint is not None and (footprint := _footprint(img, draft_size)) > max_footprint:
+        raise FootprintExceeded(footprint)
     try:
         if draft_size and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft_size, draft_size))
@@ -190,11 +204,16 @@ def decode_footprint(data: bytes, draft_size: int | None = None) -> int:
     (nothing is decoded). 0 when the header cannot be read: decode_image reports that."""
     try:
         with Image.open(io.BytesIO(data), formats=_openable_formats()) as img:
-            (w, h), mode, fmt = img.size, img.mode, img.format
-            if mode == "P" and "transparency" in img.info:
-                mode = "RGBA"  # _to_rgb composites it through RGBA (measured 2026-11-30: ~17 B/px)
+            return _footprint(img, draft_size)
     except Exception:
         return 0
+
+
+def _footprint(img: Image.Image, draft_size: int | None) -> int:
+    """decode_footprint of an opened (not yet loaded) image."""
+    (w, h), mode, fmt = img.size, img.mode, img.format
+    if mode == "P" and "transparency" in img.info:
+        mode = "RGBA"  # _to_rgb composites it through RGBA (measured 2026-11-30: ~17 B/px)
     if draft_size and fmt in ("JPEG", "MPO"):
         # decode_image decodes a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the size.
         scale = 1
@@ -218,9 +237,16 @@ def to_model_array(img: Image.Image, policy: PreprocessPolicy) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def prepare(data: bytes, policy: PreprocessPolicy, limits: DecodeLimits | None = None) -> np.ndarray:
-    """Bytes -> (S, S, 3) uint8, the model's view of the image."""
-    return to_model_array(decode_image(data, limits, draft_size=policy.image_size), policy)
+def prepare(
+    data: bytes,
+    policy: PreprocessPolicy,
+    limits: DecodeLimits | None = None,
+    max_footprint: int | None = None,
+) -> np.ndarray:
+    """Bytes -> (S, S, 3) uint8, the model's view of the image. FootprintExceeded, before decoding, when
+    that would take more than `max_footprint` bytes."""
+    image = decode_image(data, limits, draft_size=policy.image_size, max_footprint=max_footprint)
+    return to_model_array(image, policy)
 
 
 def to_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:

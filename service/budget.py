@@ -3,10 +3,11 @@
 An upload's bytes say little about what decoding it costs: a 10 MB PNG of a flat colour can be
 40 M pixels, about a gigabyte while it decodes. With several decode threads, a few such uploads at once
 would exceed a container's memory limit and the kernel would kill the process with every request in it.
-So an upload whose decode would take more than `BUDGETED_ABOVE` bytes (`carvae.preprocess.decode_footprint`,
-from the header) holds that much of the budget while it decodes; one that does not fit waits on the event
-loop — not in a decode thread, so ordinary photos (a few megabytes, never budgeted) keep every thread —
-until the others leave room, or until its deadline. One larger than the whole budget runs alone.
+So an upload whose decode would take more than `BUDGETED_ABOVE` bytes (estimated from the header:
+`carvae.preprocess.prepare(..., max_footprint=)` stops before decoding with FootprintExceeded) holds
+that much of the budget while it decodes; one that does not fit waits on the event loop — not in a
+decode thread, so ordinary photos (a few megabytes, never budgeted) keep every thread — until the others
+leave room, or until its deadline. One larger than the whole budget runs alone.
 
 Serialising is not enough on glibc: memory a thread freed stays in that thread's malloc arena, so a big
 decode in each decode thread in turn still adds up (measured 2026-11-30, three flat 36 M-pixel PNGs one

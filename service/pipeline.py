@@ -34,9 +34,9 @@ from carvae.losses import psnr
 from carvae.preprocess import (
     MEDIA_TYPES,
     DecodeLimits,
+    FootprintExceeded,
     ImageError,
     PreprocessPolicy,
-    decode_footprint,
     encode_image,
     make_grid,
     prepare,
@@ -310,11 +310,10 @@ class Pipeline:
         """In an io thread: the model's view of an upload — or, when its decode would take more memory than
         a photo does, the bytes back to the event loop to wait for the decode budget first."""
         data = source if isinstance(source, bytes) else source.read()
-        policy = self.served.policy
-        footprint = decode_footprint(data, policy.image_size)
-        if footprint > BUDGETED_ABOVE:
-            return _Deferred(data, footprint)
-        return prepare(data, policy, self.limits)
+        try:
+            return prepare(data, self.served.policy, self.limits, max_footprint=BUDGETED_ABOVE)
+        except FootprintExceeded as e:  # raised from the header, before any decoding
+            return _Deferred(data, e.footprint)
 
     def _prepare_budgeted(self, data: bytes) -> np.ndarray:
         try:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from service_fixtures import serving
 
-from carvae.preprocess import decode_footprint
+from carvae.preprocess import FootprintExceeded, PreprocessPolicy, decode_footprint, prepare
 from service.budget import MemoryBudget
 
 pytest_plugins = ["service_fixtures"]
@@ -42,6 +42,14 @@ def test_footprint_from_the_header() -> None:
     Image.new("P", (1000, 1000)).save(palette, "PNG", transparency=0)
     assert decode_footprint(palette.getvalue()) == 1000 * 1000 * 24  # composited through RGBA
     assert decode_footprint(b"not an image") == 0
+
+
+def test_prepare_stops_at_the_header_when_the_footprint_is_over_the_limit() -> None:
+    policy = PreprocessPolicy()
+    with pytest.raises(FootprintExceeded) as over:
+        prepare(_flat_png(2000, "RGBA"), policy, max_footprint=32 * MiB)
+    assert over.value.footprint == 2000 * 2000 * 24
+    assert prepare(_flat_png(300, "RGB"), policy, max_footprint=32 * MiB).shape == (64, 64, 3)
 
 
 def _holders(budget: MemoryBudget, sizes: list[int], timeout_s: float = 5) -> list[tuple[float, float]]:
