@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ def test_bad_checkpoint_is_one_line_and_exit_2(
     path = _make(case, service_checkpoint, tmp_path)
     for name, value in {"CHECKPOINT": path, "DEVICE": "cpu", "API_KEY": "", "LOG_LEVEL": "warning"}.items():
         monkeypatch.setenv(f"CARVAE_{name}", str(value))
+    # main() installs the service's SIGTERM/SIGINT handlers: not in pytest's own process.
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
     with pytest.raises(SystemExit) as stopped:
         main([])
     assert stopped.value.code == 2
