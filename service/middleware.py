@@ -38,8 +38,9 @@ def route_label(scope: Scope, known_paths: Collection[str] = (), mounts: Collect
     return next((m for m in mounts if path.startswith(m + "/")), "unmatched")
 
 
-# Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
+# Added to every response while the service drains.
 _CLOSE = (b"connection", b"close")
+# Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
 _REPLACED_ON_REWRITE = (b"content-type", b"content-length")
 _MAX_REWRITTEN_MESSAGE = 300
 _MAX_HELD_BYTES = 4096

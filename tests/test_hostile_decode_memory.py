@@ -79,18 +79,12 @@ def test_budget_serialises_what_does_not_fit_and_lets_small_ones_share() -> None
         _holders(MemoryBudget(100), [100, 100], timeout_s=0.05)
 
 
-def _peak_rss_mib(pid: int) -> float:
+def _memory_mib(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status in MiB: VmRSS (resident now) or VmHWM (its peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 @pytest.mark.slow
@@ -100,7 +94,7 @@ def test_concurrent_bombs_stay_within_the_budget(service_checkpoint: Path) -> No
     assert len(bomb) < 1 * MiB and decode_footprint(bomb) > 800 * MiB
     with serving(service_checkpoint, WORKERS_DECODE=3, DECODE_MEMORY_MB=256) as srv:
         pid = srv.proc.pid
-        before = _rss_mib(pid)
+        before = _memory_mib(pid, "VmRSS")
 
         def post(_: int) -> int:
             files = {"file": ("bomb.png", bomb, "image/png")}
@@ -108,7 +102,7 @@ def test_concurrent_bombs_stay_within_the_budget(service_checkpoint: Path) -> No
 
         with ThreadPoolExecutor(3) as pool:
             statuses = list(pool.map(post, range(3)))
-        grew = _peak_rss_mib(pid) - before
+        grew = _memory_mib(pid, "VmHWM") - before
         small = httpx.post(srv.url + "/reconstruct", files={"file": ("c.png", _flat_png(64, "RGB"))})
     assert statuses == [200, 200, 200]  # served, one after another
     assert small.status_code == 200
