@@ -59,3 +59,4 @@ BENCH_ARGS ?= --training
 bench: install
 	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.micro

@@ -153,3 +153,27 @@ def test_limit_is_the_median_of_its_samples_across_the_run() -> None:
     limit["pipeline_images_per_s"]["pipeline, 1 process × 2 thread(s)"] = 260.0
     assert settle_limit(limit, [278.0, 241.0, 250.0])["pipeline_limit"] == 260.0
     assert settle_limit(limit, []) is limit  # quick runs and one-core machines: unchanged
+
+
+def test_micro_levers_run_and_the_multipart_bound_parses_the_same_file(tmp_path: Path) -> None:
+    """`bench.micro` (the per-request levers) on the tiny model: it checks itself that Starlette's parser
+    and the minimal split give back the uploaded JPEG, and every figure lands in the JSON and the table."""
+    args = ["--quick", "--rounds", "1", "--seconds", "0.05", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.micro", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "micro.json").read_text())
+    levers = result["levers"]
+    assert set(levers["multipart parse"]) == {"starlette", "minimal"}
+    assert {"pydantic_core", "json.dumps"} <= set(levers["/encode JSON body"])
+    assert set(levers["grad mode (forward, per image)"]) == {"inference_mode", "no_grad", "grad enabled"}
+    figures = [us for variants in levers.values() for us in variants.values()]
+    assert all(us > 0 for us in figures)
+    assert result["per_image_us"]["total"] > result["per_image_us"]["forward"] > 0
+    table = (tmp_path / "micro.md").read_text()
+    assert table.count("\n| ") == 1 + len(figures)  # the header and one row per variant
