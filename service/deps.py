@@ -62,17 +62,25 @@ class Output:
     as_json: bool
 
 
+JSON = "application/json"
 _IMAGE_TYPES: dict[str, ImageFormat] = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 
 def negotiate(accept: str | None, fmt: ImageFormat | None) -> Output:
-    """JSON when Accept asks for application/json at least as much as for any image type; the encoding
-    from `?format=` when given, else the image type Accept ranks highest (PNG on a tie, for `image/*`,
-    `*/*`, no Accept, or only types we do not make)."""
-    json_q, image_q = 0.0, -1.0
-    ranked: dict[ImageFormat, float] = {}
+    """JSON when Accept names application/json (or `application/*`) with a q above zero and at least as
+    high as every image type's; the encoding from `?format=` when given, else the image type Accept rates
+    highest (PNG on a tie, for `image/*`, `*/*`, no Accept, or only types we do not make; else the first
+    listed of the best).
+
+    Each type takes the q of the most specific range that matches it (RFC 9110 §12.5.1): in
+    `image/jpeg;q=0.5, image/*` PNG and WebP are rated 1 and JPEG 0.5, and in `*/*;q=0.9,
+    application/json;q=0.5` every image type outranks JSON (axios' and fetch's `*/*` alone is not a
+    request for JSON)."""
+    ranges: list[tuple[str, float]] = []
     for item in (accept or "").split(","):
         media, *params = (p.strip() for p in item.split(";"))
+        if not media:
+            continue
         q = 1.0
         for p in params:
             name, _, value = p.partition("=")
@@ -81,21 +89,33 @@ def negotiate(accept: str | None, fmt: ImageFormat | None) -> Output:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        media = media.lower()
-        if media == "application/json":
-            json_q = max(json_q, q)
-        elif media.startswith("image/"):
-            image_q = max(image_q, q)
-            if media in _IMAGE_TYPES:
-                ranked[_IMAGE_TYPES[media]] = max(ranked.get(_IMAGE_TYPES[media], 0.0), q)
-    return Output(fmt if fmt is not None else _best_image(ranked), json_q > 0 and json_q >= image_q)
+        ranges.append((media.lower(), min(max(q, 0.0), 1.0) if q == q else 0.0))  # q is 0..1; NaN: 0
+    json_q, json_named = _quality(ranges, JSON)
+    rated = {f: _quality(ranges, media)[0] for media, f in _IMAGE_TYPES.items()}
+    as_json = json_named and json_q > 0 and json_q >= max(rated.values())
+    return Output(fmt if fmt is not None else _best_image(ranges, rated), as_json)
 
 
-def _best_image(ranked: dict[ImageFormat, float]) -> ImageFormat:
-    best = max(ranked.values(), default=0.0)
-    if best <= 0 or ranked.get("png") == best:
+def _quality(ranges: list[tuple[str, float]], media: str) -> tuple[float, bool]:
+    """(q of `media` under the most specific range that matches it: exact, then `type/*`, then `*/*`, 0
+    when none does and 1 when there is no Accept; whether a range more specific than `*/*` matched)."""
+    if not ranges:
+        return 1.0, False
+    major = media.split("/")[0]
+    for pattern in (media, f"{major}/*", "*/*"):
+        qs = [q for m, q in ranges if m == pattern]
+        if qs:
+            return max(qs), pattern != "*/*"
+    return 0.0, False
+
+
+def _best_image(ranges: list[tuple[str, float]], rated: dict[ImageFormat, float]) -> ImageFormat:
+    best = max(rated.values())
+    if best <= 0 or rated["png"] == best:
         return "png"
-    return next(f for f, q in ranked.items() if q == best)  # the first listed of the best
+    # The first listed of the best; when only a wildcard rates them (`image/png;q=0.1, image/*`), ours.
+    listed = [_IMAGE_TYPES[m] for m, _ in ranges if m in _IMAGE_TYPES]
+    return next(f for f in (*listed, *rated) if rated[f] == best)
 
 
 async def output(

@@ -646,6 +646,12 @@ def test_negotiated_responses_vary_on_accept(client: TestClient) -> None:
         ("image/png, application/json", None, "png", True),
         ("image/png, application/json;q=0.5", None, "png", False),
         ("application/json;q=0", None, "png", False),
+        # Each type is rated by the most specific range that matches it (RFC 9110), wildcards included:
+        ("*/*;q=0.9, application/json;q=0.5", None, "png", False),  # any image is preferred to JSON
+        ("image/jpeg;q=0.5, image/*", None, "png", False),  # PNG rated 1 through image/*, JPEG 0.5
+        ("image/png;q=0.1, image/*", None, "jpeg", False),  # anything but PNG
+        ("application/*", None, "png", True),  # JSON is the only application type we make
+        ("application/json, text/plain, */*", None, "png", True),  # axios' default
     ],
 )
 def test_negotiate(accept: str | None, query: Any, fmt: Any, as_json: bool) -> None:
