@@ -185,9 +185,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     detail = err.detail if isinstance(err.detail, str) else code.replace("_", " ")
     if err.status_code == 404:
         detail = f"no route for {request.method} {_clip(request.url.path, 200)}"
-    elif err.status_code == 405:
+    headers = dict(err.headers or {})
+    if err.status_code == 405:
         detail = f"method {request.method} is not allowed here"
-    return _error(request, err.status_code, code, detail, err.headers)
+        # FastAPI's routes list GET alone, but service.middleware.HeadAsGetMiddleware answers HEAD on every
+        # GET route: Allow names all the methods that work (RFC 9110 §10.2.1).
+        allowed = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+        if "GET" in allowed and "HEAD" not in allowed:
+            headers["Allow"] = ", ".join([*allowed, "HEAD"])
+    return _error(request, err.status_code, code, detail, headers)
 
 
 async def _overloaded(request: Request, exc: Exception) -> Response:

@@ -354,6 +354,18 @@ def test_request_ids_and_unknown_routes(client: TestClient) -> None:
     assert_error(client.put("/sample"), 405, "method_not_allowed")
 
 
+def test_405_allow_names_every_method_that_works(client: TestClient) -> None:
+    """HEAD works on every GET route (HeadAsGetMiddleware), so a 405 there must list it in Allow."""
+    for path in ("/healthz", "/readyz", "/v1/model", "/metrics"):
+        r = client.post(path)
+        assert_error(r, 405, "method_not_allowed")
+        assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "HEAD"}, path
+        assert client.head(path).status_code == 200, path
+    r = client.get("/sample")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+
+
 # -- security --------------------------------------------------------------------------------------
 def test_api_key(make_client: Any) -> None:
     client = make_client(API_KEY="s3cret-key", METRICS_REQUIRE_KEY=False)
