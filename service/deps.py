@@ -10,7 +10,7 @@ routes receive them from here, never from globals, so tests can build apps with 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import Depends, Header, Query, Request, UploadFile
 from starlette.types import Receive
@@ -119,6 +119,7 @@ def _best_image(ranges: list[tuple[str, float]], rated: dict[ImageFormat, float]
 
 
 async def output(
+    request: Request,
     accept: Annotated[
         str | None,
         Header(
@@ -135,7 +136,25 @@ async def output(
         ),
     ] = None,
 ) -> Output:
+    _given_once("format", request.query_params.getlist("format"))
     return negotiate(accept, fmt)
+
+
+def _given_once(name: str, values: list[Any]) -> None:
+    # FastAPI keeps the last of `?format=png&format=jpeg` (or of two form fields) without a word, and the
+    # client gets an encoding or a frame count it may not expect: refused, like two file parts.
+    if len(values) > 1:
+        raise ApiError(422, "validation_error", f"'{name}' given {len(values)} times; give it once")
+
+
+async def single_value(
+    request: Request, name: str, form_value: int | None, query_value: int | None
+) -> int | None:
+    """A parameter taken from the form or the query: the one value given, or None. Given more than once
+    (repeated, or in both places) it is refused rather than one of the values silently winning."""
+    form = await request.form()  # already parsed by FastAPI for this request: no second read
+    _given_once(name, [*form.getlist(name), *request.query_params.getlist(name)])
+    return form_value if form_value is not None else query_value
 
 
 async def single_upload(request: Request, name: str, upload: UploadFile) -> BinaryIO:

@@ -197,6 +197,33 @@ def test_interpolate_strip_ends_at_the_two_inputs(client: TestClient) -> None:
     assert len(default["images"]) == 8
 
 
+def test_a_parameter_given_twice_is_refused_not_silently_one_of_them(client: TestClient) -> None:
+    """FastAPI keeps the last of repeated query values: `?format=png&format=jpeg` answered JPEG, and
+    `steps` in both the form and the query used the form's without a word."""
+    files = {
+        "file_a": ("a.png", photo_bytes(seed=1), "image/png"),
+        "file_b": ("b.png", photo_bytes(), "image/png"),
+    }
+    err = assert_error(
+        client.post("/reconstruct?format=png&format=jpeg", files=upload()), 422, "validation_error"
+    )
+    assert "'format' given 2 times" in err["message"]
+    assert_error(client.post("/sample?format=webp&format=webp", json={"n": 1}), 422, "validation_error")
+    assert_error(client.post("/interpolate?steps=3&steps=4", files=files), 422, "validation_error")
+    assert_error(
+        client.post("/interpolate?steps=3", files=files, data={"steps": "4"}), 422, "validation_error"
+    )
+    assert_error(
+        client.post("/interpolate", files=files, data={"steps": ["3", "4"]}), 422, "validation_error"
+    )
+    # once, in either place, is fine
+    for kwargs in ({"params": {"steps": "3"}}, {"data": {"steps": "3"}}):
+        r = client.post("/interpolate", files=files, headers=JSON_ACCEPT, **kwargs)
+        assert r.status_code == 200 and len(r.json()["images"]) == 3, kwargs
+    r = client.post("/reconstruct?format=jpeg", files=upload())
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+
+
 def test_model_health_ready(client: TestClient) -> None:
     info = client.get("/v1/model").json()
     for key in (

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.responses import Response
 
-from service.deps import CallDep, OutputDep, PipelineDep, single_upload
+from service.deps import CallDep, OutputDep, PipelineDep, single_upload, single_value
 from service.routes.common import MODEL_ERRORS, errors, image_responses, to_response
 from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
 
@@ -76,5 +76,6 @@ async def interpolate(
 ) -> Response:
     data_a = await single_upload(request, "file_a", file_a)
     data_b = await single_upload(request, "file_b", file_b)
-    n = steps if steps is not None else steps_query if steps_query is not None else DEFAULT_STEPS
+    given = await single_value(request, "steps", steps, steps_query)
+    n = DEFAULT_STEPS if given is None else given
     return to_response(await pipeline.interpolate(data_a, data_b, n, out.fmt, out.as_json, ctx))
