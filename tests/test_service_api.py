@@ -635,6 +635,45 @@ def test_openapi_documents_images_errors_and_examples(client: TestClient) -> Non
     assert "HTTPValidationError" not in schemas  # FastAPI's default 422 shape is not what we send
 
 
+def _check_documented_headers(spec: dict[str, Any], method: str, path: str, r: Any) -> set[str]:
+    """The response's headers against what /openapi.json documents for its status: every required one is
+    there and every documented one present has its schema's type and bounds. Returns the names checked."""
+    documented = spec["paths"][path][method.lower()]["responses"][str(r.status_code)].get("headers", {})
+    for name, header in documented.items():
+        value = r.headers.get(name)
+        assert value is not None or not header.get("required"), (method, path, r.status_code, name)
+        if value is not None and header["schema"]["type"] == "integer":
+            assert value.isdigit() and int(value) >= header["schema"].get("minimum", 0), (path, name, value)
+    return set(documented)
+
+
+def test_openapi_documents_the_response_headers_clients_act_on(client: TestClient) -> None:
+    """X-Seed (the seed to send back), Retry-After (when to retry) and X-Request-ID (what to quote) were
+    only in prose: generated clients did not expose them and schemathesis did not check them."""
+    spec = client.get("/openapi.json").json()
+    sample = client.post("/sample", json={"n": 1})
+    assert {"X-Seed", "X-Request-ID", "Vary"} <= _check_documented_headers(spec, "POST", "/sample", sample)
+    sample_json = client.post("/sample", json={"n": 1, "seed": 5}, headers=JSON_ACCEPT)
+    assert sample_json.json()["seed"] == int(sample_json.headers["x-seed"]) == 5
+    _check_documented_headers(spec, "POST", "/sample", sample_json)
+    for path in ("/healthz", "/v1/model"):
+        assert "X-Request-ID" in _check_documented_headers(spec, "GET", path, client.get(path))
+    assert "X-Request-ID" in _check_documented_headers(
+        spec, "POST", "/encode", client.post("/encode", files=upload())
+    )
+    bad = client.post("/reconstruct?format=gif", files=upload())
+    assert "X-Request-ID" in _check_documented_headers(spec, "POST", "/reconstruct", bad)
+    client.app.state.ready = False  # type: ignore[attr-defined]
+    try:
+        for method, path in (("POST", "/sample"), ("GET", "/v1/model")):
+            r = client.request(method, path)
+            assert_error(r, 503, "overloaded")
+            assert "Retry-After" in _check_documented_headers(spec, method, path, r), path
+            assert "retry-after" in r.headers
+    finally:
+        client.app.state.ready = True  # type: ignore[attr-defined]
+
+
 @pytest.mark.skipif(not (STATIC_DIR / "index.html").is_file(), reason="the web page is not there")
 def test_web_page_and_static_files_stay_open(make_client: Any) -> None:
     client = make_client(API_KEY="k")

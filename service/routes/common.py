@@ -23,17 +23,50 @@ _ERROR_TEXT = {
     504: "the request's deadline passed (CARVAE_REQUEST_TIMEOUT_S)",
 }
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
+# Response headers clients act on, in OpenAPI so generated clients expose them (and schema-driven testers
+# check them). Not `required`: a 503 written when the server stops (service.middleware) has no Retry-After.
+RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 0}}
+X_SEED = {
+    "description": "the seed used: send it back as `seed` for the same cars",
+    "schema": {"type": "integer", "minimum": 0},
+    "required": True,
+}
+VARY = {"description": "`Accept`: the body depends on it", "schema": {"type": "string"}, "required": True}
+
+
+REQUEST_ID = {
+    "description": "the request's id (the caller's X-Request-ID if short and plain), also in the log",
+    "schema": {"type": "string"},
+    "required": True,
+}
+
+
+def document_request_id(schema: dict[str, Any]) -> None:
+    """Every response carries X-Request-ID (service.middleware.RequestContextMiddleware): say so on each."""
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            for response in operation.get("responses", {}).values():
+                response.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses}
+    documented: dict[int | str, dict[str, Any]] = {
+        s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses
+    }
+    if 503 in documented:
+        documented[503]["headers"] = {"Retry-After": RETRY_AFTER}
+    return documented
 
 
-def image_responses(description: str, *statuses: int) -> dict[int | str, dict[str, Any]]:
-    """200 documented as image bytes in each format (plus the route's JSON model), and the error statuses."""
+def image_responses(
+    description: str, *statuses: int, headers: dict[str, Any] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """200 documented as image bytes in each format (plus the route's JSON model) with its headers, and the
+    error statuses."""
     ok: dict[str, Any] = {
         "description": description,
         "content": {"image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY},
+        "headers": {"Vary": VARY, **(headers or {})},
     }
     return {200: ok, **errors(*statuses)}
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body
 from starlette.responses import Response
 
 from service.deps import CallDep, OutputDep, PipelineDep
-from service.routes.common import LATENT_ERRORS, image_responses, to_response
+from service.routes.common import LATENT_ERRORS, X_SEED, image_responses, to_response
 from service.schemas import DecodeRequest, ImagesResponse, SampleRequest, SampleResponse
 
 router = APIRouter(tags=["latent"])
@@ -21,7 +21,9 @@ router = APIRouter(tags=["latent"])
     "one image each. The same seed gives the same cars; without one a seed is drawn. Either way the "
     "seed used is in the `X-Seed` header (and in the JSON body). An empty body means all defaults.",
     response_model=SampleResponse,
-    responses=image_responses("the grid of samples (default PNG); header X-Seed", *LATENT_ERRORS),
+    responses=image_responses(
+        "the grid of samples (default PNG); header X-Seed", *LATENT_ERRORS, headers={"X-Seed": X_SEED}
+    ),
 )
 async def sample(
     pipeline: PipelineDep,
