@@ -18,7 +18,8 @@ router = APIRouter(tags=["latent"])
     "/sample",
     summary="New cars drawn from the prior",
     description="`n` images decoded from z ~ N(0, temperature² I): a PNG grid with 8 per row, or JSON with "
-    "one image each. The same seed gives the same cars; without one a seed is drawn. Either way the "
+    "one image each. The same seed gives the same cars (to within one 8-bit level in a few pixels: the "
+    "batch it shares changes float rounding); without one a seed is drawn. Either way the "
     "seed used is in the `X-Seed` header (and in the JSON body). An empty body means all defaults.",
     response_model=SampleResponse,
     responses=image_responses(
