@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +308,42 @@ def test_scan_skips_training_run_folders_inside_the_data(tmp_path: Path) -> None
     assert names == ["cars/a.png", "no-run/b.png"]
     (tmp_path / "no-run" / "b.png").unlink()
     assert data_fingerprint(str(tmp_path), 16, 0) == fingerprint
+
+
+def _worker_is_quiet() -> bool:
+    return (
+        signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    )
+
+
+def _decode_reporting_signals(args: object) -> tuple[None, str]:
+    return None, "quiet" if _worker_is_quiet() else "inherited"
+
+
+def _chunk_reporting_signals(args: tuple[int, int, int]) -> np.ndarray:
+    _, n, size = args
+    return np.full((n, size, size, 3), int(_worker_is_quiet()), np.uint8)
+
+
+def test_worker_processes_do_not_inherit_the_trainer_signal_handler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m trainer` turns SIGTERM into KeyboardInterrupt, and leaving a worker pool sends its
+    workers SIGTERM: workers that inherited the handler printed a KeyboardInterrupt traceback each on
+    every parallel decode. They must die quietly on SIGTERM and leave Ctrl-C to the parent."""
+    from trainer.__main__ import _stop_like_ctrl_c
+
+    root = tmp_path / "many"
+    for i in range(70):  # above the size where the worker pool is used
+        _save(root / f"{i:03d}.png", _halves(24, 20, RED, BLUE), "PNG")
+    monkeypatch.setattr(data_mod, "_decode_file", _decode_reporting_signals)
+    monkeypatch.setattr(data_mod, "_synthetic_chunk", _chunk_reporting_signals)
+    previous = signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    try:
+        _, reasons = data_mod._decode_all(scan_images(root), POLICY, workers=2, progress=False)
+        rendered = data_mod._generate_synthetic(600, 8, workers=2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reasons == {"quiet": 70}
+    assert rendered.shape[0] == 600 and bool((rendered == 1).all())

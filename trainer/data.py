@@ -12,7 +12,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
+import signal
 import stat
 import tempfile
 from collections import Counter
@@ -130,6 +132,21 @@ def data_fingerprint(data: str, image_size: int, synthetic_count: int) -> str:
 # ---------------------------------------------------------------- decoding and cache
 
 
+def _quiet_worker() -> None:
+    """Pool initializer. A forked worker inherits the trainer's SIGTERM handler (raise KeyboardInterrupt),
+    and leaving the pool terminates its workers with SIGTERM: every run that decoded in parallel printed a
+    KeyboardInterrupt traceback per worker. Workers die silently on SIGTERM and leave Ctrl-C to the
+    parent, which terminates them when it unwinds."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_pool(workers: int) -> multiprocessing.pool.Pool:
+    # fork: workers only run PIL/numpy, and skip re-importing torch in every worker.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, initializer=_quiet_worker)
+
+
 def _decode_file(args: tuple[str, dict[str, Any]]) -> tuple[np.ndarray | None, str | None]:
     """One file -> (array, None) or (None, reason). Runs in a worker process; never raises, because one
     bad photo among thousands must cost a log line, not the run."""
@@ -164,9 +181,7 @@ def _decode_all(
             bar.update()
 
     if workers > 1 and len(jobs) > 64:
-        # fork: workers only run PIL/numpy, and skip re-importing torch in every worker.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(workers) as pool:
+        with _worker_pool(workers) as pool:
             consume(pool.imap(_decode_file, jobs, chunksize=32))
     else:
         consume(map(_decode_file, jobs))
@@ -272,8 +287,7 @@ def _generate_synthetic(count: int, size: int, workers: int) -> np.ndarray:
     chunk = 256
     jobs = [(s, min(chunk, count - s), size) for s in range(0, count, chunk)]
     if workers > 1 and len(jobs) > 1:
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        with multiprocessing.get_context(method).Pool(min(workers, len(jobs))) as pool:
+        with _worker_pool(min(workers, len(jobs))) as pool:
             parts = pool.map(_synthetic_chunk, jobs)
     else:
         parts = [_synthetic_chunk(j) for j in jobs]
