@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="memory the uploads being decoded may take together (estimated from their headers); "
         "a decode that does not fit waits, one larger than this runs alone. A flat 40 M-pixel PNG is "
-        "~10 MB on the wire and ~1 GB while it decodes",
+        "~0.1 MB on the wire and ~1 GB while it decodes",
     )
     WORKERS_DECODE: int | None = Field(
         default=None,
@@ -127,7 +127,11 @@ class Settings(BaseSettings):
     )
 
     # Security and operations
-    API_KEY: SecretStr | None = Field(default=None, description="when set, model endpoints require this key")
+    API_KEY: SecretStr | None = Field(
+        default=None,
+        description="when set, the model endpoints and /v1/model require this key "
+        "(Authorization: Bearer KEY or X-API-Key: KEY)",
+    )
     METRICS_REQUIRE_KEY: bool = Field(default=False, description="put /metrics behind API_KEY too")
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty = no CORS headers"
