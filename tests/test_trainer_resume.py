@@ -73,6 +73,22 @@ def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
     assert load_checkpoint(out / "model.safetensors").training["epochs_done"] == 2
 
 
+def test_resume_of_a_run_whose_budget_is_spent_says_so(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_ARGS, "--epochs", "3", "--max-minutes", "0.00001", "--out", str(out)]) == 0
+    assert len(read_metrics(out)) == 1
+    capsys.readouterr()
+    # A larger --epochs alone cannot extend it: the stored budget is spent.
+    assert main(["--resume", str(out), "--epochs", "5", "--no-progress"]) == 0
+    assert len(read_metrics(out)) == 1
+    assert "nothing to train: the --max-minutes budget (1e-05 min) is spent after 1 epochs" in (
+        capsys.readouterr().out
+    )
+    assert main(["--resume", str(out), "--max-minutes", "1000", "--no-progress"]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
+    assert len(read_metrics(out)) == 5
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_loses_at_most_that_epoch(tmp_path: Path, cli_env: dict[str, str]) -> None:
     out = tmp_path / "run"

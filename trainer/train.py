@@ -611,6 +611,17 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
+        # The budget counts the training time of every segment, so a resumed run whose --max-minutes is
+        # already spent trains nothing; without a word, a larger --epochs looks like it was ignored.
+        spent = self.resume and p.epochs_done >= p.planned_epochs and p.epochs_done < cfg.epochs
+        if spent and self.info.is_main:
+            log.warning(
+                "nothing to train: the --max-minutes budget (%g min) is spent after %d epochs (%.1f min of "
+                "training); pass a larger --max-minutes to extend the run",
+                cfg.max_minutes,
+                p.epochs_done,
+                p.elapsed_s / 60,
+            )
         self.write_run_json("running")
         while p.epochs_done < p.planned_epochs:
             t0 = time.perf_counter()
