@@ -342,3 +342,20 @@ def test_api_key_field_unlocks_a_protected_service(browser: Any, keyed_base_url:
     wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
     screenshot(browser, "web-api-key")
     browser.execute_script("sessionStorage.clear()")
+
+
+def test_a_cleared_message_stays_cleared(page: Any) -> None:
+    # A message is shown on the next animation frame but a clear is immediate: a clear within a frame of a
+    # message must not be undone when that frame runs.
+    shown = page.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        import('./static/js/util.js').then(({ say }) => {
+          const el = document.getElementById('explore-msg');
+          say(el, 'working on it…');
+          say(el, '');
+          requestAnimationFrame(() => requestAnimationFrame(() => done(el.textContent)));
+        });
+        """
+    )
+    assert shown == ""

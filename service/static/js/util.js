@@ -1,8 +1,14 @@
 // Small helpers shared by the page's sections: status messages, debouncing, a seeded Gaussian generator,
 // and reading pixels back from base64 images.
 
+const pendingText = new WeakMap(); // element -> its animation-frame id, while a message waits to be shown
+
 /** Show a message in a section's aria-live region; kind is "info", "ok" or "error". */
 export function say(el, text, kind = "info") {
+  // A message still waiting for its frame must not land after a newer one (or after a clear, which
+  // is immediate) and then stay.
+  cancelAnimationFrame(pendingText.get(el));
+  pendingText.delete(el);
   el.classList.remove("info", "ok", "error");
   if (!text) {
     el.textContent = "";
@@ -11,9 +17,13 @@ export function say(el, text, kind = "info") {
   el.classList.add(kind);
   // Clearing first makes screen readers announce a repeated identical message again.
   el.textContent = "";
-  requestAnimationFrame(() => {
-    el.textContent = text;
-  });
+  pendingText.set(
+    el,
+    requestAnimationFrame(() => {
+      pendingText.delete(el);
+      el.textContent = text;
+    }),
+  );
 }
 
 export function debounce(fn, ms) {
