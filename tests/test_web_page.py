@@ -121,6 +121,25 @@ def upload(driver: Any, input_id: str, path: Path) -> None:
     by_id(driver, input_id).send_keys(str(path))
 
 
+def answer_in_browser(page: Any, path_end: str, status: int, body: str, headers: dict[str, str]) -> None:
+    """Make the page's fetch of URLs ending in `path_end` get this answer (what a proxy or rate limiter in
+    front of the service would send, which a test cannot get from the service itself)."""
+    page.execute_script(
+        """
+        const [end, status, body, headers] = arguments;
+        const real = window.fetch;
+        const statusText = {429: 'Too Many Requests', 502: 'Bad Gateway'}[status] || '';
+        window.fetch = (url, opts) => String(url).endsWith(end)
+          ? Promise.resolve(new Response(body, {status, statusText, headers}))
+          : real(url, opts);
+        """,
+        path_end,
+        status,
+        body,
+        headers,
+    )
+
+
 def test_upload_shows_model_input_reconstruction_and_psnr(
     page: Any, base_url: str, photos: dict[str, Path]
 ) -> None:
@@ -217,16 +236,10 @@ def test_bad_upload_shows_the_api_error(page: Any, photos: dict[str, Path]) -> N
 def test_overload_is_reported_with_the_retry_delay(page: Any) -> None:
     # Overload cannot be produced on demand from a tiny model, so the browser answers /decode with the
     # service's 503 contract; what is under test is that the page turns it into a readable message.
-    page.execute_script(
-        """
-        const body = {error: {code: 'overloaded', message: 'too many requests queued', request_id: 'r1'}};
-        const headers = {'Content-Type': 'application/json', 'Retry-After': '2'};
-        const real = window.fetch;
-        window.fetch = (url, opts) => String(url).endsWith('decode')
-          ? Promise.resolve(new Response(JSON.stringify(body), {status: 503, headers}))
-          : real(url, opts);
-        """
+    body = json.dumps(
+        {"error": {"code": "overloaded", "message": "too many requests queued", "request_id": "r1"}}
     )
+    answer_in_browser(page, "decode", 503, body, {"Content-Type": "application/json", "Retry-After": "2"})
     by_id(page, "sample-btn").click()
     msg = by_id(page, "sample-msg")
     wait_for(page, lambda d: "busy" in msg.text)
@@ -359,3 +372,26 @@ def test_a_cleared_message_stays_cleared(page: Any) -> None:
         """
     )
     assert shown == ""
+
+
+def test_a_rate_limit_is_reported_as_busy_not_as_a_bad_photo(page: Any, photos: dict[str, Path]) -> None:
+    body = json.dumps({"error": {"code": "rate_limited", "message": "slow down", "request_id": "r2"}})
+    answer_in_browser(
+        page, "reconstruct", 429, body, {"Content-Type": "application/json", "Retry-After": "7"}
+    )
+    upload(page, "file-input", photos["red"])
+    msg = by_id(page, "reconstruct-msg")
+    wait_for(page, lambda d: "rate_limited" in msg.text)
+    assert "busy" in msg.text and "try again in 7 s" in msg.text
+    assert "could not use that input" not in msg.text
+
+
+def test_a_proxy_error_page_is_not_shown_as_markup(page: Any) -> None:
+    html = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+    answer_in_browser(page, "decode", 502, html, {"Content-Type": "text/html"})
+    by_id(page, "sample-btn").click()
+    msg = by_id(page, "sample-msg")
+    wait_for(page, lambda d: "http_502" in msg.text)
+    assert "Bad Gateway" in msg.text
+    assert "<" not in msg.text
+    screenshot(page, "web-proxy-error")

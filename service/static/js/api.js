@@ -63,10 +63,13 @@ export async function api(path, { method = "GET", json, form, signal } = {}) {
   }
   if (!res.ok) {
     const err = data && typeof data === "object" && data.error ? data.error : {};
+    // A body that is not the service's JSON error came from something in between (a proxy's HTML error
+    // page) or from uvicorn itself (plain text): only plain text is worth showing as it is.
+    const plain = /^text\/plain\b/i.test(res.headers.get("Content-Type") || "") ? text.trim().slice(0, 300) : "";
     throw new ApiError(
       res.status,
       err.code || `http_${res.status}`,
-      err.message || text.slice(0, 300) || res.statusText || "no details",
+      err.message || plain || res.statusText || "no details",
       err.request_id || res.headers.get("X-Request-ID"),
       res.headers.get("Retry-After"),
     );
@@ -88,8 +91,10 @@ export function describeError(e, action) {
     text = `${action} failed: ${m}.`;
   } else if (e.status === 401 || e.status === 403) {
     text = `${action} needs an API key: open “API key” at the top of the page and enter it (${m}).`;
-  } else if (e.status === 503) {
-    const wait = e.retryAfter ? ` in ${e.retryAfter} s` : " in a moment";
+  } else if (e.status === 503 || e.status === 429) {
+    // 429 comes from a rate limit in front of the service: the input was fine, so say when to retry.
+    // Retry-After may also be an HTTP date; only whole seconds read well in a sentence.
+    const wait = /^\d+$/.test(String(e.retryAfter).trim()) ? ` in ${String(e.retryAfter).trim()} s` : " in a moment";
     text = `The service is busy right now (${m}). Please try again${wait}.`;
   } else if (e.status === 504) {
     text = `The service took too long to answer (${m}). Please try again.`;
