@@ -395,3 +395,37 @@ def test_a_proxy_error_page_is_not_shown_as_markup(page: Any) -> None:
     assert "Bad Gateway" in msg.text
     assert "<" not in msg.text
     screenshot(page, "web-proxy-error")
+
+
+def test_the_image_follows_a_slider_while_it_is_dragged(page: Any, base_url: str) -> None:
+    latent_dim = model_info(base_url)["latent_dim"]
+    slider = page.find_elements("css selector", "#sliders input[type=range]")[0]
+    wait_for(page, lambda d: src_of(d, "latent-img").startswith("data:image/"))
+    # A drag: an input event every 30 ms for 1.5 s, as a mouse moving the thumb sends them.
+    updates_during_drag = page.execute_async_script(
+        """
+        const [slider, done] = [arguments[0], arguments[arguments.length - 1]];
+        const img = document.getElementById('latent-img');
+        let updates = 0;
+        new MutationObserver(() => updates++).observe(img, {attributes: true, attributeFilter: ['src']});
+        let step = 0;
+        const timer = setInterval(() => {
+          slider.value = String(-3 + step * 0.1);
+          slider.dispatchEvent(new Event('input', {bubbles: true}));
+          if (++step === 50) {
+            clearInterval(timer);
+            done(updates);
+          }
+        }, 30);
+        """,
+        slider,
+    )
+    assert updates_during_drag >= 2
+    # When the drag stops, the image is the decode of where the slider ended, not of a stale position.
+    z = [0.0] * latent_dim
+    z[int(slider.get_attribute("data-dim"))] = float(slider.get_attribute("value"))
+    expected = decode_via_api(base_url, [z])[0]
+    wait_for(
+        page,
+        lambda d: np.array_equal(np.asarray(data_url_pixels(src_of(d, "latent-img")), float), expected),
+    )

@@ -3,13 +3,12 @@
 // decoded image around z = 0 (the prior's mean).
 
 import { api, describeError } from "./api.js";
-import { dataUrl, debounce, meanAbsDiff, pixelsOf, say } from "./util.js";
+import { dataUrl, meanAbsDiff, pixelsOf, say } from "./util.js";
 
 const SLIDERS = 12; // how many dimensions get a slider
 const PROBE = 2; // the step (in prior standard deviations) used to rank dimensions
 const RANGE = 3; // sliders span ±RANGE
 const MAX_ROWS = 64; // the API's limit on rows per /decode call
-const DEBOUNCE_MS = 80;
 
 function el(tag, props = {}) {
   return Object.assign(document.createElement(tag), props);
@@ -36,7 +35,28 @@ export function createExplorer(els, model) {
       if (mine === seq) els.root.removeAttribute("aria-busy");
     }
   }
-  const decodeSoon = debounce(decode, DEBOUNCE_MS);
+
+  // While a slider is dragged: one request at a time, and when it is back, one for wherever the slider is
+  // now. The image follows the drag at the service's pace; a debounce showed nothing until the hand
+  // stopped, and a request per input event would queue up behind each other.
+  let inFlight = false;
+  let again = false;
+  async function decodeLive() {
+    if (inFlight) {
+      again = true;
+      return;
+    }
+    inFlight = true;
+    try {
+      await decode();
+    } finally {
+      inFlight = false;
+      if (again) {
+        again = false;
+        decodeLive();
+      }
+    }
+  }
 
   function syncSliders() {
     for (const input of els.sliders.querySelectorAll("input[type=range]")) {
@@ -68,7 +88,7 @@ export function createExplorer(els, model) {
       input.addEventListener("input", () => {
         z[d] = Number(input.value);
         output.textContent = z[d].toFixed(2);
-        decodeSoon();
+        decodeLive();
       });
       els.sliders.append(row);
     });

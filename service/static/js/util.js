@@ -1,4 +1,4 @@
-// Small helpers shared by the page's sections: status messages, debouncing, a seeded Gaussian generator,
+// Small helpers shared by the page's sections: status messages, a seeded Gaussian generator,
 // and reading pixels back from base64 images.
 
 const pendingText = new WeakMap(); // element -> its animation-frame id, while a message waits to be shown
@@ -24,14 +24,6 @@ export function say(el, text, kind = "info") {
       el.textContent = text;
     }),
   );
-}
-
-export function debounce(fn, ms) {
-  let timer = null;
-  return (...args) => {
-    clearTimeout(timer);
-    timer = setTimeout(() => fn(...args), ms);
-  };
 }
 
 /** data: URL for a base64 image from the API; `format` is the API's format name (png, jpeg, webp). */
