@@ -429,3 +429,23 @@ def test_the_image_follows_a_slider_while_it_is_dragged(page: Any, base_url: str
         page,
         lambda d: np.array_equal(np.asarray(data_url_pixels(src_of(d, "latent-img")), float), expected),
     )
+
+
+def test_a_failed_interpolation_hides_the_previous_frames(page: Any, photos: dict[str, Path]) -> None:
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#strip img")) == 8)
+    assert by_id(page, "player").is_displayed()
+
+    upload(page, "file-b", photos["text"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "unsupported_media_type" in msg.text)
+    assert not by_id(page, "player").is_displayed()
+    # Stopped, not just hidden: the frame no longer changes.
+    shown = src_of(page, "frame-img")
+    page.execute_script("return new Promise((r) => setTimeout(r, 500))")
+    assert src_of(page, "frame-img") == shown
+    assert by_id(page, "play").get_attribute("data-playing") == "false"
+    screenshot(page, "web-interpolate-error")

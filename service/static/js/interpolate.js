@@ -91,7 +91,11 @@ export function createInterpolator(els) {
       render(res.images, res.format);
       say(els.msg, `${res.images.length} frames from “${files.a.name}” to “${files.b.name}”.`, "ok");
     } catch (e) {
-      if (mine === seq) say(els.msg, describeError(e, "Interpolating"), "error");
+      if (mine !== seq) return;
+      // Stop and hide the previous frames: still playing, they would read as the answer for these files.
+      setPlaying(false);
+      els.player.hidden = true;
+      say(els.msg, describeError(e, "Interpolating"), "error");
     } finally {
       if (mine === seq) {
         els.root.removeAttribute("aria-busy");
