@@ -449,3 +449,29 @@ def test_a_failed_interpolation_hides_the_previous_frames(page: Any, photos: dic
     assert src_of(page, "frame-img") == shown
     assert by_id(page, "play").get_attribute("data-playing") == "false"
     screenshot(page, "web-interpolate-error")
+
+
+def test_the_latent_image_stays_in_sight_while_sliders_are_used_on_a_phone(page: Any) -> None:
+    page.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 375, "height": 700, "deviceScaleFactor": 2, "mobile": True},
+    )
+    page.refresh()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#sliders input[type=range]")) > 1)
+    sliders = page.find_elements("css selector", "#sliders input[type=range]")
+
+    def overlap(a: dict[str, float], b: dict[str, float]) -> bool:
+        return a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+    # Keyboard use: focusing a slider scrolls it into view, the last one and then back to the first.
+    for slider in (sliders[-1], sliders[0]):
+        page.execute_script("arguments[0].focus()", slider)
+        img, focused, height = page.execute_script(
+            """return [document.getElementById('latent-img').getBoundingClientRect().toJSON(),
+                       arguments[0].getBoundingClientRect().toJSON(), window.innerHeight]""",
+            slider,
+        )
+        assert img["top"] >= 0 and img["bottom"] <= height, img  # the image is on screen
+        assert focused["top"] >= 0 and focused["bottom"] <= height, focused  # so is the slider
+        assert not overlap(img, focused)  # and the image does not cover it
+    screenshot(page, "web-375px-sliders")
