@@ -475,3 +475,31 @@ def test_the_latent_image_stays_in_sight_while_sliders_are_used_on_a_phone(page:
         assert focused["top"] >= 0 and focused["bottom"] <= height, focused  # so is the slider
         assert not overlap(img, focused)  # and the image does not cover it
     screenshot(page, "web-375px-sliders")
+
+
+def test_a_reload_reuses_the_slider_ranking(page: Any) -> None:
+    order = [s.get_attribute("data-dim") for s in page.find_elements("css selector", "#sliders input")]
+    # Count the latent rows the reloaded page sends to /decode, from before its own scripts run.
+    counter = page.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
+            window.decodedRows = 0;
+            const real = window.fetch;
+            window.fetch = (url, opts) => {
+              if (String(url).endsWith('decode')) window.decodedRows += JSON.parse(opts.body).z.length;
+              return real(url, opts);
+            };
+            """
+        },
+    )
+    try:
+        page.refresh()
+        wait_for(page, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+        wait_for(page, lambda d: src_of(d, "latent-img").startswith("data:image/"))
+        again = [s.get_attribute("data-dim") for s in page.find_elements("css selector", "#sliders input")]
+        assert again == order
+        # The 16 samples and the image at z = 0; the ranking's latent_dim + 1 probes are not sent again.
+        assert page.execute_script("return window.decodedRows") == 16 + 1
+    finally:
+        page.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", counter)

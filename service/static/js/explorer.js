@@ -95,8 +95,37 @@ export function createExplorer(els, model) {
     syncSliders();
   }
 
+  // The ranking is a fixed function of the weights but costs latent_dim + 1 decodes (about 1 MB of PNGs
+  // for a 128-dim model, most of the page's weight), so a reload in the same tab reuses it. Keyed by the
+  // weights' hash; sessionStorage because the page keeps nothing beyond the tab.
+  const rankKey = model.content_hash ? `carvae.rank.${model.content_hash}` : null;
+
+  function savedOrder() {
+    try {
+      const saved = rankKey && JSON.parse(sessionStorage.getItem(rankKey) || "null");
+      const valid = (o) => o && Number.isInteger(o.dim) && o.dim >= 0 && o.dim < dim && Number.isFinite(o.effect);
+      return Array.isArray(saved) && saved.length === dim && saved.every(valid) ? saved : null;
+    } catch {
+      return null; // storage disabled or unreadable: rank again
+    }
+  }
+
+  function saveOrder() {
+    try {
+      if (rankKey) sessionStorage.setItem(rankKey, JSON.stringify(order));
+    } catch {
+      /* storage disabled or full: the next load ranks again */
+    }
+  }
+
   // One probe row per dimension (z = PROBE·e_d) plus z = 0, decoded in as few calls as the row limit allows.
   async function rank() {
+    const saved = savedOrder();
+    if (saved) {
+      order = saved;
+      renderSliders();
+      return;
+    }
     say(els.msg, "Finding the dimensions that matter most…");
     const rows = [new Array(dim).fill(0)];
     for (let d = 0; d < dim; d++) {
@@ -114,6 +143,7 @@ export function createExplorer(els, model) {
       .slice(1)
       .map((p, d) => ({ dim: d, effect: meanAbsDiff(pixels[0], p) }))
       .sort((a, b) => b.effect - a.effect);
+    saveOrder();
     renderSliders();
     say(els.msg, "");
   }
