@@ -56,6 +56,25 @@ def test_a_replan_continues_the_cosine_from_where_the_run_is() -> None:
     assert LRSchedule("step", 1e-3, 10).replan(50, 2, 5, None) is None
 
 
+def test_a_budget_shorter_than_ten_warm_ups_still_reaches_the_peak_and_the_floor() -> None:
+    # 270 photos at batch 16: 17 steps an epoch. --max-minutes plans 100 epochs (warm-up 100 steps) until
+    # the first epoch's pace says 4 fit (68 steps); a warm-up kept at 100 steps never peaked.
+    s = LRSchedule("cosine", lr=1e-3, steps_per_epoch=17, warmup_steps=100)
+    floor = 1e-3 * MIN_LR_RATIO
+    lrs = [s.at(i, planned_epochs=100) for i in range(17)]
+    anchor = s.replan(17, 100, 4, None)
+    lrs += [s.at(i, 4, anchor) for i in range(17, 68)]
+    assert max(lrs) == pytest.approx(1e-3) and lrs[17] == pytest.approx(1e-3)  # past the new cap: peak now
+    assert all(a >= b for a, b in itertools.pairwise(lrs[17:]))
+    assert lrs[-1] < 1.1 * floor  # the last step of 68: one step short of the floor
+    # re-planned while still inside the new plan's warm-up: the ramp ends there (a tenth of 68 steps)
+    early = s.replan(3, 100, 4, None)
+    assert early is None  # the new plan's own curve, so a resume under it repeats the rates exactly
+    assert s.at(3, 4, early) == pytest.approx(1e-3 * 4 / 6) and s.at(5, 4, early) == pytest.approx(1e-3)
+    # a warm-up already done, or a plan that grows, keeps the warm-up's length (as before)
+    assert s.replan(17, 4, 100, s.replan(17, 100, 4, None)) == (17, 0.0, 17)
+
+
 def test_step_schedule_is_the_seed_recipe_and_constant_is_constant() -> None:
     s = LRSchedule("step", lr=1e-3, steps_per_epoch=10, step_epoch=3)
     assert s.at(29, 100) == pytest.approx(1e-3) and s.at(30, 100) == pytest.approx(1e-4)

@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-steps",
         type=int,
         default=d.warmup_steps,
-        help="linear LR warm-up steps for cosine (at most 10%% of the run as first planned: of --epochs, "
-        "also under --max-minutes, whose re-plans keep the warm-up's length)",
+        help="linear LR warm-up steps for cosine (at most 10%% of the planned run; under --max-minutes a "
+        "re-plan may shorten a warm-up still under way to fit, never lengthen it)",
     )
     o.add_argument(
         "--recipe",

@@ -54,12 +54,20 @@ class LRSchedule:
         slow, so plans usually grow after it. Stretching the cosine over the new length from step 0 would
         move the run back to an earlier, higher point of the curve: with a short budget the rate had
         annealed to the floor and then jumped back up. Instead the curve continues from the point reached,
-        and the remaining steps anneal from there to the floor at the new end; warm-up keeps its length."""
+        and the remaining steps anneal from there to the floor at the new end.
+
+        A warm-up keeps its length, except one still under way when the plan shrinks below ten of them (a
+        budget of a few hundred steps, measured after the first epoch): kept, it would leave the rate
+        climbing until the end and never at its peak, so it ends at the new plan's cap, or at once when
+        the run is already past that."""
         if self.kind != "cosine" or new_epochs == old_epochs:
             return anchor
         warmup = self._warmup(old_epochs, anchor)
         reached = self._progress(step, old_epochs, anchor) if step >= warmup else 0.0
-        if warmup == self._warmup(new_epochs, None) and (
+        cap = self._warmup(new_epochs, None)
+        if step < warmup and cap < warmup:
+            warmup = max(cap, step)
+        if warmup == cap and (
             step <= warmup or math.isclose(self._progress(step, new_epochs, None), reached, abs_tol=1e-12)
         ):
             # The new plan's own curve passes through where the run is: no anchor, so a run resumed
