@@ -1,8 +1,8 @@
 """Prometheus metrics, one registry per app (so tests can build many apps in one process).
 
 Names follow Prometheus conventions: `_total` counters, `_seconds` histograms, base units. Label values
-are bounded: `route` is the route template (never the raw path; unknown paths are "unmatched"), `op` is
-one of the batcher's ops.
+are bounded: `route` is the route template (never the raw path; unknown paths are "unmatched"), `method`
+one of METHODS or "other", `op` one of the batcher's ops.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+# The methods a client of this API sends (OPTIONS: CORS preflights); every other one is labelled "other".
+METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS"})
 
 # Every counter and histogram would also export a `_created` timestamp series: twice the series for what
 # Prometheus already knows from the process start time. Process-wide, which the service is.
@@ -113,6 +116,8 @@ class Metrics:
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        # A scanner's PROPFIND or made-up verb would otherwise add series for every route it tries.
+        method = method if method in METHODS else "other"
         self.requests.labels(route, method, str(status)).inc()
         self.request_duration.labels(route, method).observe(seconds)
 

@@ -555,6 +555,17 @@ def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
         assert metric_samples(text, name), name
 
 
+def test_an_unusual_method_is_labelled_other(client: TestClient) -> None:
+    for method in ("PROPFIND", "BREW", "PATCH"):
+        assert client.request(method, "/healthz").status_code in (400, 405)
+    assert client.request("OPTIONS", "/healthz").status_code == 405
+    text = client.get("/metrics").text
+    methods = {s.labels["method"] for s in metric_samples(text, "carvae_requests_total")}
+    assert methods == {"OPTIONS", "other"}  # this scrape is counted after it is written
+    durations = {s.labels["method"] for s in metric_samples(text, "carvae_request_duration_seconds_count")}
+    assert durations == methods
+
+
 def test_files_under_a_mount_are_labelled_by_the_mount_and_no_created_series(client: TestClient) -> None:
     assert client.get("/docs/assets/swagger-ui.css").status_code == 200
     assert client.get("/static/js/api.js").status_code == 200
