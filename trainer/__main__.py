@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads per process (default: physical cores / processes on this machine)",
+        help="CPU threads per process (default: physical cores / processes on this machine; with cores "
+        "busy with other work, fewer: threads that wait for a descheduled sibling at every op are slower "
+        "than one)",
     )
     r.add_argument(
         "--resume",
