@@ -272,7 +272,7 @@ class BodyLimitMiddleware:
         return error_response(
             413,
             "payload_too_large",
-            f"request body is larger than the limit of {limit} bytes",
+            f"request body is larger than the limit of {limit} bytes ({limit / 2**20:.3g} MiB)",
             request_id_of(scope),
             {"Connection": "close"},
         )

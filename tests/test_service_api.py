@@ -353,7 +353,8 @@ def test_body_limits(make_client: Any) -> None:
     client = make_client(MAX_UPLOAD_BYTES=4096, MAX_JSON_BYTES=2048)
     big = photo_bytes(64, 64)  # ~12 KB of noise
     assert len(big) > 4096
-    assert_error(client.post("/reconstruct", files=upload(big)), 413, "payload_too_large")
+    err = assert_error(client.post("/reconstruct", files=upload(big)), 413, "payload_too_large")
+    assert "4096 bytes (0.00391 MiB)" in err["message"]  # the bytes exact, and a size people read
 
     def chunks() -> Any:  # no Content-Length: counted while streaming
         for _ in range(10):
