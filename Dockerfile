@@ -61,14 +61,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY carvae/ /app/carvae/
-# Byte-compiled at build time: the code is read-only for the user at run time.
-RUN python -m compileall -q /app/carvae
+# COPY keeps the build context's file modes: from a checkout made under umask 077 the code would be
+# root-only (0600) and the non-root user could not import it. So: readable by all, writable by none but
+# root, and byte-compiled at build time (the code is read-only for the user at run time).
+RUN chmod -R a+rX,go-w /app/carvae && python -m compileall -q /app/carvae
 
 # --- trainer: python -m trainer ------------------------------------------------------------------------
 FROM runtime AS trainer
 COPY trainer/ /app/trainer/
 COPY deploy/trainer-entrypoint.sh /usr/local/bin/carvae-trainer
-RUN python -m compileall -q /app/trainer
+RUN chmod -R a+rX,go-w /app/trainer && chmod 0755 /usr/local/bin/carvae-trainer \
+    && python -m compileall -q /app/trainer
 # matplotlib (the training plots) wants a writable config/cache directory.
 ENV MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/cache
@@ -81,7 +84,7 @@ ENTRYPOINT ["carvae-trainer"]
 # --- service: python -m service (the default target) --------------------------------------------------
 FROM runtime AS service
 COPY service/ /app/service/
-RUN python -m compileall -q /app/service
+RUN chmod -R a+rX,go-w /app/service && python -m compileall -q /app/service
 ENV CARVAE_HOST=0.0.0.0 \
     CARVAE_PORT=8000 \
     CARVAE_CHECKPOINT=/models/current/model.safetensors

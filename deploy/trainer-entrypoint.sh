@@ -19,15 +19,28 @@ fi
 
 data="${CARVAE_TRAIN_DATA:-auto}"
 data_dir="${CARVAE_TRAIN_DATA_DIR:-/data}"
+# The container runs as uid 10001: a host folder or photos that only their owner may read (umask 077,
+# chmod 700/600) are invisible to it. Say so, instead of quietly training on something else.
+unreadable_hint() {
+    echo "trainer: warning: uid $(id -u) (the container's user) cannot read $1; make it readable on" \
+        "the host (chmod -R a+rX ./data) to train on those photos" >&2
+}
 if [ "$data" = auto ]; then
     data=synthetic
-    if [ -d "$data_dir" ] && find -L "$data_dir" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \
+    if [ -d "$data_dir" ] && ! { [ -r "$data_dir" ] && [ -x "$data_dir" ]; }; then
+        unreadable_hint "$data_dir"
+        echo "trainer: warning: falling back to the synthetic cars" >&2
+    elif [ -d "$data_dir" ] && find -L "$data_dir" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \
         -o -iname '*.png' -o -iname '*.webp' -o -iname '*.bmp' -o -iname '*.gif' -o -iname '*.tif' \
         -o -iname '*.tiff' \) -print 2>/dev/null | head -n 1 | grep -q .; then
         data="$data_dir"
     fi
 fi
 echo "trainer: data=$data out=${CARVAE_TRAIN_OUT:-/models/current}"
+if [ -d "$data" ]; then
+    hidden="$(find -L "$data" \( -type d ! -executable -o ! -readable \) -print 2>/dev/null | wc -l)"
+    [ "$hidden" -eq 0 ] || unreadable_hint "$hidden file(s) or folder(s) under $data"
+fi
 
 set -- --data "$data" --out "${CARVAE_TRAIN_OUT:-/models/current}" --if-missing
 [ -n "${CARVAE_TRAIN_EPOCHS:-}" ] && set -- "$@" --epochs "$CARVAE_TRAIN_EPOCHS"

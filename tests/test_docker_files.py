@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -82,6 +83,82 @@ def test_entrypoint_uses_the_data_folder_when_it_holds_images(run_entrypoint, tm
     Image.new("RGB", (8, 8)).save(nested / "car.JPG")
     argv = run_entrypoint(CARVAE_TRAIN_DATA_DIR=str(tmp_path / "data"))
     assert argv[argv.index("--data") + 1] == str(tmp_path / "data")
+
+
+@pytest.fixture
+def run_entrypoint_locked_out():
+    """Run the entrypoint with a fake `python` (prints one argument a line) as a user that may not read
+    the paths given (mode 0; as root, which may read anything, it runs as nobody via setpriv). Returns
+    (the trainer's argv, stderr). Works in a world-readable temp folder, so that nobody reaches it."""
+    if shutil.which("sh") is None or shutil.which("find") is None:
+        pytest.skip("needs a POSIX sh and find")
+    drop: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("as root, needs setpriv to run as another user")
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    base = Path(tempfile.mkdtemp(prefix="carvae-entrypoint-"))
+    base.chmod(0o755)
+    bin_dir = base / "bin"
+    bin_dir.mkdir(mode=0o755)
+    fake = bin_dir / "python"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    locked: list[Path] = []
+
+    def run(data: Path, *unreadable: Path) -> tuple[list[str], str]:
+        for path in unreadable:
+            path.chmod(0)
+            locked.append(path)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CARVAE_TRAIN_")}
+        env |= {"PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "CARVAE_TRAIN_DATA_DIR": str(data)}
+        result = subprocess.run(
+            [*drop, "sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, check=True, cwd=base
+        )
+        return result.stdout.splitlines()[1:], result.stderr
+
+    yield base, run
+    for path in locked:
+        path.chmod(0o755)
+    shutil.rmtree(base)
+
+
+def _photos(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / name)
+
+
+def test_entrypoint_says_so_when_the_data_folder_is_unreadable(run_entrypoint_locked_out) -> None:
+    """A ./data the container's user may not read (host umask 077, chmod 700) meant a silent fallback to
+    the synthetic cars: the user's photos were ignored without a word."""
+    base, run = run_entrypoint_locked_out
+    data = base / "data"
+    _photos(data, "car.jpg")
+    argv, stderr = run(data, data)
+    assert argv[argv.index("--data") + 1] == "synthetic"
+    assert f"cannot read {data};" in stderr and "chmod -R a+rX ./data" in stderr
+    assert "falling back to the synthetic cars" in stderr
+
+
+def test_entrypoint_says_so_when_some_photos_are_unreadable(run_entrypoint_locked_out) -> None:
+    base, run = run_entrypoint_locked_out
+    data = base / "data"
+    _photos(data, "car.jpg", "brand/a.png", "brand/b.png", "other.jpg")
+    argv, stderr = run(data, data / "brand", data / "other.jpg")
+    assert argv[argv.index("--data") + 1] == str(data)
+    assert f"cannot read 2 file(s) or folder(s) under {data};" in stderr
+
+
+def test_entrypoint_is_quiet_when_every_photo_is_readable(run_entrypoint_locked_out) -> None:
+    base, run = run_entrypoint_locked_out
+    data = base / "data"
+    _photos(data, "car.jpg", "brand/a.png")
+    for path in (data, data / "car.jpg", data / "brand", data / "brand" / "a.png"):
+        path.chmod(0o755)
+    argv, stderr = run(data)
+    assert argv[argv.index("--data") + 1] == str(data)
+    assert stderr == ""
 
 
 def test_entrypoint_maps_every_setting_to_its_flag(run_entrypoint) -> None:
@@ -217,3 +294,25 @@ def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
             f"{src} is excluded by .dockerignore"
         )
         assert (ROOT / src).exists(), f"the Dockerfile copies {src}, which is not in the repository"
+
+
+def test_files_copied_into_the_runtime_images_are_made_readable() -> None:
+    """COPY keeps the build context's modes: from a checkout made under umask 077 the code was root-only
+    (0600) and the service died on `PermissionError: /app/service/__init__.py`. Each COPY into a runtime
+    stage (everything after `deps`, whose files only root uses at build time) is followed by a chmod."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    stage, copied, runs = "", [], []
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "FROM":
+            stage = words[-1]
+        elif words[0] == "COPY" and stage != "deps" and not any(w.startswith("--from") for w in words):
+            copied.append(words[-1].rstrip("/"))
+        elif words[0] == "RUN" and stage != "deps":
+            runs.append(" ".join(words))
+    assert set(copied) >= {"/app/carvae", "/app/trainer", "/app/service", "/usr/local/bin/carvae-trainer"}
+    for dest in copied:
+        pattern = rf"chmod (-R a\+rX,go-w|0755) {re.escape(dest)}( |$)"
+        assert any(re.search(pattern, run) for run in runs), f"{dest} is copied but never made readable"
