@@ -25,14 +25,19 @@ def test_cosine_warms_up_peaks_and_anneals_to_the_floor_at_the_planned_end() -> 
     assert LRSchedule("cosine", 1e-3, 10, warmup_steps=500).at(1, planned_epochs=2) == pytest.approx(1e-3)
 
 
+def _rates_across_a_replan(s: LRSchedule, first: int, then: int, at_step: int) -> list[float]:
+    """Every step's rate of a run planned for `first` epochs and re-planned to `then` at `at_step`."""
+    anchor = s.replan(at_step, first, then, None)
+    before = [s.at(i, first) for i in range(at_step)]
+    return before + [s.at(i, then, anchor) for i in range(at_step, then * s.steps_per_epoch)]
+
+
 def test_a_replan_continues_the_cosine_from_where_the_run_is() -> None:
     s = LRSchedule("cosine", lr=1e-3, steps_per_epoch=100, warmup_steps=20)
     floor = 1e-3 * MIN_LR_RATIO
     # A short budget first plans 2 epochs from a slow first epoch, then 5 once epochs run at full pace:
     # the rate has annealed to the floor by step 200 and must not climb back up.
-    lrs = [s.at(i, planned_epochs=2) for i in range(200)]
-    anchor = s.replan(200, 2, 5, None)
-    lrs += [s.at(i, 5, anchor) for i in range(200, 500)]
+    lrs = _rates_across_a_replan(s, 2, 5, at_step=200)
     assert all(a >= b for a, b in itertools.pairwise(lrs[20:]))
     assert lrs[199] == pytest.approx(floor, rel=1e-2) and lrs[-1] == pytest.approx(floor, rel=1e-3)
     assert s.at(200, planned_epochs=5) > 10 * lrs[199]  # what stretching from step 0 would have done
@@ -61,9 +66,7 @@ def test_a_budget_shorter_than_ten_warm_ups_still_reaches_the_peak_and_the_floor
     # the first epoch's pace says 4 fit (68 steps); a warm-up kept at 100 steps never peaked.
     s = LRSchedule("cosine", lr=1e-3, steps_per_epoch=17, warmup_steps=100)
     floor = 1e-3 * MIN_LR_RATIO
-    lrs = [s.at(i, planned_epochs=100) for i in range(17)]
-    anchor = s.replan(17, 100, 4, None)
-    lrs += [s.at(i, 4, anchor) for i in range(17, 68)]
+    lrs = _rates_across_a_replan(s, 100, 4, at_step=17)
     assert max(lrs) == pytest.approx(1e-3) and lrs[17] == pytest.approx(1e-3)  # past the new cap: peak now
     assert all(a >= b for a, b in itertools.pairwise(lrs[17:]))
     assert lrs[-1] < 1.1 * floor  # the last step of 68: one step short of the floor
