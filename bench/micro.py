@@ -44,8 +44,21 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 10  # the average batch of the service at c=32 in the full runs
 
 
-def cpu_us(fn: Callable[[], object], seconds: float) -> float:
-    """Median thread CPU µs per call of `fn` over 5 slices of `seconds`/5 (after a warm-up call)."""
+# A variant: the call to time and how many images (requests) one call handles.
+Variant = tuple[Callable[[], object], int]
+
+
+def per_request(fn: Callable[[], object]) -> Variant:
+    return fn, 1
+
+
+def per_batch(fn: Callable[[], object]) -> Variant:
+    return fn, BATCH
+
+
+def cpu_us(variant: Variant, seconds: float) -> float:
+    """Median thread CPU µs per image of a variant over 5 slices of `seconds`/5 (after a warm-up call)."""
+    fn, images = variant
     fn()
     slices = []
     for _ in range(5):
@@ -53,30 +66,26 @@ def cpu_us(fn: Callable[[], object], seconds: float) -> float:
         while (spent := time.thread_time() - t0) < seconds / 5 or n < 3:
             fn()
             n += 1
-        slices.append(spent / n * 1e6)
+        slices.append(spent / (n * images) * 1e6)
     return statistics.median(slices)
 
 
-def alternate(variants: dict[str, Callable[[], object]], rounds: int, seconds: float) -> dict[str, float]:
-    """Median µs per call of each variant, measured in turn for `rounds` rounds so drift hits all alike."""
+def alternate(variants: dict[str, Variant], rounds: int, seconds: float) -> dict[str, float]:
+    """Median µs per image of each variant, measured in turn for `rounds` rounds so drift hits all alike."""
     samples: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(rounds):
-        for name, fn in variants.items():
-            samples[name].append(cpu_us(fn, seconds))
+        for name, variant in variants.items():
+            samples[name].append(cpu_us(variant, seconds))
     return {k: round(statistics.median(v), 2) for k, v in samples.items()}
 
 
-def multipart_variants(jpeg: bytes) -> dict[str, Callable[[], object]]:
+def multipart_variants(jpeg: bytes) -> dict[str, Variant]:
     raw = multipart_request("127.0.0.1", "/reconstruct", "file", "car.jpg", jpeg)
     head, body = raw.split(b"\r\n\r\n", 1)
-    headers = [tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:]]
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/reconstruct",
-        "headers": [(k.lower(), v) for k, v in headers],
-    }
-    ctype = dict(scope["headers"])[b"content-type"]
+    headers = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    headers = {k.lower(): v for k, v in headers.items()}
+    scope = {"type": "http", "method": "POST", "path": "/reconstruct", "headers": list(headers.items())}
+    ctype = headers[b"content-type"]
     loop = asyncio.new_event_loop()
 
     async def starlette_form() -> bytes:
@@ -95,36 +104,39 @@ def multipart_variants(jpeg: bytes) -> dict[str, Callable[[], object]]:
         return content[:-2]
 
     assert loop.run_until_complete(starlette_form()) == minimal() == jpeg
-    return {"starlette": lambda: loop.run_until_complete(starlette_form()), "minimal": minimal}
+    return {
+        "starlette": per_request(lambda: loop.run_until_complete(starlette_form())),
+        "minimal": per_request(minimal),
+    }
 
 
-def json_variants(latent_dim: int) -> dict[str, Callable[[], object]]:
+def json_variants(latent_dim: int) -> dict[str, Variant]:
     rng = np.random.default_rng(0)
     mu, logvar = (rng.standard_normal(latent_dim).astype(np.float32).tolist() for _ in range(2))
     response = EncodeResponse(model_id="0123456789ab", latent_dim=latent_dim, mu=mu, logvar=logvar)
     plain = response.model_dump()
-    variants: dict[str, Callable[[], object]] = {
-        "pydantic_core": lambda: pydantic_core.to_json(response),
-        "json.dumps": lambda: json.dumps(response.model_dump()).encode(),
-        "json.dumps (dict ready)": lambda: json.dumps(plain).encode(),
+    variants = {
+        "pydantic_core": per_request(lambda: pydantic_core.to_json(response)),
+        "json.dumps": per_request(lambda: json.dumps(response.model_dump()).encode()),
+        "json.dumps (dict ready)": per_request(lambda: json.dumps(plain).encode()),
     }
     if importlib.util.find_spec("orjson"):
         import orjson
 
-        variants["orjson (dict ready)"] = lambda: orjson.dumps(plain)
+        variants["orjson (dict ready)"] = per_request(lambda: orjson.dumps(plain))
     return variants
 
 
-def grad_variants(stages: Stages, jpeg: bytes) -> dict[str, Callable[[], object]]:
+def grad_variants(stages: Stages, jpeg: bytes) -> dict[str, Variant]:
     x = to_tensor(np.stack([stages.decode(jpeg)] * BATCH))
     model = stages.model
 
-    def under(mode: Callable[[], contextlib.AbstractContextManager[Any]]) -> Callable[[], object]:
+    def under(mode: Callable[[], contextlib.AbstractContextManager[Any]]) -> Variant:
         def run() -> object:
             with mode():
                 return model._reconstruct(model.images_in(x))
 
-        return run
+        return per_batch(run)
 
     return {
         "inference_mode": under(torch.inference_mode),
@@ -133,8 +145,8 @@ def grad_variants(stages: Stages, jpeg: bytes) -> dict[str, Callable[[], object]
     }
 
 
-def copy_steps(stages: Stages, jpeg: bytes) -> dict[str, Callable[[], object]]:
-    """Each conversion on the /reconstruct path alone, per image (batch steps divided by BATCH below)."""
+def copy_steps(stages: Stages, jpeg: bytes) -> dict[str, Variant]:
+    """Each conversion on the /reconstruct path alone."""
     size = stages.image_size
     small = decode_image(jpeg).resize((size, size))
     view = np.asarray(small, dtype=np.uint8).copy()
@@ -145,12 +157,12 @@ def copy_steps(stages: Stages, jpeg: bytes) -> dict[str, Callable[[], object]]:
         out, _ = stages.model.reconstruct(tensor)
     images = to_uint8(out)
     return {
-        "PIL → numpy view (asarray + copy)": lambda: np.asarray(small, dtype=np.uint8).copy(),
-        f"stack {BATCH} views": lambda: np.stack(views),
-        f"uint8 → float tensor, {BATCH} rows": lambda: to_tensor(stacked),
-        f"channels_last input, {BATCH} rows": lambda: stages.model.images_in(tensor),
-        f"float → uint8 numpy, {BATCH} rows": lambda: to_uint8(out),
-        "numpy → PIL for PNG (fromarray)": lambda: Image.fromarray(images[0], "RGB"),
+        "PIL → numpy view (asarray + copy)": per_request(lambda: np.asarray(small, dtype=np.uint8).copy()),
+        f"stack {BATCH} views": per_batch(lambda: np.stack(views)),
+        f"uint8 → float tensor, {BATCH} rows": per_batch(lambda: to_tensor(stacked)),
+        f"channels_last input, {BATCH} rows": per_batch(lambda: stages.model.images_in(tensor)),
+        f"float → uint8 numpy, {BATCH} rows": per_batch(lambda: to_uint8(out)),
+        "numpy → PIL for PNG (fromarray)": per_request(lambda: Image.fromarray(images[0], "RGB")),
     }
 
 
@@ -159,14 +171,13 @@ def whole_image_us(stages: Stages, jpeg: bytes, rounds: int, seconds: float) -> 
     recon = stages.forward(views)
     per = alternate(
         {
-            "decode": lambda: stages.decode(jpeg),
-            "forward (per batch)": lambda: stages.forward(views),
-            "encode": lambda: stages.encode(recon[0]),
+            "decode": per_request(lambda: stages.decode(jpeg)),
+            "forward": per_batch(lambda: stages.forward(views)),
+            "encode": per_request(lambda: stages.encode(recon[0])),
         },
         rounds,
         seconds,
     )
-    per["forward"] = round(per.pop("forward (per batch)") / BATCH, 2)
     per["total"] = round(per["decode"] + per["forward"] + per["encode"], 2)
     return per
 
@@ -206,9 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     stages = Stages(ck)
     r, s = args.rounds, args.seconds
     load_before = machine.load_average()
-    copies = alternate(copy_steps(stages, jpeg), r, s)
-    copies = {k: round(v / BATCH, 2) if "rows" in k or "stack" in k else v for k, v in copies.items()}
-    grad = alternate(grad_variants(stages, jpeg), r, s)
     result = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine.describe(),
@@ -221,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         "levers": {
             "multipart parse": alternate(multipart_variants(jpeg), r, s),
             "/encode JSON body": alternate(json_variants(stages.model.latent_dim), r, s),
-            "grad mode (forward, per image)": {k: round(v / BATCH, 2) for k, v in grad.items()},
-            "copies (per image)": copies,
+            "grad mode (forward, per image)": alternate(grad_variants(stages, jpeg), r, s),
+            "copies (per image)": alternate(copy_steps(stages, jpeg), r, s),
         },
     }
     md = markdown(result)
