@@ -32,8 +32,6 @@ X_SEED = {
     "required": True,
 }
 VARY = {"description": "`Accept`: the body depends on it", "schema": {"type": "string"}, "required": True}
-
-
 REQUEST_ID = {
     "description": "the request's id (the caller's X-Request-ID if short and plain), also in the log",
     "schema": {"type": "string"},
