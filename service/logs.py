@@ -1,5 +1,7 @@
 """Log output: `text` (one human-readable line per record) or `json` (one JSON object per line, for log
-collectors such as Loki, Elasticsearch or CloudWatch). uvicorn's own records go through the same handler.
+collectors such as Loki, Elasticsearch or CloudWatch). uvicorn's own records go through the same handler,
+and so do Python warnings (torch's, Pillow's, ours): printed raw, they would be the lines a collector of
+JSON logs cannot parse.
 
 Request lines carry their fields as record attributes (`extra=`), so the JSON form has them as keys
 (`request_id`, `method`, `route`, `status`, `ms`) instead of inside the message.
@@ -44,5 +46,8 @@ def configure_logging(level: str, fmt: LogFormat) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # A warning becomes one WARNING record of the `py.warnings` logger (its text, source line included, is
+    # the message), instead of text written straight to stderr. The filters still decide what is shown.
+    logging.captureWarnings(True)
     # At debug Pillow logs every PNG chunk it reads: several lines per upload, none about the service.
     logging.getLogger("PIL").setLevel(max(logging.INFO, logging.getLogger().level))
