@@ -580,3 +580,38 @@ def test_sigterm_stops_a_real_run_like_ctrl_c(tmp_path: Path, cli_env: dict[str,
     assert f"interrupted; continue with: python -m trainer --resume {out}" in err
     assert "Traceback" not in err
     assert (out / "train_state.pt").is_file()
+
+
+def test_evaluate_says_when_the_checkpoint_is_from_an_unfinished_run(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A run stopped before its last planned epoch leaves the best epoch so far in model.safetensors: its
+    figures are not the run's, and evaluate says so (stderr and `training_run`), and says nothing once the
+    run is finished."""
+    out = tmp_path / "run"
+    _interrupt_at_epoch(monkeypatch, 1)
+    assert main([*TINY, "--epochs", "2", "--out", str(out)]) == 130
+    capsys.readouterr()
+    ckpt = str(out / "model.safetensors")
+    args = ["--checkpoint", ckpt, "--data", "synthetic", "--no-pca", "--workers", "1"]
+    assert evaluate_mod.main(args) == 0
+    captured = capsys.readouterr()
+    run = json.loads(captured.out)["training_run"]
+    assert run == {
+        "complete": False,
+        "epochs_done": 1,
+        "epochs_planned": 2,
+        "best_epoch": 1,
+        "stopped_by_budget": None,
+    }
+    assert captured.err.startswith(f"warning: {ckpt} is from a run that did not finish")
+    assert "epoch 1 of 2 planned" in captured.err and f"--resume {out}" in captured.err
+
+    monkeypatch.setattr(train_mod._Run, "train_epoch", REAL_TRAIN_EPOCH)
+    assert main(["--resume", str(out), *FAST]) == 0
+    capsys.readouterr()
+    assert evaluate_mod.main(args) == 0
+    captured = capsys.readouterr()
+    run = json.loads(captured.out)["training_run"]
+    assert run["complete"] is True and run["epochs_done"] == 2 and run["stopped_by_budget"] is False
+    assert "warning" not in captured.err

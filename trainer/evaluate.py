@@ -168,6 +168,38 @@ def _choose(
     return eval_idx, fit_idx, fit_on, split, bool(matches)
 
 
+def _run_status(training: dict[str, Any]) -> dict[str, Any]:
+    """How far the run that wrote the checkpoint got. The trainer saves the best epoch so far as it goes
+    (`complete` false: still training, or killed before its last planned epoch) and once more at the end
+    (`complete` true: the learning rate annealed to the end of the plan, the sampling prior fitted). A
+    run that `--max-minutes` ended is complete: the budget sets its plan. None where not recorded."""
+    schedule = training.get("lr_schedule") or {}
+    complete = training.get("complete")
+    return {
+        "complete": complete if isinstance(complete, bool) else None,
+        "epochs_done": training.get("epochs_done"),  # of the weights in the file
+        "epochs_planned": schedule.get("planned_epochs", training.get("epochs_requested")),
+        "best_epoch": training.get("best_epoch"),
+        # A partial checkpoint records `epochs_done < epochs_requested` here whatever stopped it.
+        "stopped_by_budget": training.get("stopped_by_budget") if complete is True else None,
+    }
+
+
+def _warn_if_unfinished(run: dict[str, Any], checkpoint: Path) -> None:
+    if run["complete"] is not False:
+        return
+    planned = f" of {run['epochs_planned']} planned" if run["epochs_planned"] else ""
+    log.warning(
+        "warning: %s is from a run that did not finish (weights of epoch %s%s: killed, stopped or still "
+        "training), so these are not the run's final figures; if it was stopped, `python -m trainer "
+        "--resume %s` finishes it",
+        checkpoint,
+        run["epochs_done"],
+        planned,
+        checkpoint.parent,
+    )
+
+
 def evaluate(
     checkpoint: Path,
     data: str,
@@ -185,6 +217,8 @@ def evaluate(
     dev = pick_device(device)
     ck = load_checkpoint(checkpoint, dev)
     training = ck.training
+    run = _run_status(training)
+    _warn_if_unfinished(run, checkpoint)  # first: a long evaluation must not bury it
     recorded = training.get("data") or {}
     count = int(recorded.get("count", 4000)) if recorded.get("source") == "synthetic" else 4000
     cache = cache_dir if cache_dir is not None else checkpoint.resolve().parent.parent / ".cache"
@@ -216,6 +250,7 @@ def evaluate(
             "fingerprint": ds.fingerprint,
             "matches_training": bool(matches),
         },
+        "training_run": run,
         "split": split,
         "images": len(eval_idx),
         "psnr": _stats(scores.psnr),
