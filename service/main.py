@@ -17,10 +17,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
-from starlette.responses import FileResponse
+from starlette.responses import Response
 from starlette.routing import Mount
 
 from carvae import __version__
@@ -63,7 +63,11 @@ OPEN_PATHS = (
 )
 # Logged at debug when they succeed: probes and scrapes (service.middleware).
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
-OPEN_PREFIXES = ("/static/", f"{ASSETS_PATH}/")
+# The web page and the docs, with their files: revalidated by browsers (Cache-Control: no-cache), while
+# every API response is no-store (service.middleware.RequestContextMiddleware).
+PAGE_PATHS = ("/", "/docs", "/docs/oauth2-redirect")
+PAGE_PREFIXES = ("/static/", f"{ASSETS_PATH}/")
+OPEN_PREFIXES = PAGE_PREFIXES
 WARM_UP_BATCH = 4
 
 DESCRIPTION = """A Variational AutoEncoder for car images.
@@ -168,15 +172,15 @@ async def _stop(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
 def _mount_static(app: FastAPI) -> None:
     if not STATIC_DIR.is_dir():
         return
-    index = STATIC_DIR / "index.html"
+    files = StaticFiles(directory=STATIC_DIR)
 
     @app.get("/", include_in_schema=False)
-    async def page() -> FileResponse:
-        if not index.is_file():
-            raise HTTPException(404)
-        return FileResponse(index, media_type="text/html")
+    async def page(request: Request) -> Response:
+        # Through StaticFiles, as its assets are: a browser revalidating the page gets a 304 (a bare
+        # FileResponse sends the ETag but ignores If-None-Match); a missing file is its 404.
+        return await files.get_response("index.html", request.scope)
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", files, name="static")
 
 
 def _openapi_fitted_to_the_model(app: FastAPI) -> None:
@@ -294,5 +298,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         quiet_paths=QUIET_PATHS,
         draining=lambda: bool(app.state.draining),
         mounts=[route.path for route in app.routes if isinstance(route, Mount)],
+        page_paths=PAGE_PATHS,
+        page_prefixes=PAGE_PREFIXES,
     )
     return app

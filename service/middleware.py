@@ -40,6 +40,13 @@ def route_label(scope: Scope, known_paths: Collection[str] = (), mounts: Collect
 
 # Added to every response while the service drains.
 _CLOSE = (b"connection", b"close")
+# The web page and its assets: kept, but revalidated before every use (a 304 from the ETag/Last-Modified
+# StaticFiles sends), so a browser never runs last deploy's JavaScript against this deploy's API. Without
+# a Cache-Control it may reuse them unasked for a tenth of their age (RFC 9111 §4.2.2 heuristics).
+_REVALIDATE = (b"cache-control", b"no-cache")
+# Everything else is an answer to one request (an upload's reconstruction, the model card, a probe):
+# nothing, a shared cache least of all, may keep it — a cache does not know that X-API-Key guards it.
+_NO_STORE = (b"cache-control", b"no-store")
 # Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
 _REPLACED_ON_REWRITE = (b"content-type", b"content-length")
 _MAX_REWRITTEN_MESSAGE = 300
@@ -56,7 +63,10 @@ class RequestContextMiddleware:
 
     It also holds every error response to the one JSON shape: a few are written by Starlette itself as
     plain text, outside any exception handler (StaticFiles' 400 and 416 for a bad Range header); their
-    text becomes the message, and their other headers are kept."""
+    text becomes the message, and their other headers are kept.
+
+    And it sets every response's Cache-Control (the app sets none): `no-cache` for the web page and the
+    docs (`page_paths`, `page_prefixes`), `no-store` for the rest."""
 
     def __init__(
         self,
@@ -66,8 +76,12 @@ class RequestContextMiddleware:
         quiet_paths: Collection[str] = (),
         mounts: Collection[str] = (),
         draining: Callable[[], bool] = lambda: False,
+        page_paths: Collection[str] = (),
+        page_prefixes: Collection[str] = (),
     ) -> None:
         self.app = app
+        self.page_paths = frozenset(page_paths)
+        self.page_prefixes = tuple(page_prefixes)
         self.metrics = metrics
         # While the service drains (service.server), every response closes its connection: a client's
         # pooled keep-alive connection would otherwise stay on this instance until the port closes.
@@ -85,6 +99,9 @@ class RequestContextMiddleware:
         rid = new_request_id(Headers(scope=scope).get("x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
+        path = scope["path"]
+        is_page = path in self.page_paths or path.startswith(self.page_prefixes)
+        added = (rid_header, _REVALIDATE if is_page else _NO_STORE)
         start = time.perf_counter()
         status = 500
         started = False
@@ -100,14 +117,14 @@ class RequestContextMiddleware:
                     held = message
                     return
                 held, started = None, True
-                extra = [rid_header, _CLOSE] if self.draining() else [rid_header]
+                extra = (*added, _CLOSE) if self.draining() else added
                 message = {**message, "headers": [*headers, *extra]}
             elif held is not None and message["type"] == "http.response.body":
                 if len(held_body) < _MAX_HELD_BYTES:  # only its start becomes the message
                     held_body += message.get("body", b"")
                 if not message.get("more_body", False):
                     started = True
-                    await self._send_as_json(send, held, held_body, rid_header)
+                    await self._send_as_json(send, held, held_body, added)
                 return
             await send(message)
 
@@ -154,7 +171,11 @@ class RequestContextMiddleware:
                 log.log(level, " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
 
     @staticmethod
-    async def _send_as_json(send: Send, start: Message, text: bytes, rid_header: tuple[bytes, bytes]) -> None:
+    async def _send_as_json(
+        send: Send, start: Message, text: bytes, added: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        """`added`: the request id header first, then what every response gets."""
+        rid_header = added[0]
         status = start["status"]
         message = text.decode("utf-8", "replace").strip()[:_MAX_REWRITTEN_MESSAGE]
         if not message:
@@ -168,7 +189,7 @@ class RequestContextMiddleware:
             *kept,
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            rid_header,
+            *added,
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

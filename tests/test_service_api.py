@@ -698,6 +698,42 @@ def test_web_page_and_static_files_stay_open(make_client: Any) -> None:
     assert_error(client.get("/static/%2e%2e/config.py"), 404, "not_found")  # no way out of the folder
 
 
+@pytest.mark.skipif(not (STATIC_DIR / "index.html").is_file(), reason="the web page is not there")
+def test_the_page_is_revalidated_and_api_answers_are_never_stored(client: TestClient) -> None:
+    """After a redeploy a browser must not run cached JavaScript against the new API: the page, its
+    assets and the docs are `no-cache` (kept, revalidated on every use: 304 while unchanged), and API
+    answers (reconstructions, the model card, errors) `no-store`."""
+    asset = "/static/" + next(p for p in STATIC_DIR.rglob("*.js")).relative_to(STATIC_DIR).as_posix()
+    for path in ("/", asset, "/docs", "/docs/assets/swagger-ui.css"):
+        first = client.get(path)
+        assert first.status_code == 200 and first.headers["cache-control"] == "no-cache", path
+        if path == "/docs":
+            continue  # generated per request: no validator, a revalidation fetches it again
+        for validator in (
+            {"If-None-Match": first.headers["etag"]},
+            {"If-Modified-Since": first.headers["last-modified"]},
+        ):
+            again = client.get(path, headers=validator)
+            assert again.status_code == 304 and again.content == b"", (path, validator)
+            assert (
+                again.headers["cache-control"] == "no-cache"
+                and again.headers["etag"] == first.headers["etag"]
+            )
+    photo = {"file": ("c.png", photo_bytes(), "image/png")}
+    answers = [
+        client.post("/reconstruct", files=photo),
+        client.post("/reconstruct", files=photo, headers=JSON_ACCEPT),
+        client.post("/sample", json={"n": 1, "seed": 1}),
+        client.get("/v1/model"),
+        client.get("/healthz"),
+        client.post("/reconstruct", files={"file": ("c.png", b"not an image", "image/png")}),  # 415
+        client.get("/static/no-such-file.js"),  # 404 rewritten into the JSON shape
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200, 200, 200, 415, 404]
+    assert [r.headers.get("cache-control") for r in answers[:-1]] == ["no-store"] * 6
+    assert answers[-1].headers["cache-control"] == "no-cache"  # under the page's files: revalidated too
+
+
 def test_negotiated_responses_vary_on_accept(client: TestClient) -> None:
     """Image endpoints answer image bytes or JSON by Accept: both forms say `Vary: Accept`, so a cache
     between client and service never hands the PNG to a client that asked for JSON, or back."""
