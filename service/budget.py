@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 BUDGETED_ABOVE = 32 * 2**20  # below: a photo, decoded at once; what an arena keeps is not worth a trim
@@ -39,6 +39,10 @@ def _malloc_trim() -> Callable[[], object]:
 release_free_memory = _malloc_trim()
 
 
+class CallerGone(Exception):
+    """The caller stopped waiting for room (e.g. its HTTP client disconnected); nothing is held."""
+
+
 class MemoryBudget:
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
@@ -46,12 +50,36 @@ class MemoryBudget:
         self._changed = asyncio.Condition()
 
     @asynccontextmanager
-    async def hold(self, nbytes: int, timeout_s: float) -> AsyncIterator[None]:
+    async def hold(
+        self, nbytes: int, timeout_s: float, cancel_on: Callable[[], Awaitable[object]] | None = None
+    ) -> AsyncIterator[None]:
         """Wait (at most `timeout_s`: TimeoutError) until `nbytes`, at most the whole budget, fit beside
-        what others hold; hold them inside."""
+        what others hold; hold them inside. `cancel_on` (optional) makes an awaitable that completes when
+        the caller no longer wants the decode (its client went away): the wait then ends with CallerGone,
+        rather than the decode taking its turn — up to a second and a gigabyte — for nobody."""
         n = max(0, min(nbytes, self.limit))
+        gone = False
+
+        async def watch(until_gone: Callable[[], Awaitable[object]]) -> None:
+            nonlocal gone
+            await until_gone()
+            gone = True
+            async with self._changed:
+                self._changed.notify_all()
+
         async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: self.held + n <= self.limit), timeout_s)
+            fits = self.held + n <= self.limit
+            # Only a wait is watched: a decode that has room starts at once, as before.
+            watcher = asyncio.ensure_future(watch(cancel_on)) if cancel_on and not fits else None
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: gone or self.held + n <= self.limit), timeout_s
+                )
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+            if gone:
+                raise CallerGone("the caller went away while waiting for room to decode")
             self.held += n
         try:
             yield

@@ -43,8 +43,8 @@ from carvae.preprocess import (
     to_tensor,
     to_uint8,
 )
-from service.batcher import Batcher, DeadlineExceeded
-from service.budget import BUDGETED_ABOVE, MemoryBudget, release_free_memory
+from service.batcher import Abandoned, Batcher, DeadlineExceeded
+from service.budget import BUDGETED_ABOVE, CallerGone, MemoryBudget, release_free_memory
 from service.inference import InferenceModel
 from service.schemas import (
     EncodeResponse,
@@ -321,21 +321,26 @@ class Pipeline:
         finally:
             release_free_memory()
 
-    async def decode_upload(self, source: Upload, field_name: str | None = None) -> np.ndarray:
+    async def decode_upload(
+        self, source: Upload, field_name: str | None = None, ctx: CallContext | None = None
+    ) -> np.ndarray:
         try:
             view = await self._offload(self._prepare, source)
             if isinstance(view, _Deferred):
-                view = await self._decode_in_budget(view)
+                view = await self._decode_in_budget(view, ctx)
             return view
         except ImageError as e:
             if field_name is None:
                 raise
             raise ImageError(e.code, f"{field_name}: {e.message}", e.status) from None
 
-    async def _decode_in_budget(self, deferred: _Deferred) -> np.ndarray:
+    async def _decode_in_budget(self, deferred: _Deferred, ctx: CallContext | None) -> np.ndarray:
+        cancel_on = ctx.cancel_on if ctx is not None else None
         try:
-            async with self.decode_budget.hold(deferred.footprint, self.timeout_s):
+            async with self.decode_budget.hold(deferred.footprint, self.timeout_s, cancel_on):
                 return await self._offload(self._prepare_budgeted, deferred.data)
+        except CallerGone:
+            raise Abandoned("decode withdrawn: the caller went away while it waited for room") from None
         except asyncio.TimeoutError:  # the wait for room (the builtin TimeoutError from Python 3.11)
             self.batcher.observer.timed_out("decode")
             raise DeadlineExceeded(
@@ -343,12 +348,12 @@ class Pipeline:
             ) from None
 
     async def reconstruct(self, data: Upload, fmt: ImageFormat, as_json: bool, ctx: CallContext) -> Rendered:
-        view = await self.decode_upload(data)
+        view = await self.decode_upload(data, ctx=ctx)
         encode = functools.partial(self.encoder.reconstruction, view, fmt=fmt, as_json=as_json)
         return await self._predict_and_encode("reconstruct", view, 1, ctx, encode)
 
     async def encode(self, data: Upload, ctx: CallContext) -> Rendered:
-        view = await self.decode_upload(data)
+        view = await self.decode_upload(data, ctx=ctx)
         return await self._predict_and_encode("encode", view[None], 1, ctx, self.encoder.latents)
 
     async def sample(
@@ -372,7 +377,7 @@ class Pipeline:
         self, data_a: Upload, data_b: Upload, steps: int, fmt: ImageFormat, as_json: bool, ctx: CallContext
     ) -> Rendered:
         view_a, view_b = await asyncio.gather(
-            self.decode_upload(data_a, "file_a"), self.decode_upload(data_b, "file_b")
+            self.decode_upload(data_a, "file_a", ctx), self.decode_upload(data_b, "file_b", ctx)
         )
         mu, _ = await self._predict("encode", np.stack([view_a, view_b]), 2, ctx)
         z = interpolate_latents(mu[0], mu[1], steps)

@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import io
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from service_fixtures import serving
 
-from carvae.preprocess import FootprintExceeded, PreprocessPolicy, decode_footprint, prepare
-from service.budget import MemoryBudget
+from carvae.preprocess import DecodeLimits, FootprintExceeded, PreprocessPolicy, decode_footprint, prepare
+from service.batcher import Abandoned
+from service.budget import CallerGone, MemoryBudget
+from service.pipeline import CallContext, Pipeline
 
 pytest_plugins = ["service_fixtures"]
 
@@ -77,6 +82,68 @@ def test_budget_serialises_what_does_not_fit_and_lets_small_ones_share() -> None
     assert _overlap(_holders(MemoryBudget(100), [500, 500])) == 1  # larger than the budget: alone, not never
     with pytest.raises(asyncio.TimeoutError):  # a wait for room has a deadline
         _holders(MemoryBudget(100), [100, 100], timeout_s=0.05)
+
+
+def test_a_wait_for_room_ends_when_the_caller_goes_away() -> None:
+    """A waiting caller whose client disconnects leaves the queue at once (CallerGone, nothing held),
+    instead of decoding its bomb for nobody when its turn comes."""
+
+    async def run() -> tuple[float, int]:
+        budget = MemoryBudget(100)
+        gone = asyncio.Event()
+        async with budget.hold(100, 5):  # someone else is decoding
+            waiter = asyncio.ensure_future(_hold_briefly(budget, 60, gone.wait))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            t0 = time.monotonic()
+            gone.set()
+            with pytest.raises(CallerGone):
+                await asyncio.wait_for(waiter, 1)
+            elapsed = time.monotonic() - t0
+        # A caller still there waits as before, and one with room is not watched at all.
+        async with budget.hold(60, 5, gone.wait):
+            held = budget.held
+        return elapsed, held + budget.held
+
+    elapsed, held = asyncio.run(run())
+    assert elapsed < 0.5 and held == 60
+
+
+async def _hold_briefly(budget: MemoryBudget, n: int, cancel_on: Callable[[], Awaitable[object]]) -> None:
+    async with budget.hold(n, 5, cancel_on):
+        await asyncio.sleep(0.01)
+
+
+def test_a_disconnected_upload_waiting_for_the_budget_is_never_decoded() -> None:
+    """Through the pipeline (as /reconstruct calls it): the request is withdrawn like a disconnect in the
+    model queue (Abandoned: a 499 in the log), and its large image is not decoded."""
+    decoded: list[int] = []
+
+    class Spy(Pipeline):
+        def _prepare_budgeted(self, data: bytes) -> np.ndarray:
+            decoded.append(len(data))
+            return super()._prepare_budgeted(data)
+
+    bomb = _flat_png(3000, "RGBA")  # ~200 MB to decode: over BUDGETED_ABOVE, so it waits for room
+
+    async def run() -> None:
+        budget = MemoryBudget(64 * MiB)
+        served = SimpleNamespace(policy=PreprocessPolicy())
+        with ThreadPoolExecutor(1) as pool:
+            pipeline = Spy(served, SimpleNamespace(), pool, DecodeLimits(), budget, 5)  # type: ignore[arg-type]
+            gone = asyncio.Event()
+            async with budget.hold(64 * MiB, 5):  # another bomb is decoding
+                ctx = CallContext(tag="test", cancel_on=gone.wait)
+                upload = asyncio.ensure_future(pipeline.decode_upload(bomb, ctx=ctx))
+                await asyncio.sleep(0.2)  # read, header checked: waiting for room
+                assert not upload.done()
+                gone.set()
+                with pytest.raises(Abandoned):
+                    await asyncio.wait_for(upload, 1)
+            assert budget.held == 0
+
+    asyncio.run(run())
+    assert decoded == []
 
 
 def _memory_mib(pid: int, field: str) -> float:
