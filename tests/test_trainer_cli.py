@@ -615,3 +615,16 @@ def test_evaluate_says_when_the_checkpoint_is_from_an_unfinished_run(
     run = json.loads(captured.out)["training_run"]
     assert run["complete"] is True and run["epochs_done"] == 2 and run["stopped_by_budget"] is False
     assert "warning" not in captured.err
+
+
+def test_a_checkpoint_saved_mid_run_does_not_claim_the_budget_stopped_it(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """No --max-minutes, stopped after 1 of 3 epochs: the best-so-far checkpoint (shown on /v1/model and
+    the web page's model card) said `stopped_by_budget: true`."""
+    out = tmp_path / "run"
+    _interrupt_at_epoch(monkeypatch, 1)
+    assert main([*TINY, "--epochs", "3", "--out", str(out)]) == 130
+    t = load_checkpoint(out / "model.safetensors").training
+    assert not t["complete"] and t["epochs_done"] == 1 and t["max_minutes"] is None
+    assert t["stopped_by_budget"] is False

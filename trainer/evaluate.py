@@ -180,7 +180,7 @@ def _run_status(training: dict[str, Any]) -> dict[str, Any]:
         "epochs_done": training.get("epochs_done"),  # of the weights in the file
         "epochs_planned": schedule.get("planned_epochs", training.get("epochs_requested")),
         "best_epoch": training.get("best_epoch"),
-        # A partial checkpoint records `epochs_done < epochs_requested` here whatever stopped it.
+        # Partial checkpoints of earlier versions said true here, whatever was going to stop them.
         "stopped_by_budget": training.get("stopped_by_budget") if complete is True else None,
     }
 

@@ -554,7 +554,8 @@ class _Run:
             "train_seconds": round(p.elapsed_s, 1),
             "data_seconds": round(p.data_s, 1),
             "max_minutes": cfg.max_minutes,
-            "stopped_by_budget": p.epochs_done < cfg.epochs,
+            # Known at the end only: a run saved mid-way is short of --epochs whatever stops it later.
+            "stopped_by_budget": complete and p.epochs_done < cfg.epochs,
             "lr_schedule": {**self.sched.describe(), "planned_epochs": p.planned_epochs},
             "device": str(self.device),
             "torch_version": torch.__version__,
