@@ -79,6 +79,23 @@ latent vectors. Image endpoints answer image bytes by default and JSON with base
 """
 
 
+def _warn_if_unfinished(checkpoint: Checkpoint, path: Path) -> None:
+    """The trainer saves its best epoch so far while it runs (`complete` false): serving that is allowed
+    (a look at a run in progress), but it is not the run's model, and its samples come from N(0, I)
+    rather than the prior fitted at the end — mostly car-coloured noise (README, "Prior for sampling")."""
+    training = checkpoint.training
+    if training.get("complete") is not False:
+        return
+    planned = (training.get("lr_schedule") or {}).get("planned_epochs", training.get("epochs_requested"))
+    log.warning(
+        "%s is from a training run that did not finish (weights of epoch %s%s: killed or still training): "
+        "not the run's final model, and /sample draws from N(0, I), not the fitted prior",
+        path,
+        training.get("epochs_done"),
+        f" of {planned} planned" if planned else "",
+    )
+
+
 async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint: Checkpoint | None) -> None:
     started = time.perf_counter()
     if checkpoint is None:
@@ -90,6 +107,7 @@ async def _start(app: FastAPI, settings: Settings, metrics: Metrics, checkpoint:
     use_one_thread()  # every thread but the model threads: loading, tracing, decoding (service.threads)
     if checkpoint is None:
         checkpoint = await asyncio.to_thread(load_checkpoint, settings.CHECKPOINT, device)
+    _warn_if_unfinished(checkpoint, settings.CHECKPOINT)
     inference = await asyncio.to_thread(
         InferenceModel, checkpoint.model, checkpoint.config, device, settings.TORCHSCRIPT
     )

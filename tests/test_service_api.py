@@ -22,8 +22,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import TINY, block_handler, decode_png, make_settings, photo_bytes
 
+from carvae.checkpoint import save_checkpoint
 from carvae.losses import psnr
-from carvae.preprocess import prepare, to_tensor, to_uint8
+from carvae.model import VAE
+from carvae.preprocess import PreprocessPolicy, prepare, to_tensor, to_uint8
 from service.config import Settings
 from service.deps import Output, negotiate
 from service.main import STATIC_DIR, create_app
@@ -803,3 +805,23 @@ def test_the_gil_switch_interval_is_short_while_serving_and_restored_after(servi
         assert sys.getswitchinterval() == pytest.approx(0.004)
     finally:
         sys.setswitchinterval(original)
+
+
+def test_serving_an_unfinished_run_says_so_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainer saves its best epoch so far while it runs; pointing the service at it (a look at a run
+    in progress, or a killed one) works, with a warning that it is not the run's model."""
+    unfinished = {"complete": False, "epochs_done": 2, "lr_schedule": {"planned_epochs": 30}}
+    for training, warned in ((unfinished, True), ({**unfinished, "complete": True}, False)):
+        path = tmp_path / f"{warned}.safetensors"
+        save_checkpoint(path, VAE(TINY), PreprocessPolicy(image_size=S), training=training)
+        caplog.clear()
+        app = create_app(make_settings(path))
+        with caplog.at_level(logging.WARNING, logger="carvae.service"), TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200
+        lines = [r.getMessage() for r in caplog.records if "did not finish" in r.getMessage()]
+        assert len(lines) == warned, lines
+        if warned:
+            assert lines[0].startswith(f"{path} is from a training run that did not finish")
+            assert "weights of epoch 2 of 30 planned" in lines[0] and "N(0, I)" in lines[0]
