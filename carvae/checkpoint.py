@@ -46,6 +46,23 @@ class Checkpoint:
     def model_id(self) -> str:
         return f"carvae-{self.config.image_size}px-z{self.config.latent_dim}-{self.content_hash[:12]}"
 
+    def run_status(self) -> dict[str, Any]:
+        """How far the run that wrote this file got. The trainer saves the best epoch so far as it goes
+        (`complete` false: still training, or killed before its last planned epoch) and once more at the
+        end (`complete` true: the learning rate annealed to the end of the plan, the sampling prior
+        fitted). A run that `--max-minutes` ended is complete: the budget sets its plan. None where a file
+        does not record it."""
+        schedule = self.training.get("lr_schedule") or {}
+        complete = self.training.get("complete")
+        return {
+            "complete": complete if isinstance(complete, bool) else None,
+            "epochs_done": self.training.get("epochs_done"),  # of the weights in the file
+            "epochs_planned": schedule.get("planned_epochs", self.training.get("epochs_requested")),
+            "best_epoch": self.training.get("best_epoch"),
+            # Partial checkpoints of earlier versions said true here, whatever was going to stop them.
+            "stopped_by_budget": self.training.get("stopped_by_budget") if complete is True else None,
+        }
+
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()

@@ -83,15 +83,15 @@ def _warn_if_unfinished(checkpoint: Checkpoint, path: Path) -> None:
     """The trainer saves its best epoch so far while it runs (`complete` false): serving that is allowed
     (a look at a run in progress), but it is not the run's model, and its samples come from N(0, I)
     rather than the prior fitted at the end — mostly car-coloured noise (README, "Prior for sampling")."""
-    training = checkpoint.training
-    if training.get("complete") is not False:
+    run = checkpoint.run_status()
+    if run["complete"] is not False:
         return
-    planned = (training.get("lr_schedule") or {}).get("planned_epochs", training.get("epochs_requested"))
+    planned = run["epochs_planned"]
     log.warning(
         "%s is from a training run that did not finish (weights of epoch %s%s: killed or still training): "
         "not the run's final model, and /sample draws from N(0, I), not the fitted prior",
         path,
-        training.get("epochs_done"),
+        run["epochs_done"],
         f" of {planned} planned" if planned else "",
     )
 

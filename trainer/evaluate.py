@@ -168,23 +168,6 @@ def _choose(
     return eval_idx, fit_idx, fit_on, split, bool(matches)
 
 
-def _run_status(training: dict[str, Any]) -> dict[str, Any]:
-    """How far the run that wrote the checkpoint got. The trainer saves the best epoch so far as it goes
-    (`complete` false: still training, or killed before its last planned epoch) and once more at the end
-    (`complete` true: the learning rate annealed to the end of the plan, the sampling prior fitted). A
-    run that `--max-minutes` ended is complete: the budget sets its plan. None where not recorded."""
-    schedule = training.get("lr_schedule") or {}
-    complete = training.get("complete")
-    return {
-        "complete": complete if isinstance(complete, bool) else None,
-        "epochs_done": training.get("epochs_done"),  # of the weights in the file
-        "epochs_planned": schedule.get("planned_epochs", training.get("epochs_requested")),
-        "best_epoch": training.get("best_epoch"),
-        # Partial checkpoints of earlier versions said true here, whatever was going to stop them.
-        "stopped_by_budget": training.get("stopped_by_budget") if complete is True else None,
-    }
-
-
 def _warn_if_unfinished(run: dict[str, Any], checkpoint: Path) -> None:
     if run["complete"] is not False:
         return
@@ -217,7 +200,7 @@ def evaluate(
     dev = pick_device(device)
     ck = load_checkpoint(checkpoint, dev)
     training = ck.training
-    run = _run_status(training)
+    run = ck.run_status()
     _warn_if_unfinished(run, checkpoint)  # first: a long evaluation must not bury it
     recorded = training.get("data") or {}
     count = int(recorded.get("count", 4000)) if recorded.get("source") == "synthetic" else 4000
