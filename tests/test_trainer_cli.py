@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +280,29 @@ def test_time_budget_stops_after_the_epoch_that_reaches_it(tmp_path: Path) -> No
     assert len(rows) == 1 and rows[0]["val_psnr"] is not None
     t = load_checkpoint(out / "model.safetensors").training
     assert t["stopped_by_budget"] and t["epochs_done"] == 1 and t["epochs_requested"] == 5 and t["complete"]
+
+
+def test_time_budget_counts_the_time_spent_writing_each_epochs_files(tmp_path: Path, monkeypatch) -> None:
+    """Short epochs (a small photo folder) with slow per-epoch writes: the writes are part of the budget.
+    They were not, and a run of many short epochs ran far past --max-minutes (40 photos, default model,
+    --max-minutes 0.2: 20 s of training loop)."""
+    real = train_mod.plots.write_loss
+
+    def slow_write_loss(out: Path, rows: list[dict[str, object]]) -> None:
+        time.sleep(0.25)
+        real(out, rows)
+
+    monkeypatch.setattr(train_mod.plots, "write_loss", slow_write_loss)
+    out = tmp_path / "run"
+    budget_s = 1.5
+    args = [*TINY, "--epochs", "100", "--max-minutes", str(budget_s / 60), "--out", str(out)]
+    t0 = time.perf_counter()
+    assert main(args) == 0
+    loop_s = time.perf_counter() - t0
+    epochs = len(read_metrics(out))
+    # Each epoch costs at least the 0.25 s write: no more than budget / 0.25 + the one that reaches it.
+    assert epochs <= budget_s / 0.25 + 1, epochs
+    assert loop_s < budget_s + 4, loop_s  # was ~30 epochs, ~8 s
 
 
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, err: int, only: str | None = None) -> None:
