@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import signal
@@ -175,6 +176,26 @@ def test_second_load_comes_from_the_cache_without_decoding(
     calls.clear()
     load_folder(odd_folder, PreprocessPolicy(image_size=16, resize="center-crop"), cache_dir=cache)
     assert calls
+
+
+@pytest.mark.parametrize(("npy", "meta"), [(b"", None), (None, b"[1]"), (None, b'{"count": COUNT}')])
+def test_a_damaged_cache_entry_is_decoded_again(
+    odd_folder: Path, tmp_path: Path, npy: bytes | None, meta: bytes | None
+) -> None:
+    """An emptied .npy (np.load raises EOFError) or a .json that is not the entry's record was a
+    traceback; it is a cache miss, and the entry is rewritten."""
+    cache = tmp_path / "cache"
+    first = load_folder(odd_folder, POLICY, cache_dir=cache)
+    if npy is not None:
+        next(cache.glob("*.npy")).write_bytes(npy)
+    if meta is not None:
+        meta_file = next(cache.glob("*.json"))
+        meta_file.write_bytes(
+            meta.replace(b"COUNT", str(json.loads(meta_file.read_text())["count"]).encode())
+        )
+    again = load_folder(odd_folder, POLICY, cache_dir=cache)
+    assert torch.equal(first.images, again.images) and again.source == first.source
+    assert torch.equal(load_folder(odd_folder, POLICY, cache_dir=cache).images, first.images)
 
 
 def test_unwritable_cache_is_only_a_warning(odd_folder: Path, tmp_path: Path, caplog) -> None:

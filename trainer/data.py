@@ -207,10 +207,14 @@ def _read_cache(cache_dir: Path | None, key: str) -> tuple[np.ndarray, dict[str,
     if cache_dir is None:
         return None
     arr_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    # A damaged entry (an emptied .npy, an edited .json) is a cache miss, decoded again and rewritten:
+    # np.load raises EOFError on an empty file, and a .json that is not an object has no "count".
     try:
         meta = json.loads(meta_path.read_text())
         arr = np.load(arr_path, allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("skipped"), int):
         return None
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[0] != meta.get("count"):
         return None
