@@ -652,3 +652,35 @@ def test_a_checkpoint_saved_mid_run_does_not_claim_the_budget_stopped_it(
     t = load_checkpoint(out / "model.safetensors").training
     assert not t["complete"] and t["epochs_done"] == 1 and t["max_minutes"] is None
     assert t["stopped_by_budget"] is False
+
+
+def test_resume_from_another_directory_finds_relative_data(tmp_path: Path, monkeypatch, capsys) -> None:
+    """run.json recorded --data as typed: a run started with `--data photos` could not be resumed from any
+    other directory ("data folder photos does not exist")."""
+    work = tmp_path / "work"
+    args = _photos(work / "photos", 12)
+    args[args.index(str(work / "photos"))] = "photos"
+    monkeypatch.chdir(work)
+    assert main([*args, "--out", "run", "--cache-dir", "cache"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["--resume", str(work / "run"), "--epochs", "2", *FAST]) == 0, capsys.readouterr().err
+    assert [r["epoch"] for r in read_metrics(work / "run")] == [1, 2]
+    assert not (tmp_path / "cache").exists()  # the cache recorded in work/ is the one used
+
+    # A run recorded with a relative path (older trainers), resumed where that path means nothing: it says
+    # which folder is missing and how to name it.
+    record = json.loads((work / "run" / "run.json").read_text())
+    record["config"]["data"] = "photos"
+    (work / "run" / "run.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["--resume", str(work / "run"), "--epochs", "3", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the data folder photos recorded in") and err.endswith(
+        "pass --data DIR to name it"
+    )
+    assert main(["--resume", str(work / "run"), "--epochs", "3", "--data", "elsewhere", *FAST]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: data folder {tmp_path / 'elsewhere'} does not exist or is not a folder\n"
+    )
+    assert main(["--resume", str(work / "run"), "--epochs", "3", "--data", str(work / "photos"), *FAST]) == 0

@@ -276,6 +276,12 @@ def _paths(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must not be empty")
         if value is not None and name != "data":
             setattr(args, name, Path(value))
+    # run.json records the data and cache folders for --resume, which may be typed in another directory:
+    # recorded as typed (relative), the data folder was then looked for there and not found.
+    if args.data is not None and args.data != "synthetic":
+        args.data = str(Path(args.data).absolute())
+    if args.cache_dir is not None:
+        args.cache_dir = args.cache_dir.absolute()
 
 
 def _stored_config(run_dir: Path) -> dict[str, Any]:
@@ -321,6 +327,12 @@ def _config(args: argparse.Namespace, given: set[str]) -> TrainConfig:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(f"{flags} cannot change on --resume (they define what the run trains)")
         stored.update({k: values[k] for k in given & RESUMABLE if k in values}, out=str(args.resume))
+        if "data" not in given and stored["data"] != "synthetic" and not Path(stored["data"]).is_dir():
+            # A run recorded before the paths were absolute, or photos that have moved since.
+            raise DataError(
+                f"the data folder {stored['data']} recorded in {args.resume / RUN_FILE} is not there (from "
+                "this directory); pass --data DIR to name it"
+            )
         return TrainConfig.from_dict(stored)
     if args.smoke:
         values.update({k: v for k, v in SMOKE.items() if k not in given})
