@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -300,6 +301,35 @@ def test_real_car_photos_decode_exactly_as_the_service_does(tmp_path: Path) -> N
     assert ds.images.shape == (24, 64, 64, 3) and ds.source["skipped"] == 0
     first = prepare(photos[0].read_bytes(), PreprocessPolicy(image_size=64))
     np.testing.assert_array_equal(ds.images[0].numpy(), first)
+
+
+def _deny_listing(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Listing `folder` fails as it does for a chmod 700 folder of another user (root reads them all)."""
+    real = os.scandir
+
+    def scandir(path: str) -> object:
+        if Path(path) == folder:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_an_unreadable_folder_is_named_not_silently_left_out(odd_folder: Path, monkeypatch, caplog) -> None:
+    """os.walk drops a folder it cannot list without a word: its photos vanished from the run, and an
+    unreadable --data said "no images under" it."""
+    _deny_listing(monkeypatch, odd_folder / "nested")
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        files = scan_images(odd_folder)
+    assert not any("nested" in p.as_posix() for p in files) and files
+    assert f"cannot read folder {odd_folder / 'nested'} (Permission denied); its photos are skipped" in (
+        caplog.text
+    )
+    _deny_listing(monkeypatch, odd_folder)
+    with pytest.raises(
+        DataError, match=f"^cannot read data folder {re.escape(str(odd_folder))}: Permission denied$"
+    ):
+        load_folder(odd_folder, POLICY)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")

@@ -81,7 +81,15 @@ def scan_images(root: Path) -> list[Path]:
     followed (no cycles). Run folders below root (a --out inside --data) are skipped: their loss curves and
     sample grids are not photos, and would change the data's fingerprint after every epoch."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(e: OSError) -> None:
+        # os.walk skips a folder it cannot list without a word: the photos in a chmod 700 folder of
+        # another user's vanished from the run, and an unreadable --data read as "no images under".
+        if Path(e.filename or "") == root:
+            raise DataError(f"cannot read data folder {root}: {e.strerror or e}")
+        log.warning("data: cannot read folder %s (%s); its photos are skipped", e.filename, e.strerror or e)
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         skipped = [d for d in dirnames if _is_run_folder(Path(dirpath, d))]
         for d in skipped:
             log.info("data: skipping %s (a training run's folder, not photos)", Path(dirpath, d))
