@@ -684,3 +684,16 @@ def test_resume_from_another_directory_finds_relative_data(tmp_path: Path, monke
         == f"error: data folder {tmp_path / 'elsewhere'} does not exist or is not a folder\n"
     )
     assert main(["--resume", str(work / "run"), "--epochs", "3", "--data", str(work / "photos"), *FAST]) == 0
+
+
+def test_a_path_that_is_not_utf8_is_logged_not_fatal(tmp_path: Path, monkeypatch) -> None:
+    """A run folder named with a Latin-1 byte (os.fsdecode gives a surrogate) under a strict UTF-8 stdout,
+    as in an en_US.UTF-8 locale: the first log line naming it raised UnicodeEncodeError and the run ended
+    with "error: 'utf-8' codec can't encode character '\\udce9'"."""
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = tmp_path / os.fsdecode(b"caf\xe9")
+    assert main([*TINY, "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file()
+    stdout.flush()
+    assert "caf\\udce9" in stdout.buffer.getvalue().decode()  # type: ignore[attr-defined]

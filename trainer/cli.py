@@ -30,7 +30,15 @@ class _TqdmHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         stream = getattr(sys, self.stream_name)  # looked up per line: tests swap sys.stdout
-        tqdm.write(self.format(record), file=stream)
+        text = self.format(record)
+        try:
+            tqdm.write(text, file=stream)
+        except UnicodeEncodeError:
+            # A path that is not valid UTF-8 (a folder unzipped from an old camera or Windows archive) holds
+            # surrogates; a strict stdout (any UTF-8 locale but C.UTF-8) raised here, and a log line ended
+            # the run. Such bytes are printed as escapes instead.
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            tqdm.write(text.encode(encoding, "backslashreplace").decode(encoding), file=stream)
         stream.flush()
 
 
