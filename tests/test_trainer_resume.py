@@ -154,3 +154,29 @@ def test_resume_refuses_fewer_epochs_than_already_done(tmp_path: Path, capsys) -
         "pass --epochs 2 or more to resume it\n"
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_run_folder_another_trainer_is_using_is_refused(tmp_path: Path, capsys) -> None:
+    """A --resume (or --overwrite) typed while the run still trains was accepted, and both processes wrote
+    the same train_state.pt, model.safetensors and metrics.jsonl epoch after epoch."""
+    import fcntl
+
+    out = tmp_path / "run"
+    assert main([*TINY_ARGS, "--epochs", "1", "--out", str(out)]) == 0  # and let go of the folder after
+    state = (out / "train_state.pt").read_bytes()
+    with (out / ".lock").open("a+") as held:  # what a trainer still running holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        capsys.readouterr()
+        for args in (["--resume", str(out), "--epochs", "2"], [*TINY_ARGS, "--out", str(out), "--overwrite"]):
+            assert main([*args, "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert (
+                err
+                == f"error: {out} is in use by another trainer (pid 4242); wait for it to end or stop it\n"
+            )
+        assert (out / "train_state.pt").read_bytes() == state and len(read_metrics(out)) == 1
+    assert main(["--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    assert len(read_metrics(out)) == 2

@@ -1,7 +1,8 @@
 """`python -m trainer`: train a car VAE into RUN_DIR/model.safetensors. `--help` documents every flag.
 
 Exit codes: 0 done (or --if-missing found a matching model), 1 training diverged, 2 bad arguments,
-unusable data, an unwritable run folder or one that already holds a run (one line on stderr), 130
+unusable data, an unwritable run folder, one that already holds a run or one another trainer is using
+(one line on stderr), 130
 interrupted by Ctrl-C or SIGTERM (resume with --resume once an epoch has completed).
 """
 

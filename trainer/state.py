@@ -7,11 +7,12 @@ becomes an `OutputError` with one line saying which file and why.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -21,6 +22,7 @@ STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 CHECKPOINT_FILE = "model.safetensors"
+LOCK_FILE = ".lock"
 
 
 class OutputError(RuntimeError):
@@ -49,6 +51,54 @@ def check_writable(out: Path) -> None:
     probe.unlink(missing_ok=True)
     if not os.access(out, os.W_OK):
         raise OutputError(f"output folder {out} is not writable")
+
+
+def lock_run(out: Path) -> IO[str] | None:
+    """Hold out/.lock for as long as the returned file is open. Two trainers in one run folder (a --resume,
+    --overwrite or second fresh run typed while the first still trains) overwrote each other's state,
+    checkpoint and metrics epoch by epoch. An flock dies with its process, so a killed run leaves no stale
+    lock. None where there is no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = out / LOCK_FILE
+    try:
+        f = path.open("a+")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        who = f"pid {holder}" if holder else "another process"
+        msg = f"{out} is in use by another trainer ({who}); wait for it to end or stop it"
+        raise OutputError(msg) from None
+    except OSError:  # a file system without locks (some network mounts): train unguarded, as before
+        f.close()
+        return None
+    try:
+        held = os.fstat(f.fileno()).st_ino == path.stat().st_ino
+    except OSError:
+        held = False
+    if not held:  # locked a file that the previous holder removed on its way out: the folder is taken
+        f.close()
+        raise OutputError(f"{out} is in use by another trainer; wait for it to end or stop it")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def unlock_run(lock: IO[str], out: Path) -> None:
+    """Let go of the folder lock_run took, removing the file (a run folder holds only the run's files)."""
+    # A folder made read-only meanwhile keeps the file; the lock still ends with the file's closing.
+    with contextlib.suppress(OSError):
+        (out / LOCK_FILE).unlink(missing_ok=True)
+    lock.close()
 
 
 def check_no_run(out: Path) -> None:

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -53,8 +53,10 @@ from trainer.state import (
     check_no_run,
     check_writable,
     load_state,
+    lock_run,
     read_metrics,
     save_state,
+    unlock_run,
     write_json,
     write_metrics,
 )
@@ -268,6 +270,13 @@ class _Run:
         self.rows: list[dict[str, Any]] = []
         # Kept across epochs: with fewer than MAX_BAD_STEPS batches per epoch a per-epoch count never trips.
         self.bad_in_a_row = 0
+        self.lock: IO[str] | None = None
+
+    def close(self) -> None:
+        """Let go of the run folder (another run in this process, e.g. a test's --resume, may take it)."""
+        if self.lock is not None:
+            unlock_run(self.lock, self.out)
+            self.lock = None
 
     # ------------------------------------------------------------ setup
 
@@ -296,6 +305,7 @@ class _Run:
         if not self.resume and not self.overwrite:
             self._on_main(check_no_run, self.out)
         self._on_main(check_writable, self.out)
+        self.lock = self._on_main(lock_run, self.out)
         state = load_state(self.out) if self.resume else None
 
         t0 = time.perf_counter()
@@ -759,9 +769,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     """Train (or resume) the run in cfg.out; returns the checkpoint's `training` metadata. A fresh run
     into a folder that already holds a run is refused unless `overwrite`."""
     info = distributed.setup(cfg.device)
+    run = None
     try:
         run = _Run(cfg, info, resume, overwrite)
         run.setup()
         return run.run()
     finally:
+        if run is not None:
+            run.close()
         distributed.cleanup()
