@@ -65,9 +65,16 @@ def test_ema_weights_are_what_is_validated_and_saved(tmp_path: Path) -> None:
     assert saved["log_sigma"] == raw["log_sigma"]
 
 
-def test_resume_can_extend_a_finished_run(tmp_path: Path) -> None:
+def test_resume_can_extend_a_finished_run(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert main([*TINY_ARGS, "--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # Without a larger --epochs there is nothing to do, and it says so (it only re-wrote the files).
+    assert main(["--resume", str(out), "--no-progress"]) == 0
+    assert "nothing to train: the run has completed its 1 epochs; pass a larger --epochs to extend it" in (
+        capsys.readouterr().out
+    )
+    assert len(read_metrics(out)) == 1
     assert main(["--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
     assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
     assert load_checkpoint(out / "model.safetensors").training["epochs_done"] == 2

@@ -633,6 +633,12 @@ class _Run:
                 p.epochs_done,
                 p.elapsed_s / 60,
             )
+        elif self.resume and p.epochs_done >= cfg.epochs and self.info.is_main:
+            # Resuming a finished run only re-writes its files; said so, the missing --epochs is obvious.
+            log.warning(
+                "nothing to train: the run has completed its %d epochs; pass a larger --epochs to extend it",
+                cfg.epochs,
+            )
         self.write_run_json("running")
         while p.epochs_done < p.planned_epochs:
             t0 = time.perf_counter()
