@@ -525,6 +525,21 @@ def test_evaluate_refuses_a_batch_size_below_1(tiny_checkpoint: Path, capsys) ->
         assert capsys.readouterr().err == "error: --batch-size must be >= 1\n"
 
 
+def test_evaluate_ctrl_c_is_one_line_and_status_130(tiny_checkpoint: Path, monkeypatch, capsys) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_mod, "score_images", interrupted)
+    args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--limit", "2"]
+    try:
+        status = evaluate_mod.main(args)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt traceback")
+    assert status == 130
+    captured = capsys.readouterr()
+    assert captured.err.endswith("interrupted\n") and "Traceback" not in captured.err and captured.out == ""
+
+
 REAL_TRAIN_EPOCH = train_mod._Run.train_epoch
 
 

@@ -366,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, DataError, DeviceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in a long scoring (--refine-steps, a big folder): no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(result, indent=2))
     return 0
 
