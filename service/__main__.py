@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported late: the FastAPI/uvicorn stack is not needed to report a configuration error.
     import uvicorn
 
+    from service.connections import protocol_for
     from service.main import begin_drain, create_app
     from service.server import DrainingServer
 
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # our RequestContextMiddleware logs one line per request, with its id
         server_header=False,
         timeout_keep_alive=settings.KEEP_ALIVE_S,
+        http=protocol_for(settings),  # httptools with limits on the request head (service.connections)
         # On SIGTERM uvicorn stops accepting and waits for accepted requests: as long as they may take.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
         "(a stalled upload would otherwise hold its request slot)",
     )
 
+    HEADER_TIMEOUT_S: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="time a request line and headers may take to arrive, from their first byte; 408 after "
+        "(a connection that has sent nothing is closed after KEEP_ALIVE_S): a slow or stalled head would "
+        "otherwise hold its connection for as long as the client likes",
+    )
+    MAX_HEADER_BYTES: int = Field(
+        default=64 * 1024, ge=1024, le=16 * MiB, description="largest request line and headers; 431 beyond"
+    )
+
     # Resources
     MODEL_WORKERS: int | None = Field(
         default=None,

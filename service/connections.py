@@ -1,0 +1,123 @@
+"""uvicorn's httptools protocol with limits on the request head: its size and the time it may take.
+
+uvicorn bounds neither. Its parser keeps a header it has not seen the end of, however long, so one
+client streaming a single endless header line grew the process by ~500 MB in two minutes (and slowed
+every other request: httptools joins the pieces of a value by copying). And a connection is only timed
+out once it has had a response: one that sends nothing, or half a request line, is kept open for as long
+as the client likes, so a few thousand of them (slowloris) use up the process's file descriptors.
+
+Here a connection that has sent nothing is closed after KEEP_ALIVE_S, like an idle keep-alive connection;
+a request head, once begun, must be complete within HEADER_TIMEOUT_S (408) and within MAX_HEADER_BYTES
+(431). The body has its own limits (service.middleware.BodyLimitMiddleware). Both answers are written
+here, before the app sees a request, in the one JSON error shape, and close the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from service.config import Settings
+from service.errors import error_body, new_request_id
+
+log = logging.getLogger("carvae.service")
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """Set by `protocol_for`: a class per settings, as uvicorn instantiates the class it is given."""
+
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 65536
+    idle_timeout_s: float = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_begun = False  # a request's first byte has arrived, its headers' end has not
+        self._head_bytes = 0  # bytes received since then
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.idle_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Counted after the parser has seen the bytes: a chunk that completes its head (and may carry a
+        # large part of the body with it) is not counted against the head.
+        if self._head_begun and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(
+                    431,
+                    "headers_too_large",
+                    f"the request line and headers are over the limit of {self.max_header_bytes} bytes",
+                )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        # The first byte of a request: from here its head has header_timeout_s to arrive (a connection's
+        # first request had idle_timeout_s before; a keep-alive one's idle wait is uvicorn's own timer).
+        self._head_begun = True
+        self._head_bytes = 0
+        self._arm(self.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        self._head_begun = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def _arm(self, delay_s: float) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(delay_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._head_begun:  # nothing sent: closed quietly, as an idle keep-alive connection is
+            self.transport.close()
+            return
+        within = f"{self.header_timeout_s:g} s"
+        self._refuse(408, "request_timeout", f"the request line and headers did not arrive within {within}")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        rid = new_request_id()
+        log.warning("request_id=%s refused before routing: %d %s", rid, status, message)
+        body = error_body(code, message, rid)
+        head = [STATUS_LINE[status]]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"x-request-id: " + rid.encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self._disarm()
+        self._head_begun = False
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+def protocol_for(settings: Settings) -> type[HttpToolsProtocol]:
+    """The protocol class uvicorn is to use for these settings."""
+    return type(
+        "LimitedHttpToolsProtocol",
+        (LimitedHttpToolsProtocol,),
+        {
+            "header_timeout_s": settings.HEADER_TIMEOUT_S,
+            "max_header_bytes": settings.MAX_HEADER_BYTES,
+            "idle_timeout_s": float(settings.KEEP_ALIVE_S),
+        },
+    )
