@@ -8,8 +8,9 @@ as the client likes, so a few thousand of them (slowloris) use up the process's 
 
 Here a connection that has sent nothing is closed after KEEP_ALIVE_S, like an idle keep-alive connection;
 a request head, once begun, must be complete within HEADER_TIMEOUT_S (408) and within MAX_HEADER_BYTES
-(431). The body has its own limits (service.middleware.BodyLimitMiddleware). Both answers are written
-here, before the app sees a request, in the one JSON error shape, and close the connection.
+(431). The body has its own limits (service.middleware.BodyLimitMiddleware). Both answers, and uvicorn's
+400 for bytes that are not HTTP, are written here, before the app sees a request, in the one JSON error
+shape, and close the connection.
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_begun = False
         self._disarm()
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own answer to bytes its parser rejects (a broken request line, two Content-Lengths, a
+        # bad chunk size, TLS or HTTP/2 spoken to a plain HTTP/1.1 port) is text/plain with no request id.
+        self._refuse(400, "bad_request", "not a valid HTTP/1.1 request (request line, headers or framing)")
 
     def _arm(self, delay_s: float) -> None:
         self._disarm()

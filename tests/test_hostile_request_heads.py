@@ -143,3 +143,38 @@ def test_ordinary_requests_are_not_affected(server: ServerProcess) -> None:
 
     files = {"file": ("c.png", photo_bytes(), "image/png")}
     assert httpx.post(server.url + "/encode", files=files, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+        b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        b"POST /sample HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n{}\r\n0\r\n\r\n",
+        b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2 spoken to an HTTP/1.1 port
+        bytes.fromhex("16030100a5010000a10303") + bytes(64),  # a TLS ClientHello
+    ],
+    ids=[
+        "garbage",
+        "no-slash",
+        "two-lengths",
+        "negative-length",
+        "length-and-chunked",
+        "bad-chunk",
+        "non-utf8-path",
+        "http2",
+        "tls",
+    ],
+)
+def test_requests_the_parser_refuses_get_a_json_400(server: ServerProcess, raw: bytes) -> None:
+    """Before: uvicorn's text/plain 'Invalid HTTP request received.' with no request id."""
+    with _connect(server) as sock:
+        sock.sendall(raw)
+        answer, _ = _read_until_closed(sock)
+    status, _, error = _json_error(answer)
+    assert (status, error["code"]) == (400, "bad_request")
+    assert "HTTP/1.1" in error["message"]
