@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         server_header=False,
         timeout_keep_alive=settings.KEEP_ALIVE_S,
         http=protocol_for(settings),  # httptools with limits on the request head (service.connections)
+        # No route is a WebSocket: an Upgrade request is then served as the plain HTTP request it also is
+        # (through the middleware: logged, counted, a JSON error), not refused by the websockets library
+        # in text/plain, unseen by the app.
+        ws="none",
         # On SIGTERM uvicorn stops accepting and waits for accepted requests: as long as they may take.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )

@@ -79,6 +79,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # bad chunk size, TLS or HTTP/2 spoken to a plain HTTP/1.1 port) is text/plain with no request id.
         self._refuse(400, "bad_request", "not a valid HTTP/1.1 request (request line, headers or framing)")
 
+    def _unsupported_upgrade_warning(self) -> None:
+        # uvicorn warns twice per Upgrade request, the second time that no WebSocket library is installed:
+        # with ws="none" (service.__main__) that is on purpose, and a scanner's upgrades would flood the log.
+        log.debug("an Upgrade request is served as plain HTTP")
+
     def _arm(self, delay_s: float) -> None:
         self._disarm()
         self._head_timer = self.loop.call_later(delay_s, self._head_timed_out)

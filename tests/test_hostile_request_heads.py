@@ -178,3 +178,18 @@ def test_requests_the_parser_refuses_get_a_json_400(server: ServerProcess, raw: 
     status, _, error = _json_error(answer)
     assert (status, error["code"]) == (400, "bad_request")
     assert "HTTP/1.1" in error["message"]
+
+
+@pytest.mark.parametrize(("path", "status"), [("/healthz", 200), ("/reconstruct", 405), ("/nowhere", 404)])
+def test_a_websocket_upgrade_is_served_as_plain_http(server: ServerProcess, path: str, status: int) -> None:
+    """No route is a WebSocket. Before: the websockets library answered a text/plain 403 (or 400 without
+    Sec-WebSocket-Key) itself, with no request id, unlogged and uncounted."""
+    for key in ("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""):
+        with _connect(server) as sock:
+            upgrade = "Connection: Upgrade, close\r\nUpgrade: websocket\r\n"
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{upgrade}{key}\r\n".encode())
+            raw, _ = _read_until_closed(sock)
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), raw[:300]
+        assert b"content-type: application/json" in head.lower() and b"x-request-id: " in head.lower()
+        assert json.loads(body)
