@@ -19,6 +19,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Scope
 
@@ -179,6 +180,10 @@ def _unparsable_json(request: Request, exc: StarletteHTTPException) -> str | Non
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     err = cast(StarletteHTTPException, exc)
+    if isinstance(err.__cause__, ClientDisconnect):
+        # FastAPI turns a client that hangs up mid-body into a 400 "error parsing the body": nobody gets
+        # that answer, and counting it as 400 made every aborted upload look like a bad request.
+        return await _abandoned(request, exc)
     if (problem := _unparsable_json(request, err)) is not None:
         return _error(request, 422, "validation_error", problem)
     code = status_code_name(err.status_code)

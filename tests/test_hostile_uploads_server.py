@@ -168,3 +168,42 @@ def test_many_oversized_uploads_in_a_row_leave_the_server_healthy(server: Server
             _assert_413(_read_rest(sock), LIMIT)
     assert httpx.get(server.url + "/healthz").status_code == 200
     _assert_serving(server)
+
+
+def _requests_total(server: ServerProcess, route: str) -> dict[str, float]:
+    """carvae_requests_total{route=...} by status."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("carvae_requests_total{") and f'route="{route}"' in line:
+            status = line.split('status="')[1].split('"')[0]
+            counts[status] = counts.get(status, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("path", "ctype", "body", "framing"),
+    [
+        ("/encode", f"multipart/form-data; boundary={BOUNDARY}", b"", "Content-Length: 5000"),
+        ("/encode", f"multipart/form-data; boundary={BOUNDARY}", b"", "Transfer-Encoding: chunked"),
+        ("/sample", "application/json", b'{"n": ', "Content-Length: 100"),
+    ],
+)
+def test_a_client_that_hangs_up_mid_body_is_counted_as_gone_not_as_a_bad_request(
+    server: ServerProcess, path: str, ctype: str, body: bytes, framing: str
+) -> None:
+    """Before: FastAPI's 400 'error parsing the body' went to nobody and counted as a 400 in the metrics
+    and the log (an alert on the 4xx rate fired on mobile clients aborting uploads). The project's code for
+    a client that went away is 499, as for a disconnect while queued."""
+    before = _requests_total(server, path)
+    data = body or _part_head() + photo_bytes()[:100]
+    if framing.startswith("Transfer-Encoding"):
+        data = b"%x\r\n%s\r\n" % (len(data), data)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n{framing}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode() + data)
+        time.sleep(0.3)  # the app is reading the body when the client goes
+    deadline = time.monotonic() + 10
+    while (after := _requests_total(server, path)) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    added = {status: n - before.get(status, 0) for status, n in after.items() if n != before.get(status, 0)}
+    assert added == {"499": 1}
