@@ -144,11 +144,18 @@ async def _invalid_latents(request: Request, exc: Exception) -> Response:
     return _error(request, 422, "validation_error", str(exc))
 
 
+def _parsed_as_json(ctype: str) -> bool:
+    """Whether FastAPI parses a body of this Content-Type as JSON: application/json or application/*+json
+    only. text/json, application/x-json or application/jsonl reach the model as bytes."""
+    major, _, minor = ctype.split(";")[0].strip().lower().partition("/")
+    return major == "application" and (minor == "json" or minor.endswith("+json"))
+
+
 async def _validation_error(request: Request, exc: Exception) -> Response:
     err = cast(RequestValidationError, exc)
     errors = list(err.errors())
     ctype = request.headers.get("content-type", "")
-    if "json" not in ctype.lower() and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
+    if not _parsed_as_json(ctype) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
         # A JSON endpoint given another content type sees the body as text ("should be a valid
         # dictionary"); say what to fix instead.
         what = f"Content-Type {_clip(ctype, 80)}" if ctype else "no Content-Type"
@@ -166,7 +173,7 @@ def _unparsable_json(request: Request, exc: StarletteHTTPException) -> str | Non
     the real exception as the cause; the client deserves the same 422 and to be told which it was."""
     cause = exc.__cause__
     ctype = request.headers.get("content-type", "").lower()
-    is_json = not ctype or "json" in ctype  # FastAPI parses a body without a content type as JSON too
+    is_json = not ctype or _parsed_as_json(ctype)  # FastAPI parses a body without a content type as JSON too
     if exc.status_code != 400 or not is_json or not isinstance(cause, (RecursionError, ValueError)):
         return None
     if isinstance(cause, RecursionError):
