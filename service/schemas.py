@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
@@ -167,7 +168,35 @@ class DecodeRequest(BaseModel):
         # ("at most 64 items", "should be a valid list" per number) do not say so.
         if isinstance(v, list) and v and all(type(x) in (int, float) for x in v):
             raise ValueError("z is a list of latent vectors, one list per image: send [[...]], not [...]")
+        # pydantic reports every bad value, one error each, and FastAPI then describes each as a dict, on the
+        # event loop: a 1 MiB body of 262,144 NaNs or strings took 2-3 s, every other request waiting. The
+        # first bad value is reported alone instead (what pydantic would say about lengths still stands).
+        if isinstance(v, list) and len(v) <= MAX_IMAGES:
+            for i, row in enumerate(v):
+                if isinstance(row, list) and len(row) <= MAX_LATENT_DIM and not _all_latent_values(row):
+                    j, problem = next((j, p) for j, x in enumerate(row) if (p := _what_is_wrong(x)))
+                    raise ValueError(f"z[{i}][{j}] {problem}")
         return v
+
+
+def _all_latent_values(row: list[Any]) -> bool:
+    # The plain loop: ~45 ns a value, about what pydantic's own check of a valid row costs.
+    for x in row:
+        if (type(x) is float or type(x) is int) and -MAX_ABS_LATENT <= x <= MAX_ABS_LATENT:  # NaN fails
+            continue
+        return False
+    return True
+
+
+def _what_is_wrong(x: Any) -> str | None:
+    """Why x is not a LatentValue (bool is not a number), or None."""
+    if type(x) is not float and type(x) is not int:
+        return "should be a number"
+    if isinstance(x, float) and not math.isfinite(x):
+        return "should be a finite number"
+    if not -MAX_ABS_LATENT <= x <= MAX_ABS_LATENT:
+        return f"should be at most {MAX_ABS_LATENT:g} in magnitude"
+    return None
 
 
 class ModelResponse(BaseModel):
