@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -28,6 +28,25 @@ def _json_number_only(value: Any) -> Any:
 JsonInt = Annotated[int, BeforeValidator(_json_number_only)]
 # A latent value: a finite JSON number (NaN/Infinity are refused), bounded, strict (no "1.5" strings).
 LatentValue = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_LATENT, le=MAX_ABS_LATENT)]
+
+
+class _ClosedBody(BaseModel):
+    """A request body whose unknown fields are refused (with extra="forbid", which also tells the schema)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_fields(cls, data: Any) -> Any:
+        # extra="forbid" alone makes one error per unknown key, which FastAPI then describes one by one
+        # on the event loop: a 1 MiB body of 110,000 keys held it ~0.4 s. One error names them all.
+        if isinstance(data, dict) and not data.keys() <= cls.model_fields.keys():
+            unknown = [k for k in data if k not in cls.model_fields]
+            more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+            name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:39] + "…"
+            raise ValueError(
+                f"unknown field {name!r}{more} (extra fields are not permitted; "
+                f"the fields are {', '.join(cls.model_fields)})"
+            )
+        return data
 
 
 class ErrorBody(BaseModel):
@@ -102,7 +121,7 @@ class EncodeResponse(BaseModel):
     )
 
 
-class SampleRequest(BaseModel):
+class SampleRequest(_ClosedBody):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"n": 16, "seed": 42, "temperature": 1.0}]}
     )
@@ -152,7 +171,7 @@ class SampleResponse(ImagesResponse):
     )
 
 
-class DecodeRequest(BaseModel):
+class DecodeRequest(_ClosedBody):
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"examples": [{"z": [[0.0, 0.5, -1.2, 0.3]]}]}
     )
