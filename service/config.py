@@ -76,7 +76,11 @@ class Settings(BaseSettings):
         "otherwise hold its connection for as long as the client likes",
     )
     MAX_HEADER_BYTES: int = Field(
-        default=64 * 1024, ge=1024, le=16 * MiB, description="largest request line and headers; 431 beyond"
+        default=64 * 1024,
+        ge=1024,
+        le=16 * MiB,
+        description="largest request line and headers, and largest run of a chunked body's framing "
+        "(trailers, chunk extensions); 431 beyond",
     )
 
     # Resources

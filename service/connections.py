@@ -8,9 +8,9 @@ as the client likes, so a few thousand of them (slowloris) use up the process's 
 
 Here a connection that has sent nothing is closed after KEEP_ALIVE_S, like an idle keep-alive connection;
 a request head, once begun, must be complete within HEADER_TIMEOUT_S (408) and within MAX_HEADER_BYTES
-(431). The body has its own limits (service.middleware.BodyLimitMiddleware). Both answers, and uvicorn's
-400 for bytes that are not HTTP, are written here, before the app sees a request, in the one JSON error
-shape, and close the connection.
+(431), and so must a chunked body's framing (chunk extensions, trailers: 431 too); the body itself has
+its own limits (service.middleware.BodyLimitMiddleware). These answers, and uvicorn's 400 for bytes that
+are not HTTP, are written here, by the server, in the one JSON error shape, and close the connection.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # a request's first byte has arrived, its headers' end has not
         self._head_bytes = 0  # bytes received since then
+        self._in_body = False  # its headers have ended, the message (body, trailers) has not
+        self._body_seen = False  # the parser found body bytes in the data being fed
+        self._bytes_without_body = 0  # body-phase bytes since the last that held any body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -49,16 +52,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self._body_seen = False
         super().data_received(data)
+        if self.transport.is_closing():
+            return
         # Counted after the parser has seen the bytes: a chunk that completes its head (and may carry a
         # large part of the body with it) is not counted against the head.
-        if self._head_begun and not self.transport.is_closing():
+        if self._head_begun:
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 self._refuse(
                     431,
                     "headers_too_large",
                     f"the request line and headers are over the limit of {self.max_header_bytes} bytes",
+                )
+        elif self._in_body:
+            # A chunked body's framing carries no body bytes: chunk extensions, and the trailer fields after
+            # the last chunk, which uvicorn appends to the request's headers without limit (one client sent
+            # 2 GB of trailers in 15 s and grew the process to 5.5 GB). The body's own limits never see them.
+            self._bytes_without_body = 0 if self._body_seen else self._bytes_without_body + len(data)
+            if self._bytes_without_body > self.max_header_bytes:
+                self._refuse(
+                    431,
+                    "headers_too_large",
+                    f"the chunked body's trailers or chunk extensions are over the limit of "
+                    f"{self.max_header_bytes} bytes",
                 )
 
     def on_message_begin(self) -> None:
@@ -71,8 +89,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_begun = False
+        self._in_body, self._bytes_without_body = True, 0
         self._disarm()
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen = True
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to bytes its parser rejects (a broken request line, two Content-Lengths, a
@@ -105,7 +132,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         rid = new_request_id()
-        log.warning("request_id=%s refused before routing: %d %s", rid, status, message)
+        log.warning("request_id=%s refused by the server: %d %s", rid, status, message)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A request the app is handling (its trailers are what is refused, or a pipelined one runs
+            # before this head): the app sees a disconnect and what it still sends is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if cycle.response_started:  # no room for a second response
+                self._disarm()
+                self.transport.close()
+                return
         body = error_body(code, message, rid)
         head = [STATUS_LINE[status]]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]

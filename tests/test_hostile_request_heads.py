@@ -193,3 +193,55 @@ def test_a_websocket_upgrade_is_served_as_plain_http(server: ServerProcess, path
         assert head.startswith(f"HTTP/1.1 {status} ".encode()), raw[:300]
         assert b"content-type: application/json" in head.lower() and b"x-request-id: " in head.lower()
         assert json.loads(body)
+
+
+@pytest.mark.parametrize("where", ["many trailers", "endless trailer", "chunk extension"])
+def test_endless_chunk_framing_gets_431_at_the_limit_not_the_memory(
+    server: ServerProcess, where: str
+) -> None:
+    """Before: trailers went into the request's headers without limit (2 GB in 15 s grew the process to
+    5.5 GB), and neither the head's limits nor the body's saw them."""
+    head = (
+        b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    start, chunk = {
+        "many trailers": (b"2\r\n{}\r\n0\r\n", b"X-Trailer: " + b"a" * 100 + b"\r\n"),
+        "endless trailer": (b"2\r\n{}\r\n0\r\nX-Trailer: ", b"a" * 4096),
+        "chunk extension": (b"2;ext=", b"a" * 4096),
+    }[where]
+    sent = 0
+    with _connect(server) as sock:
+        sock.sendall(head + start)
+        while sent < 4 * 1024 * 1024 and not select.select([sock], [], [], 0.002)[0]:
+            sock.sendall(chunk)
+            sent += len(chunk)
+        raw, _ = _read_until_closed(sock)
+    assert sent < 512 * 1024, "the server kept reading framing far over its limit"
+    status, _, error = _json_error(raw)
+    assert (status, error["code"]) == (431, "headers_too_large")
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_a_chunked_upload_in_small_chunks_with_a_trailer_is_served(server: ServerProcess) -> None:
+    boundary = "smallchunks"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + photo_bytes(width=256, height=256)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 16]), body[i : i + 16]) for i in range(0, len(body), 16)
+    )
+    assert len(chunks) - len(body) > 4 * MAX_HEADER_BYTES  # framing far over the head's limit, all of it
+    with _connect(server) as sock:
+        sock.sendall(
+            b"POST /encode HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+            b"Content-Type: multipart/form-data; boundary=" + boundary.encode() + b"\r\n\r\n"
+        )
+        sock.sendall(chunks + b"0\r\nX-Checksum: none\r\n\r\n")
+        raw, _ = _read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
