@@ -1,6 +1,7 @@
-"""uvicorn's httptools protocol with limits on the request head: its size and the time it may take.
+"""uvicorn's httptools protocol with the limits uvicorn lacks: on a request head's size and time, on a
+chunked body's framing, on connections that send nothing or a body nobody reads.
 
-uvicorn bounds neither. Its parser keeps a header it has not seen the end of, however long, so one
+uvicorn bounds none of them. Its parser keeps a header it has not seen the end of, however long, so one
 client streaming a single endless header line grew the process by ~500 MB in two minutes (and slowed
 every other request: httptools joins the pieces of a value by copying). And a connection is only timed
 out once it has had a response: one that sends nothing, or half a request line, is kept open for as long
@@ -9,8 +10,10 @@ as the client likes, so a few thousand of them (slowloris) use up the process's 
 Here a connection that has sent nothing is closed after KEEP_ALIVE_S, like an idle keep-alive connection;
 a request head, once begun, must be complete within HEADER_TIMEOUT_S (408) and within MAX_HEADER_BYTES
 (431), and so must a chunked body's framing (chunk extensions, trailers: 431 too); the body itself has
-its own limits (service.middleware.BodyLimitMiddleware). These answers, and uvicorn's 400 for bytes that
-are not HTTP, are written here, by the server, in the one JSON error shape, and close the connection.
+its own limits (service.middleware.BodyLimitMiddleware), and the rest of a body the app answered without
+reading gets BODY_TIMEOUT_S to arrive before the connection is closed. These answers, and uvicorn's 400
+for bytes that are not HTTP, are written here, by the server, in the one JSON error shape, and close the
+connection.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_header_bytes: int = 65536
     idle_timeout_s: float = 5.0
+    body_timeout_s: float = 30.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # a request's first byte has arrived, its headers' end has not
         self._head_bytes = 0  # bytes received since then
         self._in_body = False  # its headers have ended, the message (body, trailers) has not
@@ -99,7 +103,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_body = False
+        if not self._head_begun:  # what runs is the wait for the rest of an answered request's body
+            self._disarm()
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._in_body and not self.transport.is_closing():
+            # Answered before its body was read (a 405, 404 or 401 is sent without reading it): uvicorn
+            # reads and drops the rest for as long as it keeps coming, and any byte restarts its keep-alive
+            # timer, so a body trickled a byte at a time held the connection for good. It gets as long as a
+            # body read by the app would, then the connection is closed.
+            self._arm(self.body_timeout_s)
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to bytes its parser rejects (a broken request line, two Content-Lengths, a
@@ -113,18 +128,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _arm(self, delay_s: float) -> None:
         self._disarm()
-        self._head_timer = self.loop.call_later(delay_s, self._head_timed_out)
+        self._timer = self.loop.call_later(delay_s, self._timed_out)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
+    def _timed_out(self) -> None:
+        self._timer = None
         if self.transport.is_closing():
             return
-        if not self._head_begun:  # nothing sent: closed quietly, as an idle keep-alive connection is
+        if not self._head_begun:  # nothing sent, or an answered request's body: closed quietly
             self.transport.close()
             return
         within = f"{self.header_timeout_s:g} s"
@@ -167,5 +182,6 @@ def protocol_for(settings: Settings) -> type[HttpToolsProtocol]:
             "header_timeout_s": settings.HEADER_TIMEOUT_S,
             "max_header_bytes": settings.MAX_HEADER_BYTES,
             "idle_timeout_s": float(settings.KEEP_ALIVE_S),
+            "body_timeout_s": settings.BODY_TIMEOUT_S,
         },
     )

@@ -23,6 +23,7 @@ pytest_plugins = ["service_fixtures"]
 HEADER_TIMEOUT_S = 1.0
 KEEP_ALIVE_S = 1
 MAX_HEADER_BYTES = 8192
+BODY_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def server(service_checkpoint: Path) -> Iterator[ServerProcess]:
         HEADER_TIMEOUT_S=HEADER_TIMEOUT_S,
         KEEP_ALIVE_S=KEEP_ALIVE_S,
         MAX_HEADER_BYTES=MAX_HEADER_BYTES,
-        BODY_TIMEOUT_S=10,
+        BODY_TIMEOUT_S=BODY_TIMEOUT_S,
     ) as srv:
         yield srv
 
@@ -245,3 +246,29 @@ def test_a_chunked_upload_in_small_chunks_with_a_trailer_is_served(server: Serve
         sock.sendall(chunks + b"0\r\nX-Checksum: none\r\n\r\n")
         raw, _ = _read_until_closed(sock)
     assert raw.startswith(b"HTTP/1.1 200 "), raw[:300]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/nowhere"])
+def test_a_body_trickled_after_its_answer_cannot_hold_the_connection(
+    server: ServerProcess, path: str
+) -> None:
+    """A 405 or 404 is sent without reading the body; uvicorn then dropped the rest as long as it came, and
+    each byte restarted its keep-alive timer: a byte every few seconds held the connection for good."""
+    with _connect(server) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        start, raw = time.monotonic(), b""
+        sock.settimeout(0.3)
+        while time.monotonic() - start < BODY_TIMEOUT_S + 10:
+            try:
+                sock.sendall(b"1\r\na\r\n")
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            raw += chunk
+        took = time.monotonic() - start
+    assert raw.startswith((b"HTTP/1.1 405 ", b"HTTP/1.1 404 ")), raw[:200]
+    assert took < BODY_TIMEOUT_S + 3, "the connection was still open"
