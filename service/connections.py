@@ -45,6 +45,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # bytes received since then
         self._in_body = False  # its headers have ended, the message (body, trailers) has not
         self._body_seen = False  # the parser found body bytes in the data being fed
+        self._message_ended = False  # ... or the end of a message (then maybe a pipelined head's start)
+        self._headers_ended = False  # ... or the end of a head (then maybe a chunked body's framing)
         self._bytes_without_body = 0  # body-phase bytes since the last that held any body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -56,14 +58,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._body_seen = False
+        self._body_seen = self._message_ended = self._headers_ended = False
         super().data_received(data)
         if self.transport.is_closing():
             return
         # Counted after the parser has seen the bytes: a chunk that completes its head (and may carry a
-        # large part of the body with it) is not counted against the head.
+        # large part of the body with it) is not counted against the head. Nor is one in which a message
+        # ended before this head began: how much of it is the head is not known, and counting the previous
+        # body's tail refused a pipelined request (a 30 KB body, then half a GET's head in the same read:
+        # 431 against an 8 KB limit). A read left out is at most ~256 KB (asyncio's and uvloop's read size).
         if self._head_begun:
-            self._head_bytes += len(data)
+            if not self._message_ended:
+                self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 self._refuse(
                     431,
@@ -74,7 +80,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # A chunked body's framing carries no body bytes: chunk extensions, and the trailer fields after
             # the last chunk, which uvicorn appends to the request's headers without limit (one client sent
             # 2 GB of trailers in 15 s and grew the process to 5.5 GB). The body's own limits never see them.
-            self._bytes_without_body = 0 if self._body_seen else self._bytes_without_body + len(data)
+            # The read that ended the head is left out, as above: its bytes are mostly the head's (a head
+            # near the limit, then a trailer in reads of its own, was a 431).
+            if self._body_seen:
+                self._bytes_without_body = 0
+            elif not self._headers_ended:
+                self._bytes_without_body += len(data)
             if self._bytes_without_body > self.max_header_bytes:
                 self._refuse(
                     431,
@@ -93,7 +104,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_begun = False
-        self._in_body, self._bytes_without_body = True, 0
+        self._in_body, self._bytes_without_body, self._headers_ended = True, 0, True
         self._disarm()
         super().on_headers_complete()
 
@@ -102,7 +113,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._in_body = False
+        self._in_body, self._message_ended = False, True
         if not self._head_begun:  # what runs is the wait for the rest of an answered request's body
             self._disarm()
         super().on_message_complete()

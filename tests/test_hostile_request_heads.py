@@ -8,6 +8,7 @@ one endless header line grew the process without bound (~500 MB in two minutes).
 from __future__ import annotations
 
 import json
+import re
 import select
 import socket
 import time
@@ -272,3 +273,44 @@ def test_a_body_trickled_after_its_answer_cannot_hold_the_connection(
         took = time.monotonic() - start
     assert raw.startswith((b"HTTP/1.1 405 ", b"HTTP/1.1 404 ")), raw[:200]
     assert took < BODY_TIMEOUT_S + 3, "the connection was still open"
+
+
+def _responses(raw: bytes) -> list[int]:
+    """The statuses of the responses in `raw` (bodies here are JSON, never a status line)."""
+    return [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+def test_a_pipelined_head_is_not_charged_with_the_body_before_it(server: ServerProcess) -> None:
+    """Before: the read that held the end of a body and the start of the next (pipelined) head counted whole
+    against the head: a 30 KB body then half a GET's head got a 431 (and the POST's own answer was lost)."""
+    body = b'{"n": 1, "seed": 3}' + b" " * (4 * MAX_HEADER_BYTES)
+    with _connect(server) as sock:
+        sock.sendall(
+            b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body)
+            + b"GET /healthz HTTP/1.1\r\nHo"
+        )
+        time.sleep(0.3)
+        sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        raw, _ = _read_until_closed(sock)
+    assert _responses(raw) == [200, 200], raw[-300:]
+
+
+def test_a_chunked_body_is_not_charged_with_its_head(server: ServerProcess) -> None:
+    """Before: the read that ended a head counted whole against the chunked framing after it: a head near
+    the limit, then an empty body whose trailer came in reads of its own, got a 431 though neither was
+    over."""
+    head = (
+        b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Pad: "
+    )
+    head += b"a" * (MAX_HEADER_BYTES - 512 - len(head)) + b"\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)
+        sock.sendall(b"0\r\nX-Checksum: " + b"b" * 1024 + b"\r\n")
+        time.sleep(0.3)
+        sock.sendall(b"\r\n")
+        raw, _ = _read_until_closed(sock)
+    assert _responses(raw) == [200], raw[-300:]  # no body: /sample with its defaults
