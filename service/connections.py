@@ -93,6 +93,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     f"the chunked body's trailers or chunk extensions are over the limit of "
                     f"{self.max_header_bytes} bytes",
                 )
+        elif self._timer is None and (self.cycle is None or self.cycle.response_complete):
+            # Between requests, with no timer running: uvicorn cancels its keep-alive timer on any bytes
+            # and arms it again only when a response completes, so bytes that begin no request (the blank
+            # lines a client may send between requests, RFC 9112 §2.2) or the end of a body answered before
+            # it was read left the connection open, idle, for as long as the client liked.
+            self._arm(self.idle_timeout_s)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

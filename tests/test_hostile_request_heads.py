@@ -314,3 +314,32 @@ def test_a_chunked_body_is_not_charged_with_its_head(server: ServerProcess) -> N
         sock.sendall(b"\r\n")
         raw, _ = _read_until_closed(sock)
     assert _responses(raw) == [200], raw[-300:]  # no body: /sample with its defaults
+
+
+@pytest.mark.parametrize("after", ["blank line", "rest of an answered body"])
+def test_bytes_that_begin_no_request_do_not_keep_an_idle_connection_open(
+    server: ServerProcess, after: str
+) -> None:
+    """uvicorn cancels its keep-alive timer on any bytes and re-arms it only when a response completes.
+    Before: a blank line after a response, or the end of a body sent after its 404, left the connection
+    open with no timer at all (seen: still open after 14 s with a 5 s keep-alive, until the client left)."""
+    with _connect(server) as sock:
+        if after == "blank line":
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            rest = b"\r\n"
+        else:
+            sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\na")
+            rest = b"b" * 9
+        first = sock.recv(65536)
+        time.sleep(0.2)  # the answer has gone out whole
+        sock.sendall(rest)
+        start, raw = time.monotonic(), first
+        sock.settimeout(KEEP_ALIVE_S + 5)
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+        except TimeoutError:
+            pass
+        took = time.monotonic() - start
+    assert _responses(raw) == [200 if after == "blank line" else 404], raw[:200]
+    assert took < KEEP_ALIVE_S + 3, "the idle connection was still open"
