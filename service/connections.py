@@ -126,7 +126,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._in_body and not self.transport.is_closing():
+        # The body the parser is in must be this request's: self.cycle is the latest request parsed, so
+        # with a pipelined request started just now the body is that one's, which its app is reading under
+        # its own timeout (BodyLimitMiddleware's 408; this timer closed the connection silently before it).
+        if self._in_body and self.cycle.response_complete and not self.transport.is_closing():
             # Answered before its body was read (a 405, 404 or 401 is sent without reading it): uvicorn
             # reads and drops the rest for as long as it keeps coming, and any byte restarts its keep-alive
             # timer, so a body trickled a byte at a time held the connection for good. It gets as long as a

@@ -343,3 +343,19 @@ def test_bytes_that_begin_no_request_do_not_keep_an_idle_connection_open(
         took = time.monotonic() - start
     assert _responses(raw) == [200 if after == "blank line" else 404], raw[:200]
     assert took < KEEP_ALIVE_S + 3, "the idle connection was still open"
+
+
+def test_a_pipelined_body_is_timed_by_its_own_request(server: ServerProcess) -> None:
+    """The wait for the rest of an answered body is for that request's body only. Before: a pipelined POST
+    started when the GET before it was answered had that timer set on its own body, which its app was
+    reading: a stalled body closed the connection silently instead of getting the app's 408."""
+    with _connect(server) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        raw, took = _read_until_closed(sock)
+    assert _responses(raw) == [200, 408], raw[-300:]
+    assert b'"request_timeout"' in raw and b"request body" in raw
+    assert BODY_TIMEOUT_S - 0.2 < took < BODY_TIMEOUT_S + 3
