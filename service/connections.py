@@ -162,6 +162,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_begun:  # nothing sent, or an answered request's body: closed quietly
             self.transport.close()
             return
+        if self.flow.read_paused:
+            # uvicorn has stopped reading: requests pipelined behind one still being answered wait unread
+            # (HttpToolsProtocol.on_headers_complete pauses reading until it completes). The rest of this
+            # head may be in the socket's buffer, so the time is not the client's: it starts again. Before, a
+            # pipelined request got a 408, sent whole and at once, when the one two ahead took longer than
+            # the header timeout; the 408 took the place of their answers.
+            self._arm(self.header_timeout_s)
+            return
         within = f"{self.header_timeout_s:g} s"
         self._refuse(408, "request_timeout", f"the request line and headers did not arrive within {within}")
 

@@ -7,17 +7,23 @@ one endless header line grew the process without bound (~500 MB in two minutes).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ServerProcess, photo_bytes, serving
+import uvicorn
+from service_fixtures import ServerProcess, free_port, make_settings, photo_bytes, serving
+from starlette.types import Receive, Scope, Send
+
+from service.connections import protocol_for
 
 pytest_plugins = ["service_fixtures"]
 
@@ -359,3 +365,57 @@ def test_a_pipelined_body_is_timed_by_its_own_request(server: ServerProcess) -> 
     assert _responses(raw) == [200, 408], raw[-300:]
     assert b'"request_timeout"' in raw and b"request body" in raw
     assert BODY_TIMEOUT_S - 0.2 < took < BODY_TIMEOUT_S + 3
+
+
+async def _slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """A toy app for an in-process uvicorn: /slow answers after 2 header timeouts, anything else at once."""
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(2 * HEADER_TIMEOUT_S)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture(scope="module")
+def slow_app_server(service_checkpoint: Path) -> Iterator[int]:
+    """uvicorn with service.connections' protocol (same limits as `server`) in a thread, serving `_slow_app`:
+    the model answers too fast to hold a request back for a header timeout."""
+    settings = make_settings(
+        service_checkpoint,
+        HEADER_TIMEOUT_S=HEADER_TIMEOUT_S,
+        KEEP_ALIVE_S=KEEP_ALIVE_S,
+        MAX_HEADER_BYTES=MAX_HEADER_BYTES,
+        BODY_TIMEOUT_S=BODY_TIMEOUT_S,
+    )
+    port = free_port()
+    config = uvicorn.Config(
+        _slow_app, host="127.0.0.1", port=port, http=protocol_for(settings), ws="none", log_level="warning"
+    )
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    end = time.monotonic() + 10
+    while not uv.started:
+        assert time.monotonic() < end, "uvicorn did not start"
+        time.sleep(0.05)
+    yield port
+    uv.should_exit = True
+    thread.join(10)
+
+
+def test_a_pipelined_head_is_not_timed_while_the_server_is_not_reading(slow_app_server: int) -> None:
+    """uvicorn stops reading while a pipelined request waits for the one before it. Before: the head behind
+    that one, all sent at once, timed out unread while the first took longer than the header timeout: the
+    client got a 408 (or a reset) instead of its three answers."""
+    with socket.create_connection(("127.0.0.1", slow_app_server), timeout=10) as sock:
+        sock.sendall(
+            b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHo"
+        )
+        time.sleep(0.05)  # the rest of the third head arrives while the server is not reading
+        sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        raw, _ = _read_until_closed(sock)
+    assert _responses(raw) == [200, 200, 200], raw[-300:]
