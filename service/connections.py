@@ -131,9 +131,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # its own timeout (BodyLimitMiddleware's 408; this timer closed the connection silently before it).
         if self._in_body and self.cycle.response_complete and not self.transport.is_closing():
             # Answered before its body was read (a 405, 404 or 401 is sent without reading it): uvicorn
-            # reads and drops the rest for as long as it keeps coming, and any byte restarts its keep-alive
-            # timer, so a body trickled a byte at a time held the connection for good. It gets as long as a
-            # body read by the app would, then the connection is closed.
+            # reads and drops the rest for as long as it keeps coming, and any byte cancels its keep-alive
+            # timer (armed again only when a response completes), so a body trickled a byte at a time held
+            # the connection for good. It gets as long as a body read by the app would, then the connection
+            # is closed.
             self._arm(self.body_timeout_s)
 
     def send_400_response(self, msg: str) -> None:
