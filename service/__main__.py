@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,  # our RequestContextMiddleware logs one line per request, with its id
         server_header=False,
         timeout_keep_alive=settings.KEEP_ALIVE_S,
-        http=protocol_for(settings),  # httptools with limits on the request head (service.connections)
+        # httptools with limits on the request head (service.connections), its refusals counted
+        http=protocol_for(settings, app.state.metrics.server_refused),
         # No route is a WebSocket: an Upgrade request is then served as the plain HTTP request it also is
         # (through the middleware: logged, counted, a JSON error), not refused by the websockets library
         # in text/plain, unseen by the app.

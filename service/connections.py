@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -37,6 +38,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes: int = 65536
     idle_timeout_s: float = 5.0
     body_timeout_s: float = 30.0
+    # Told each refusal's or quiet close's reason (service.metrics.SERVER_REFUSALS); a staticmethod.
+    on_refusal: Callable[[str], None] = staticmethod(lambda reason: None)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -161,6 +164,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if not self._head_begun:  # nothing sent, or an answered request's body: closed quietly
+            self.on_refusal("unread_body_timeout" if self._in_body else "idle")
             self.transport.close()
             return
         if self.flow.read_paused:
@@ -177,6 +181,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, code: str, message: str) -> None:
         rid = new_request_id()
         log.warning("request_id=%s refused by the server: %d %s", rid, status, message)
+        self.on_refusal(code)
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # A request the app is handling (its trailers are what is refused, or a pipelined one runs
@@ -202,15 +207,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_for(settings: Settings) -> type[HttpToolsProtocol]:
-    """The protocol class uvicorn is to use for these settings."""
-    return type(
-        "LimitedHttpToolsProtocol",
-        (LimitedHttpToolsProtocol,),
-        {
-            "header_timeout_s": settings.HEADER_TIMEOUT_S,
-            "max_header_bytes": settings.MAX_HEADER_BYTES,
-            "idle_timeout_s": float(settings.KEEP_ALIVE_S),
-            "body_timeout_s": settings.BODY_TIMEOUT_S,
-        },
-    )
+def protocol_for(
+    settings: Settings, on_refusal: Callable[[str], None] | None = None
+) -> type[HttpToolsProtocol]:
+    """The protocol class uvicorn is to use for these settings; `on_refusal` counts what it refuses."""
+    attrs: dict[str, Any] = {
+        "header_timeout_s": settings.HEADER_TIMEOUT_S,
+        "max_header_bytes": settings.MAX_HEADER_BYTES,
+        "idle_timeout_s": float(settings.KEEP_ALIVE_S),
+        "body_timeout_s": settings.BODY_TIMEOUT_S,
+    }
+    if on_refusal is not None:
+        attrs["on_refusal"] = staticmethod(on_refusal)
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), attrs)

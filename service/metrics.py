@@ -37,6 +37,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # after its first event reads as "no such metric" to a dashboard or an alert on rate().
 REJECT_REASONS = ("in_flight", "queue_full", "not_running")
 TIMEOUT_STAGES = ("decode", "queue", "wait")
+# What the server itself refuses or closes before the app sees a request (service.connections).
+SERVER_REFUSALS = ("bad_request", "request_timeout", "headers_too_large", "idle", "unread_body_timeout")
 
 
 class Metrics:
@@ -87,6 +89,19 @@ class Metrics:
         self.timeouts_total = Counter(
             "carvae_timeouts", "requests answered 504 (deadline passed)", ["stage"], registry=r
         )
+        # The app's own counters never see these: without one, a slowloris or a scanner speaking TLS to
+        # the port would be visible only in the log.
+        self.server_refusals_total = Counter(
+            "carvae_server_refusals",
+            "connections the server answered or closed before the app saw a request: bad_request (400, "
+            "not HTTP/1.1), request_timeout (408, head too slow), headers_too_large (431), idle (a "
+            "connection that sent no request within the keep-alive time), unread_body_timeout (the rest "
+            "of an answered body too slow)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in SERVER_REFUSALS:
+            self.server_refusals_total.labels(reason)
         for reason in REJECT_REASONS:
             self.rejected_total.labels(reason)
         for stage in TIMEOUT_STAGES:
@@ -113,6 +128,9 @@ class Metrics:
 
     def timed_out(self, stage: str) -> None:
         self.timeouts_total.labels(stage).inc()
+
+    def server_refused(self, reason: str) -> None:
+        self.server_refusals_total.labels(reason).inc()
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -8,6 +8,7 @@ one endless header line grew the process without bound (~500 MB in two minutes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import select
@@ -24,6 +25,7 @@ from service_fixtures import ServerProcess, free_port, make_settings, photo_byte
 from starlette.types import Receive, Scope, Send
 
 from service.connections import protocol_for
+from service.metrics import SERVER_REFUSALS
 
 pytest_plugins = ["service_fixtures"]
 
@@ -419,3 +421,53 @@ def test_a_pipelined_head_is_not_timed_while_the_server_is_not_reading(slow_app_
         sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
         raw, _ = _read_until_closed(sock)
     assert _responses(raw) == [200, 200, 200], raw[-300:]
+
+
+def _refusals(srv: ServerProcess) -> dict[str, float]:
+    text = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    found = re.findall(r'^carvae_server_refusals_total\{reason="(\w+)"\} (\S+)$', text, re.M)
+    return {reason: float(value) for reason, value in found}
+
+
+def test_the_servers_refusals_are_counted_in_metrics(server: ServerProcess) -> None:
+    """They never reach the app, so carvae_requests_total cannot show them: a slowloris or a scanner
+    speaking TLS to the port was visible only in the log."""
+    before = _refusals(server)
+    assert set(before) == set(SERVER_REFUSALS)  # exported at 0 from start-up
+    with _connect(server) as sock:  # 400
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        assert _json_error(_read_until_closed(sock)[0])[0] == 400
+    with _connect(server) as sock:  # 408
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert _json_error(_read_until_closed(sock)[0])[0] == 408
+    with _connect(server) as sock:  # 431
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: ")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(2 * MAX_HEADER_BYTES // 1024):
+                sock.sendall(b"a" * 1024)
+                time.sleep(0.001)
+        assert _json_error(_read_until_closed(sock)[0])[0] == 431
+    with _connect(server) as sock:  # idle: closed quietly
+        assert _read_until_closed(sock)[0] == b""
+    with _connect(server) as sock:  # the rest of an answered body, trickled: closed quietly
+        sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.settimeout(0.3)
+        raw = b""
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while True:
+                sock.sendall(b"1\r\na\r\n")
+                try:
+                    if not (chunk := sock.recv(65536)):
+                        break
+                    raw += chunk
+                except TimeoutError:
+                    continue
+        assert b" 405 " in raw
+    after = _refusals(server)
+    assert {k: after[k] - before[k] for k in before} == {
+        "bad_request": 1,
+        "request_timeout": 1,
+        "headers_too_large": 1,
+        "idle": 1,
+        "unread_body_timeout": 1,
+    }
