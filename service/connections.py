@@ -74,11 +74,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             if not self._message_ended:
                 self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
-                self._refuse(
-                    431,
-                    "headers_too_large",
-                    f"the request line and headers are over the limit of {self.max_header_bytes} bytes",
-                )
+                self._too_large("the request line and headers")
         elif self._in_body:
             # A chunked body's framing carries no body bytes: chunk extensions, and the trailer fields after
             # the last chunk, which uvicorn appends to the request's headers without limit (one client sent
@@ -90,12 +86,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             elif not self._headers_ended:
                 self._bytes_without_body += len(data)
             if self._bytes_without_body > self.max_header_bytes:
-                self._refuse(
-                    431,
-                    "headers_too_large",
-                    f"the chunked body's trailers or chunk extensions are over the limit of "
-                    f"{self.max_header_bytes} bytes",
-                )
+                self._too_large("the chunked body's trailers or chunk extensions")
         elif self._timer is None and (self.cycle is None or self.cycle.response_complete):
             # Between requests, with no timer running: uvicorn cancels its keep-alive timer on any bytes
             # and arms it again only when a response completes, so bytes that begin no request (the blank
@@ -177,6 +168,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         within = f"{self.header_timeout_s:g} s"
         self._refuse(408, "request_timeout", f"the request line and headers did not arrive within {within}")
+
+    def _too_large(self, what: str) -> None:
+        self._refuse(431, "headers_too_large", f"{what} are over the limit of {self.max_header_bytes} bytes")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         rid = new_request_id()
