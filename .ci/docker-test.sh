@@ -183,6 +183,13 @@ docker inspect -f 'service container: user={{.Config.User}} read-only-rootfs={{.
 [[ "$(docker inspect -f '{{.HostConfig.ReadonlyRootfs}} {{.State.Health.Status}}' "$service_id")" == "true healthy" ]] ||
     die "service container is not read-only and healthy"
 [[ "$(docker inspect -f '{{.Config.User}}' "$service_id")" != "" ]] || die "service container runs as root"
+# The trainer trained (the service is up on its checkpoint) under the same lock-down: read-only root,
+# no capabilities, not root.
+trainer_id="$("${compose[@]}" ps -a -q trainer)"
+lockdown='{{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.Config.User}} exit={{.State.ExitCode}}'
+docker inspect -f "trainer container: read-only-rootfs/cap-drop/user: $lockdown" "$trainer_id"
+[[ "$(docker inspect -f "$lockdown" "$trainer_id")" == "true [ALL] 10001:10001 exit=0" ]] ||
+    die "trainer container did not train read-only, without capabilities, as uid 10001"
 
 # --- 8. a second `up` reuses the model (trainer --if-missing) ---------------------------------------------
 phase "second trainer run"

@@ -316,3 +316,15 @@ def test_files_copied_into_the_runtime_images_are_made_readable() -> None:
     for dest in copied:
         pattern = rf"chmod (-R a\+rX,go-w|0755) {re.escape(dest)}( |$)"
         assert any(re.search(pattern, run) for run in runs), f"{dest} is copied but never made readable"
+
+
+def test_both_containers_run_locked_down() -> None:
+    """The trainer opens users' photos and the service strangers' uploads: neither may write its own
+    image, hold capabilities or gain privileges (.ci/docker-test.sh checks the running containers)."""
+    services = _compose()["services"]
+    for name in ("trainer", "service"):
+        spec = services[name]
+        assert spec.get("read_only") is True, name
+        assert spec.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in spec.get("security_opt", []), name
+        assert "/tmp" in spec.get("tmpfs", []), name
