@@ -30,11 +30,13 @@ COPY deploy/pip-install.sh /usr/local/bin/pip-install
 COPY wheelhouse/ /build/wheelhouse/
 # torch alone first: the biggest layer, rebuilt only when the torch arguments or the wheelhouse change.
 RUN pip-install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-# The other dependencies from pyproject.toml; torch is already satisfied, so it is not touched.
-COPY pyproject.toml /build/
+# The other dependencies from pyproject.toml, at the versions CI tested together (constraints.txt, which
+# `make lock` writes; it also brings torch's own requirements to those versions). torch is already
+# satisfied, so it is not touched.
+COPY pyproject.toml constraints.txt /build/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > requirements.txt \
-    && pip-install -r requirements.txt \
+    && pip-install -r requirements.txt -c constraints.txt \
     && /opt/venv/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 # The torch wheel ships its C++ test suite, test binaries and C++ headers (~190 MB); nothing here runs
 # them or builds C++ extensions (the slim images have no compiler). SLIM_TORCH=0 keeps them.

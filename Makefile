@@ -11,7 +11,7 @@ TORCH_INDEX_URL ?=
 RUN_DIR ?= runs/default
 TRAIN_ARGS ?= --data synthetic --max-minutes 5
 
-.PHONY: install system-deps lint pytest docker-test test ci run train serve bench help
+.PHONY: install system-deps lint pytest docker-test test ci run train serve bench lock help
 
 help:
 	@grep -E '^## ' Makefile | sed 's/^## //'
@@ -21,7 +21,7 @@ install:
 	test -x $(PY) || $(PYTHON_HOST) -m venv $(VENV)
 	$(PY) -c "import torch, sys; sys.exit(not torch.__version__.startswith('$(TORCH_VERSION)'))" 2>/dev/null \
 		|| $(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 
 ## system-deps: Debian's chromium + chromedriver for the browser tests (root only; skipped otherwise)
 system-deps:
@@ -60,3 +60,13 @@ bench: install
 	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.micro
+
+## lock: re-resolve constraints.txt (the tested version of every dependency but torch) in a fresh venv
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON_HOST) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev,bench]"
+	{ sed -n '/^#/p' constraints.txt; $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable --all \
+		| grep -viE '^(torch|pip|setuptools|wheel)=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt && rm -rf $(LOCK_VENV)

@@ -4,8 +4,8 @@
 #
 # torch is taken as the CPU wheel (torch==$TORCH_VERSION+cpu): first from whatever pip is configured
 # with here, else from $TORCH_INDEX_URL. The other dependencies come from pyproject.toml's
-# [project].dependencies, resolved by pip for the image's Python (3.11, manylinux, this machine's arch).
-# A stamp of that list makes a re-run a no-op until pyproject.toml changes (WHEELHOUSE_REFRESH=1 forces).
+# [project].dependencies at the versions of constraints.txt, for the image's Python (3.11, manylinux, this
+# machine's arch). A stamp of that list and the constraints makes a re-run a no-op until pyproject.toml changes (WHEELHOUSE_REFRESH=1 forces).
 #
 # Usage: .ci/wheelhouse.sh [DIR]   (default ./wheelhouse; env TORCH_VERSION, TORCH_INDEX_URL, PYTHON)
 set -euo pipefail
@@ -47,7 +47,8 @@ PY
 )
 torch_wheel="$dest/torch-$torch_version+cpu-*.whl"
 
-stamp="$(printf '%s\n' "torch==$torch_version+cpu" "$arch" "${deps[@]}" | sha256sum | cut -c1-16)"
+stamp="$({ printf '%s\n' "torch==$torch_version+cpu" "$arch" "${deps[@]}"; cat constraints.txt; } |
+    sha256sum | cut -c1-16)"
 if [[ "${WHEELHOUSE_REFRESH:-}" != 1 && -f "$dest/.complete" && "$(cat "$dest/.complete")" == "$stamp" ]] &&
     compgen -G "$torch_wheel" >/dev/null; then
     log "up to date: $(find "$dest" -name '*.whl' | wc -l) wheels (WHEELHOUSE_REFRESH=1 re-resolves)"
@@ -61,6 +62,7 @@ if ! compgen -G "$torch_wheel" >/dev/null; then
         pip_download --no-deps --index-url "$torch_index" "torch==$torch_version+cpu"
 fi
 log "downloading ${#deps[@]} dependencies and their requirements"
-pip_download --find-links "$dest" "torch==$torch_version+cpu" "${deps[@]}"
+# The versions CI tested (constraints.txt), as the image's pip-install will ask for them.
+pip_download --find-links "$dest" -c constraints.txt "torch==$torch_version+cpu" "${deps[@]}"
 echo "$stamp" >"$dest/.complete"
 log "$(find "$dest" -name '*.whl' | wc -l) wheels, $(du -sh "$dest" | cut -f1) in $dest"

@@ -328,3 +328,32 @@ def test_both_containers_run_locked_down() -> None:
         assert spec.get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in spec.get("security_opt", []), name
         assert "/tmp" in spec.get("tmpfs", []), name
+
+
+def test_constraints_pin_every_dependency_within_its_range() -> None:
+    """constraints.txt (what `make install`, the images and the wheelhouse install) must satisfy
+    pyproject.toml: a range changed without `make lock` would otherwise make pip fail, or install an
+    untested version for users without the lock."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line!r}"
+            pins[canonicalize_name(name)] = version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += extra
+    for spec in map(Requirement, wanted):
+        name = canonicalize_name(spec.name)
+        if name == "torch":  # pinned on its own: the CPU or a CUDA build (TORCH_VERSION)
+            assert name not in pins
+            continue
+        assert name in pins, f"{name} is not in constraints.txt (run make lock)"
+        assert spec.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt has {name}=={pins[name]}, outside pyproject's {spec.specifier} (run make lock)"
+        )
