@@ -57,7 +57,7 @@ run: train
 ## bench: the benchmark (bench/README.md): limit, our service vs LitServe and plain FastAPI, training speed
 BENCH_ARGS ?= --training
 bench: install
-	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install -q -e ".[bench]"
+	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.micro
 
