@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,  # uvicorn's own lines go through the format above instead of a second one
         access_log=False,  # our RequestContextMiddleware logs one line per request, with its id
         server_header=False,
+        # Behind a proxy that strips a path prefix. uvicorn puts it in the scope's root_path and in front
+        # of every path, as ASGI has it; the middleware matches paths without it (middleware.app_path).
+        root_path=settings.ROOT_PATH,
         timeout_keep_alive=settings.KEEP_ALIVE_S,
         # httptools with limits on the request head (service.connections), its refusals counted
         http=protocol_for(settings, app.state.metrics.server_refused),

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty = no CORS headers"
     )
+    ROOT_PATH: str = Field(
+        default="",
+        pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+        description="the path prefix a reverse proxy serves the service under and strips (e.g. /carvae), "
+        "so that /docs and the OpenAPI schema point at URLs that work through it; empty: none",
+    )
     LOG_LEVEL: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log level"
     )

@@ -25,14 +25,26 @@ from service.metrics import Metrics
 log = logging.getLogger("carvae.service")
 
 
-def route_label(scope: Scope, known_paths: Collection[str] = (), mounts: Collection[str] = ()) -> str:
+def app_path(scope: Scope) -> str:
+    """The request's path as the app's routes name it: without the root_path (CARVAE_ROOT_PATH) that
+    uvicorn, as ASGI has it, puts in front of every path."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("/", ""):
+        return path[len(root) :] or "/"
+    return path
+
+
+def route_label(
+    scope: Scope, path: str, known_paths: Collection[str] = (), mounts: Collection[str] = ()
+) -> str:
     """The matched route's template, so label values stay bounded. A request refused by middleware before
-    routing keeps its path if that is one of the app's routes; a file under a mount (the page's assets,
-    the docs' assets) is labelled with the mount's path; anything else is "unmatched"."""
-    path = getattr(scope.get("route"), "path", None)
-    if isinstance(path, str) and path:
-        return path
-    path = scope["path"]
+    routing keeps its path (`app_path` as it was before routing: a mount rewrites the scope's root_path)
+    if that is one of the app's routes; a file under a mount (the page's assets, the docs' assets) is
+    labelled with the mount's path; anything else is "unmatched"."""
+    template = getattr(scope.get("route"), "path", None)
+    if isinstance(template, str) and template:
+        return template
     if path in known_paths:
         return str(path)
     return next((m for m in mounts if path.startswith(m + "/")), "unmatched")
@@ -99,7 +111,7 @@ class RequestContextMiddleware:
         rid = new_request_id(Headers(scope=scope).get("x-request-id"))
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
-        path = scope["path"]
+        path = app_path(scope)
         is_page = path in self.page_paths or path.startswith(self.page_prefixes)
         added = (rid_header, _REVALIDATE if is_page else _NO_STORE)
         start = time.perf_counter()
@@ -146,7 +158,7 @@ class RequestContextMiddleware:
                 "request_id=%s unhandled error on %s %s",
                 rid,
                 scope["method"],
-                route_label(scope, self.known_paths, self.mounts),
+                route_label(scope, path, self.known_paths, self.mounts),
             )
             if not started:
                 response = error_response(
@@ -156,7 +168,7 @@ class RequestContextMiddleware:
             status = 500
         finally:
             elapsed = time.perf_counter() - start
-            route = route_label(scope, self.known_paths, self.mounts)
+            route = route_label(scope, path, self.known_paths, self.mounts)
             self.metrics.observe_request(route, scope["method"], status, elapsed)
             level = logging.DEBUG if status < 400 and route in self.quiet_paths else logging.INFO
             if log.isEnabledFor(level):
@@ -206,7 +218,7 @@ class HeadAsGetMiddleware:
         self.paths = frozenset(paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD" and scope["path"] in self.paths:
+        if scope["type"] == "http" and scope["method"] == "HEAD" and app_path(scope) in self.paths:
             scope = {**scope, "method": "GET"}
         await self.app(scope, receive, send)
 
@@ -238,7 +250,7 @@ class ApiKeyMiddleware:
         self.open_prefixes = tuple(open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path_is_open = scope["type"] != "http" or self._is_open(scope["path"])
+        path_is_open = scope["type"] != "http" or self._is_open(app_path(scope))
         if not path_is_open and not _api_key_matches(Headers(scope=scope), self.key):
             response = error_response(
                 401,
@@ -311,7 +323,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default_limit)
+        limit = self.limits.get(app_path(scope), self.default_limit)
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             await self._too_large(scope, limit)(scope, receive, send)
@@ -385,7 +397,7 @@ class AdmissionMiddleware:
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or app_path(scope) not in self.paths:
             await self.app(scope, receive, send)
             return
         if (refusal := self._refusal()) is not None:

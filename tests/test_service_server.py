@@ -277,3 +277,40 @@ def test_disconnected_client_costs_no_forward_pass(service_checkpoint: Path) -> 
         assert ok.status_code == 200
         assert seen == [1, 1], seen  # the first request and the last one; never the abandoned one
         assert batcher.stats.skipped == 1
+
+
+def test_root_path_setting_is_checked(service_checkpoint: Path) -> None:
+    assert "CARVAE_ROOT_PATH" in _one_line_error(
+        run_service(CHECKPOINT=service_checkpoint, ROOT_PATH="carvae/")
+    )
+
+
+def test_behind_a_prefix_stripping_proxy(service_checkpoint: Path) -> None:
+    """CARVAE_ROOT_PATH=/carvae: the proxy serves /carvae/x and forwards /x. The docs and the schema must
+    point at /carvae/..., while auth, the page's cache rules, per-route body limits and metrics labels
+    still see the app's own paths (uvicorn puts the prefix in front of every path it hands the app)."""
+    key = {"X-API-Key": "k"}
+    with serving(service_checkpoint, ROOT_PATH="/carvae", API_KEY="k", MAX_JSON_BYTES=2048) as srv:
+        docs = httpx.get(srv.url + "/docs").text
+        assert "/carvae/openapi.json" in docs and "/carvae/docs/assets/swagger-ui-bundle.js" in docs
+        assert httpx.get(srv.url + "/openapi.json").json()["servers"] == [{"url": "/carvae"}]
+        assert httpx.get(srv.url + "/healthz").status_code == 200  # open without the key
+        assert httpx.head(srv.url + "/readyz").status_code == 200
+        files = {"file": ("car.png", photo_bytes(), "image/png")}
+        assert httpx.post(srv.url + "/reconstruct", files=files).status_code == 401
+        answer = httpx.post(srv.url + "/reconstruct", files=files, headers=key)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        page_file = httpx.get(srv.url + "/static/app.js")
+        assert page_file.status_code == 200 and page_file.headers["cache-control"] == "no-cache"
+        big_json = httpx.post(srv.url + "/sample", json={"n": 1, "pad": "x" * 4096}, headers=key)
+        assert big_json.status_code == 413  # the JSON limit, not the upload limit
+        metrics = httpx.get(srv.url + "/metrics").text
+    counted = {
+        (s.labels["route"], s.labels["status"])
+        for family in text_string_to_metric_families(metrics)
+        if family.name == "carvae_requests"
+        for s in family.samples
+        if s.name == "carvae_requests_total"
+    }
+    assert {("/docs", "200"), ("/reconstruct", "200"), ("/static", "200"), ("/sample", "413")} <= counted
+    assert not any(route == "unmatched" for route, _ in counted), counted
