@@ -398,3 +398,62 @@ def test_worker_processes_do_not_inherit_the_trainer_signal_handler(
         signal.signal(signal.SIGTERM, previous)
     assert reasons == {"quiet": 70}
     assert rendered.shape[0] == 600 and bool((rendered == 1).all())
+
+
+def test_jfif_and_jpe_files_are_jpeg_photos(tmp_path: Path) -> None:
+    """Browsers and Windows save JPEG photos as .jfif or .jpe: they were left out without a word."""
+    rgb = _halves(24, 24, RED, BLUE)
+    jfif = _save(tmp_path / "saved_from_browser.jfif", rgb, "JPEG")
+    _save(tmp_path / "windows.JPE", rgb, "JPEG")
+    assert [p.name for p in scan_images(tmp_path)] == ["saved_from_browser.jfif", "windows.JPE"]
+    ds = load_folder(tmp_path, POLICY)
+    assert len(ds) == 2 and ds.source["skipped"] == 0
+    np.testing.assert_array_equal(ds.images[0].numpy(), prepare(jfif, POLICY))
+
+
+def test_files_left_out_are_counted_by_extension_in_one_line(tmp_path: Path, caplog) -> None:
+    """A folder of phone photos (.heic) looked like a smaller data set: "N images", no word about the
+    rest. One line counts them, most common extensions first, the tail summed; what is no photo of the
+    user's (dotfiles, hidden folders, OS litter, decode-cache entries) is not counted."""
+    _save(tmp_path / "a.jpg", _halves(24, 24, RED, BLUE), "JPEG")
+    _save(tmp_path / "sub" / "b.png", _halves(24, 24, RED, BLUE), "PNG")
+    for i in range(10):
+        (tmp_path / "phone" / f"IMG_{i}.HEIC").parent.mkdir(exist_ok=True)
+        (tmp_path / "phone" / f"IMG_{i}.HEIC").write_bytes(b"ftypheic")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub" / "list.txt").write_text("x")
+    for name in ("clip.mov", "scan.pdf", "raw.avif", "README", "x.psd", "y.xcf"):
+        (tmp_path / name).write_bytes(b"x")
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini", ".git/config", ".cache/folder-x.npy"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "cache").mkdir()  # a --cache-dir inside --data
+    (tmp_path / "cache" / f"folder-{'0' * 40}.npy").write_bytes(b"x")
+    (tmp_path / "cache" / f"synthetic-{'a' * 40}.json").write_bytes(b"{}")
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        ds = load_folder(tmp_path, POLICY)
+    assert len(ds) == 2
+    lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert lines == [
+        "data: ignored 18 file(s) that are not images of a supported type: .heic ×10, .txt ×2, "
+        "(no extension) ×1, .avif ×1 and 4 more (convert .avif/.heic photos to JPEG or PNG to train on "
+        "them)"
+    ]
+
+
+def test_a_folder_of_only_unsupported_photos_says_what_it_holds(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"IMG_{i}.heic").write_bytes(b"ftypheic")
+    (tmp_path / ".DS_Store").write_bytes(b"x")
+    with pytest.raises(DataError) as e:
+        load_folder(tmp_path, POLICY)
+    assert str(e.value).startswith(f"no images under {tmp_path} (looked for .bmp, ")
+    assert str(e.value).endswith(
+        "; it holds 3 file(s) that are not images of a supported type: .heic ×3 (convert .heic photos to "
+        "JPEG or PNG to train on them)"
+    )
+    (tmp_path / "IMG_0.heic").unlink()
+    (tmp_path / "IMG_1.heic").unlink()
+    (tmp_path / "IMG_2.heic").unlink()
+    with pytest.raises(DataError, match=r"\(looked for [^)]*\)$"):  # an empty folder: nothing to add
+        load_folder(tmp_path, POLICY)

@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         metavar="DIR|synthetic",
-        help="folder of images (searched recursively: jpg, jpeg, png, webp, bmp, gif, tif, tiff), or "
-        "'synthetic' for the procedural left-facing cars (default: none; required unless --resume)",
+        help="folder of images (searched recursively: jpg, jpeg, jfif, jpe, png, webp, bmp, gif, tif, "
+        "tiff; other files, e.g. heic or avif, are counted in one log line and left out), or 'synthetic' "
+        "for the procedural left-facing cars (default: none; required unless --resume)",
     )
     io.add_argument(
         "--out",

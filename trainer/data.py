@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.pool
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -34,11 +35,22 @@ from trainer.state import CHECKPOINT_FILE, RUN_FILE, STATE_FILE
 
 log = logging.getLogger("trainer")
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# .jfif and .jpe are JPEG under the names browsers and Windows save them with. Not .avif or .heic: the
+# service's decoder (carvae.preprocess, shared so that training and serving see the same array) does not
+# accept them, so such photos could be trained on but never uploaded; they are counted and named instead.
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+# Photo formats a phone or camera writes that the decoder refuses: named in the ignored-files line.
+CONVERTIBLE_PHOTOS = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng"})
+# Files an OS or a file manager leaves in any folder: not the user's, not worth a word.
+OS_LITTER = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+IGNORED_SHOWN = 4  # extensions named in the ignored-files line; the rest are counted
 # Training photos come from the user's own disk, so only pathological sizes are refused; the service keeps
 # its tighter limit for uploads. Side and aspect limits stay the shared defaults.
 TRAIN_LIMITS = DecodeLimits(max_pixels=200_000_000)
 CACHE_VERSION = 1
+CACHE_ENTRY = re.compile(r"(folder|synthetic)-[0-9a-f]{40}\.(npy|json)")  # the names _write_cache gives
 SYNTHETIC_SEED = 0  # the embedded dataset is one fixed set of cars; --seed varies the split and the model
 AUGMENTATIONS = ("hflip", "shift", "color")
 # A folder holding any of these is a training run's folder, not photos.
@@ -75,12 +87,19 @@ def _is_file_or_dangling(path: Path) -> bool:
         return True
 
 
-def scan_images(root: Path) -> list[Path]:
-    """Every image file under root, recursively, sorted by relative path so the order (and so the split)
-    is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
-    followed (no cycles). Run folders below root (a --out inside --data) are skipped: their loss curves and
-    sample grids are not photos, and would change the data's fingerprint after every epoch."""
+def _counts_as_ignored(rel_dir: Path, name: str) -> bool:
+    """Is a file the scan leaves out worth telling the user about? Not dotfiles or anything in a hidden
+    folder (.DS_Store, .git, the default .cache), OS litter, or the decode cache's own entries (a
+    --cache-dir inside --data): none of them is a photo the user meant to train on."""
+    if name.startswith(".") or any(part.startswith(".") for part in rel_dir.parts):
+        return False
+    return name.lower() not in OS_LITTER and not CACHE_ENTRY.fullmatch(name)
+
+
+def _scan(root: Path) -> tuple[list[Path], Counter[str]]:
+    """The image files under root (see scan_images) and, by lower-case extension, the other files left out."""
     found: list[Path] = []
+    ignored: Counter[str] = Counter()
 
     def unreadable(e: OSError) -> None:
         # os.walk skips a folder it cannot list without a word: the photos in a chmod 700 folder of
@@ -94,12 +113,39 @@ def scan_images(root: Path) -> list[Path]:
         for d in skipped:
             log.info("data: skipping %s (a training run's folder, not photos)", Path(dirpath, d))
         dirnames[:] = sorted(d for d in dirnames if d not in skipped)
-        found.extend(
-            Path(dirpath, f)
-            for f in filenames
-            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and _is_file_or_dangling(Path(dirpath, f))
-        )
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        rel_dir = Path(dirpath).relative_to(root)
+        for f in filenames:
+            suffix = Path(f).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                if _is_file_or_dangling(Path(dirpath, f)):
+                    found.append(Path(dirpath, f))
+            elif _counts_as_ignored(rel_dir, f):
+                ignored[suffix or "(no extension)"] += 1
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix()), ignored
+
+
+def scan_images(root: Path) -> list[Path]:
+    """Every image file under root, recursively, sorted by relative path so the order (and so the split)
+    is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
+    followed (no cycles). Run folders below root (a --out inside --data) are skipped: their loss curves and
+    sample grids are not photos, and would change the data's fingerprint after every epoch."""
+    return _scan(root)[0]
+
+
+def describe_ignored(ignored: Counter[str]) -> str:
+    """The files `_scan` left out, in one line however varied the folder: "12 file(s) that are not images
+    of a supported type: .heic ×10, .txt ×2", the most common extensions first, and how to use phone
+    photos when there are some."""
+    total = sum(ignored.values())
+    top = sorted(ignored.items(), key=lambda item: (-item[1], item[0]))[:IGNORED_SHOWN]  # ties: stable
+    text = f"{total} file(s) that are not images of a supported type: "
+    text += ", ".join(f"{ext} ×{n}" for ext, n in top)
+    if len(ignored) > len(top):
+        text += f" and {total - sum(n for _, n in top)} more"
+    photos = sorted(CONVERTIBLE_PHOTOS & set(ignored))
+    if photos:
+        text += f" (convert {'/'.join(photos)} photos to JPEG or PNG to train on them)"
+    return text
 
 
 def _file_stats(root: Path, files: Sequence[Path]) -> list[tuple[str, int, int]]:
@@ -251,9 +297,12 @@ def load_folder(
 ) -> Dataset:
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    files = scan_images(root)
+    files, ignored = _scan(root)
     if not files:
-        raise DataError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        held = f"; it holds {describe_ignored(ignored)}" if ignored else ""
+        raise DataError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}){held}")
+    if ignored:
+        log.info("data: ignored %s", describe_ignored(ignored))
     stats = _file_stats(root, files)
     fingerprint = folder_fingerprint(stats)
     key = _sha256_json(
