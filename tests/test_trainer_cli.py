@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,6 +304,28 @@ def test_time_budget_counts_the_time_spent_writing_each_epochs_files(tmp_path: P
     # Each epoch costs at least the 0.25 s write: no more than budget / 0.25 + the one that reaches it.
     assert epochs <= budget_s / 0.25 + 1, epochs
     assert loop_s < budget_s + 4, loop_s  # was ~30 epochs, ~8 s
+
+
+def test_epoch_summary_and_progress_bar_agree_when_the_budget_replans(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The bar is drawn under the plan an epoch starts with, the summary came after --max-minutes had
+    re-planned: bar "epoch 1/5", summary "epoch 1/4". Each summary now names its epoch as its bar did,
+    and says what the plan became. The re-plans are scripted (5 planned, then 4, 4, 3): real ones follow
+    the clock."""
+    plans = {1: 4, 2: 4, 3: 3}  # epochs done -> the plan made after them
+    monkeypatch.setattr(train_mod, "plan_epochs", lambda _max, done, *rest: plans[done])
+    args = [*TINY_FLAGS.split(), "--batch-size", "4", "--threads", "1", "--workers", "1"]
+    assert main([*args, "--epochs", "5", "--max-minutes", "10", "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    bars = list(dict.fromkeys(re.findall(r"epoch \d+/\d+(?=:)", captured.err)))  # tqdm: "epoch 1/5: 0%|"
+    summaries = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert bars == ["epoch 1/5", "epoch 2/4", "epoch 3/4"]
+    assert [line.split("  ")[0] for line in summaries] == bars
+    assert summaries[0].endswith(" | re-planned to 4 epochs for the time budget")
+    assert "re-planned" not in summaries[1]
+    assert summaries[2].endswith(" | the time budget ends the run here")
+    assert [r["epochs_planned"] for r in read_metrics(tmp_path / "run")] == [4, 4, 3]  # metrics: unchanged
 
 
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, err: int, only: str | None = None) -> None:

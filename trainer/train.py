@@ -80,6 +80,22 @@ def ema_update(decay: float) -> Any:
     return update
 
 
+def epoch_label(number: int, planned: int) -> str:
+    """The progress bar's and the epoch summary's name ("epoch 3/12") for epoch `number` (1-based) of a
+    run planned at `planned` epochs while it ran. One function for both, so they cannot disagree."""
+    return f"epoch {number}/{planned}"
+
+
+def replan_note(number: int, before: int, after: int) -> str:
+    """The end of epoch `number`'s summary when --max-minutes re-planned the run after it ("" when it did
+    not): the summary keeps the plan its bar showed, and says what the next bar will count to."""
+    if after == before:
+        return ""
+    if after <= number:
+        return " | the time budget ends the run here"
+    return f" | re-planned to {after} epochs for the time budget"
+
+
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -430,7 +446,7 @@ class _Run:
         self.net.train()
         bar = tqdm(
             batches,
-            desc=f"epoch {epoch + 1}/{p.planned_epochs}",
+            desc=epoch_label(epoch + 1, p.planned_epochs),
             unit="batch",
             leave=False,
             dynamic_ncols=True,
@@ -642,7 +658,7 @@ class _Run:
         self.write_run_json("running")
         while p.epochs_done < p.planned_epochs:
             t0 = time.perf_counter()
-            epoch = p.epochs_done
+            epoch, planned = p.epochs_done, p.planned_epochs  # the plan this epoch runs under
             train, n_images = self.train_epoch(epoch)
             train_s = time.perf_counter() - t0
             # Calibrated decoder σ on the training set, so the checkpoint can report an ELBO in nats.
@@ -662,7 +678,7 @@ class _Run:
                 is_best = self._keep_if_best(val)
             self.rows.append(self._row(train, val, n_images, train_s, epoch_s, is_best))
             self.save_epoch_files()
-            self._log_epoch(self.rows[-1])
+            self._log_epoch(self.rows[-1], planned)
             if self.info.is_main and val is not None:
                 plots.write_loss(self.out, self.rows)
             # The epoch's files and loss plot are part of what it costs the budget: with the default
@@ -702,7 +718,9 @@ class _Run:
         )
         return row
 
-    def _log_epoch(self, r: dict[str, Any]) -> None:
+    def _log_epoch(self, r: dict[str, Any], planned: int) -> None:
+        """One line per epoch, named as its progress bar was (under the plan it ran with; the row's
+        epochs_planned is the plan after it), then the new plan if the budget changed it."""
         if not self.info.is_main:
             return
         val = (
@@ -711,9 +729,8 @@ class _Run:
             else ""
         )
         log.info(
-            "epoch %d/%d  train loss %.1f (recon %.1f, kl %.1f) psnr %.2f%s | lr %.2e | %.1f s, %.0f img/s%s",
-            r["epoch"],
-            r["epochs_planned"],
+            "%s  train loss %.1f (recon %.1f, kl %.1f) psnr %.2f%s | lr %.2e | %.1f s, %.0f img/s%s%s",
+            epoch_label(r["epoch"], planned),
             r["train_loss"],
             r["train_recon"],
             r["train_kl"],
@@ -723,6 +740,7 @@ class _Run:
             r["seconds"],
             r["images_per_s"] or 0,
             "  *best" if r["best"] else "",
+            replan_note(r["epoch"], planned, r["epochs_planned"]),
         )
 
     @torch.no_grad()
