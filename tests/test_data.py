@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -457,3 +458,96 @@ def test_a_folder_of_only_unsupported_photos_says_what_it_holds(tmp_path: Path) 
     (tmp_path / "IMG_2.heic").unlink()
     with pytest.raises(DataError, match=r"\(looked for [^)]*\)$"):  # an empty folder: nothing to add
         load_folder(tmp_path, POLICY)
+
+
+def _entry(cache: Path, key: str, age_s: float, names: tuple[str, ...] = ("{key}.npy", "{key}.json")) -> None:
+    """A decode-cache entry (or the named files of one) of 1000 bytes a file, last used `age_s` s ago."""
+    cache.mkdir(exist_ok=True)
+    for name in names:
+        path = cache / name.format(key=key)
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+
+def _key(i: int) -> str:
+    return f"folder-{i:040x}"
+
+
+def test_writing_the_cache_says_where_it_is_how_large_and_how_to_clear_it(tmp_path: Path, caplog) -> None:
+    cache = tmp_path / "cache"
+    _entry(cache, _key(1), 10)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        load_synthetic(400, 16, cache_dir=cache)
+    assert (
+        f"data: decoded images cached in {cache} (0.3 MB; 2 entries, 0.3 MB in all; delete the folder to "
+        "clear it)" in caplog.messages
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        load_folder(_one_photo(tmp_path / "photos"), POLICY, cache_dir=cache)
+        load_folder(tmp_path / "photos", POLICY, cache_dir=cache)
+    assert caplog.messages[-1] == f"data: 1 images from cache {cache} (0.0 MB; 0 skipped when decoded)"
+
+
+def _one_photo(root: Path) -> Path:
+    _save(root / "a.png", _halves(24, 24, RED, BLUE), "PNG")
+    return root
+
+
+def test_writing_an_entry_prunes_those_beyond_the_most_recent_that_nobody_used_for_an_hour(
+    tmp_path: Path, caplog
+) -> None:
+    """Every data set, size and policy was a new entry, kept forever (a Docker models volume that retrains
+    on each change of ./data grew by one per change). Now the CACHE_KEEP most recently used stay, and so
+    does any entry used within CACHE_IDLE_S (it may be being read); the rest, and temp files a killed
+    writer left, go when an entry is written."""
+    assert data_mod.CACHE_KEEP == 4 and data_mod.CACHE_IDLE_S == 3600
+    cache = tmp_path / "cache"
+    for i in range(5):
+        _entry(cache, _key(10 + i), 60 * (i + 1))  # used within the hour: 10..12 kept, 13, 14 young
+    for i in range(3):
+        _entry(cache, _key(20 + i), 7200 + i)  # idle for two hours, and beyond the 4 most recent
+    _entry(cache, _key(30), 7200, ("{key}.npy",))  # an orphan .npy (a writer killed before its .json)
+    _entry(cache, _key(31), 7200, (".{key}.npy.abc123.tmp",))  # a killed writer's temp file
+    _entry(cache, _key(32), 10, (".{key}.npy.def456.tmp",))  # a writer at work
+    (cache / "notes.txt").write_text("not the cache's")
+    os.utime(cache / "notes.txt", (0, 0))
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        load_synthetic(4, 16, cache_dir=cache)
+    left = sorted(p.name for p in cache.iterdir())
+    new = data_mod._sha256_json({"source": "synthetic", "count": 4, "size": 16, "seed": 0})[:40]
+    assert left == sorted(
+        [f"{_key(i)}.{part}" for i in range(10, 15) for part in ("json", "npy")]
+        + [f"synthetic-{new}.json", f"synthetic-{new}.npy", f".{_key(32)}.npy.def456.tmp", "notes.txt"]
+    )
+    removed = f"data: removed 4 decode-cache entries and 1 temp files unused for over 60 min from {cache}"
+    assert f"{removed} (0.0 MB)" in caplog.messages  # 3 × 2 + 1 + 1 files of 1000 bytes
+    assert f"data: decoded images cached in {cache} (0.0 MB; 6 entries, 0.0 MB in all; " in caplog.text
+
+
+def test_reading_an_entry_marks_it_used_so_pruning_spares_it(tmp_path: Path, monkeypatch) -> None:
+    """An entry is marked used before it is read: one that had been idle, and that a trainer starts to
+    read as another trainer writes a new entry, is not removed under it."""
+    cache = tmp_path / "cache"
+    first = load_synthetic(4, 16, cache_dir=cache)
+    for f in cache.iterdir():
+        os.utime(f, (time.time() - 3 * 3600, time.time() - 3 * 3600))
+    for i in range(4):
+        _entry(cache, _key(i), 2 * 3600)  # idle as well, but more recent: ours is the 5th
+    assert torch.equal(load_synthetic(4, 16, cache_dir=cache).images, first.images)  # from the cache
+    data_mod.prune_cache(cache)
+    assert len(list(cache.glob("synthetic-*"))) == 2
+    # Without the mark (another user's entry cannot be touched), pruning mid-read costs a decode, no more.
+    monkeypatch.setattr(data_mod, "_mark_used", lambda path: None)
+    real_load = np.load
+
+    def pruned_meanwhile(path: Path, **kw: object) -> np.ndarray:
+        for f in cache.glob("synthetic-*"):
+            os.utime(f, (0, 0))
+        _entry(cache, _key(9), 2 * 3600)  # the first prune left 4 entries: ours is the 5th again
+        data_mod.prune_cache(cache)
+        assert not Path(path).exists()
+        return real_load(path, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(np, "load", pruned_meanwhile)
+    assert torch.equal(load_synthetic(4, 16, cache_dir=cache).images, first.images)  # decoded again

@@ -22,7 +22,7 @@ from carvae.device import DeviceError
 from carvae.losses import RECIPES
 from carvae.preprocess import RESIZE_POLICIES
 from trainer.cli import HelpFormatter, setup_logging
-from trainer.data import AUGMENTATIONS, DataError, data_fingerprint
+from trainer.data import AUGMENTATIONS, CACHE_IDLE_S, CACHE_KEEP, DataError, data_fingerprint
 from trainer.distributed import PRECISIONS
 from trainer.schedule import LR_SCHEDULES
 from trainer.state import CHECKPOINT_FILE, RUN_FILE, STATE_FILE, OutputError, ResumeError, read_json
@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--cache-dir",
         default=None,
-        help="where decoded images are cached as .npy (default: RUN_DIR/../.cache)",
+        help="where decoded images are cached as .npy, one entry per set of photos (a changed file makes a "
+        "new one), image size and resize policy (N×size²×3 bytes); writing one removes those beyond the "
+        f"{CACHE_KEEP} most recently used that have not been used for {CACHE_IDLE_S / 60:.0f} minutes; "
+        "delete the folder to clear it, it is rebuilt as needed (default: RUN_DIR/../.cache, shared by the "
+        "runs beside RUN_DIR)",
     )
     io.add_argument(
         "--workers",

@@ -8,6 +8,7 @@ under a key that changes whenever a file, the image size or the policy changes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,7 @@ import re
 import signal
 import stat
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +53,13 @@ IGNORED_SHOWN = 4  # extensions named in the ignored-files line; the rest are co
 TRAIN_LIMITS = DecodeLimits(max_pixels=200_000_000)
 CACHE_VERSION = 1
 CACHE_ENTRY = re.compile(r"(folder|synthetic)-[0-9a-f]{40}\.(npy|json)")  # the names _write_cache gives
+CACHE_TEMP = re.compile(r"\.(folder|synthetic)-[0-9a-f]{40}\.(npy|json)\..+\.tmp")  # a writer's own
+# Every data set, image size and policy is an entry (6k photos at 128 px: 300 MB), and the cache is shared
+# by all runs beside RUN_DIR: writing an entry removes those beyond the CACHE_KEEP most recently used that
+# nobody has used for CACHE_IDLE_S. A read marks its entry used before it starts, so an entry a trainer
+# is reading is never among them.
+CACHE_KEEP = 4
+CACHE_IDLE_S = 3600.0
 SYNTHETIC_SEED = 0  # the embedded dataset is one fixed set of cars; --seed varies the split and the model
 AUGMENTATIONS = ("hflip", "shift", "color")
 # A folder holding any of these is a training run's folder, not photos.
@@ -261,6 +270,7 @@ def _read_cache(cache_dir: Path | None, key: str) -> tuple[np.ndarray, dict[str,
     if cache_dir is None:
         return None
     arr_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    _mark_used(meta_path)
     # A damaged entry (an emptied .npy, an edited .json) is a cache miss, decoded again and rewritten:
     # np.load raises EOFError on an empty file, and a .json that is not an object has no "count".
     try:
@@ -275,6 +285,13 @@ def _read_cache(cache_dir: Path | None, key: str) -> tuple[np.ndarray, dict[str,
     return arr, meta
 
 
+def _mark_used(meta_path: Path) -> None:
+    """The entry's .json mtime is its last use, which pruning goes by. Best effort: another user's entry
+    in a shared cache dir cannot be touched; pruned while we read it, it costs us a decode, nothing more."""
+    with contextlib.suppress(OSError):
+        os.utime(meta_path)
+
+
 def _write_cache(cache_dir: Path | None, key: str, arr: np.ndarray, meta: dict[str, Any]) -> None:
     """Best effort: a cache that cannot be written costs the next run a decode, never this run."""
     if cache_dir is None:
@@ -286,6 +303,90 @@ def _write_cache(cache_dir: Path | None, key: str, arr: np.ndarray, meta: dict[s
         atomic_write_bytes(cache_dir / f"{key}.json", json.dumps(meta).encode())
     except OSError as e:
         log.warning("could not write the decode cache in %s (%s); continuing without it", cache_dir, e)
+        return
+    entries, total = prune_cache(cache_dir, keep=key)
+    log.info(
+        "data: decoded images cached in %s (%s; %d entr%s, %s in all; delete the folder to clear it)",
+        cache_dir,
+        _mb(arr.nbytes),
+        entries,
+        "y" if entries == 1 else "ies",
+        _mb(total),
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class _CacheFile:
+    path: Path
+    mtime: float
+    size: int
+
+
+def _cache_files(cache_dir: Path) -> tuple[dict[str, list[_CacheFile]], list[_CacheFile]]:
+    """The cache's entries (key -> its .npy and .json, or an orphan half of one) and writers' temp files."""
+    entries: dict[str, list[_CacheFile]] = {}
+    temps: list[_CacheFile] = []
+    with os.scandir(cache_dir) as it:
+        for f in it:
+            entry, temp = CACHE_ENTRY.fullmatch(f.name), CACHE_TEMP.fullmatch(f.name)
+            if not (entry or temp):
+                continue
+            try:
+                st = f.stat(follow_symlinks=False)
+            except OSError:  # removed meanwhile by another trainer pruning
+                continue
+            item = _CacheFile(Path(f.path), st.st_mtime, st.st_size)
+            if entry:
+                entries.setdefault(f.name.rsplit(".", 1)[0], []).append(item)
+            else:
+                temps.append(item)
+    return entries, temps
+
+
+def _remove(files: Sequence[_CacheFile]) -> int:
+    """Unlink an entry's files, .json first: without it the entry is a miss, never half read. A reader
+    that already opened the .npy still reads all of it (POSIX); one that had not gets a miss and decodes.
+    Returns the bytes freed."""
+    freed = 0
+    for f in sorted(files, key=lambda f: f.path.suffix != ".json"):
+        try:
+            f.path.unlink()
+            freed += f.size
+        except OSError:  # gone already (another trainer pruning), or not ours to remove
+            pass
+    return freed
+
+
+def prune_cache(cache_dir: Path, keep: str | None = None) -> tuple[int, int]:
+    """Remove the entries beyond the CACHE_KEEP most recently used that nobody has used for CACHE_IDLE_S,
+    and temp files left that long by a killed writer (a writer's file grows, so its mtime is fresh).
+    `keep`, the entry just written, always stays. Returns the entries and bytes left; never raises: a
+    cache that cannot be pruned just stays as large as it is."""
+    try:
+        entries, temps = _cache_files(cache_dir)
+    except OSError as e:
+        log.debug("could not prune the decode cache in %s (%s)", cache_dir, e)
+        return 0, 0
+    last_use = {key: max(f.mtime for f in files) for key, files in entries.items()}
+    idle_since = time.time() - CACHE_IDLE_S
+    recent = sorted(last_use, key=last_use.__getitem__, reverse=True)
+    old = [key for key in recent[CACHE_KEEP:] if key != keep and last_use[key] < idle_since]
+    stale = [t for t in temps if t.mtime < idle_since]
+    freed = sum(_remove(entries.pop(key)) for key in old) + _remove(stale)
+    if old or stale:
+        log.info(
+            "data: removed %d decode-cache entries and %d temp files unused for over %.0f min from %s (%s)",
+            len(old),
+            len(stale),
+            CACHE_IDLE_S / 60,
+            cache_dir,
+            _mb(freed),
+        )
+    return len(entries), sum(f.size for files in entries.values() for f in files)
 
 
 def load_folder(
@@ -312,9 +413,8 @@ def load_folder(
     cached = _read_cache(cache_dir, key)
     if cached is not None:
         arr, meta = cached
-        log.info(
-            "data: %d images from cache %s (%d skipped when decoded)", len(arr), cache_dir, meta["skipped"]
-        )
+        msg = "data: %d images from cache %s (%s; %d skipped when decoded)"
+        log.info(msg, len(arr), cache_dir, _mb(arr.nbytes), meta["skipped"])
     else:
         kept, reasons = _decode_all(files, policy, workers, progress)
         if not kept:
@@ -322,10 +422,10 @@ def load_folder(
             raise DataError(f"none of the {len(files)} image files under {root} could be used ({why})")
         arr = np.stack(kept)
         meta = {"count": len(kept), "skipped": sum(reasons.values()), "skipped_reasons": dict(reasons)}
-        _write_cache(cache_dir, key, arr, meta)
         msg = "data: decoded %d of %d files under %s; skipped %d%s"
         detail = f" ({', '.join(f'{n} {r}' for r, n in reasons.most_common())})" if reasons else ""
         log.info(msg, len(kept), len(files), root, meta["skipped"], detail)
+        _write_cache(cache_dir, key, arr, meta)
     source = {
         "source": "folder",
         "files": len(files),
