@@ -357,3 +357,12 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
         assert spec.specifier.contains(pins[name], prereleases=True), (
             f"constraints.txt has {name}=={pins[name]}, outside pyproject's {spec.specifier} (run make lock)"
         )
+
+
+def test_entrypoint_looks_for_the_extensions_the_trainer_reads() -> None:
+    """`auto` trains on ./data when it holds a photo: the entrypoint's list must be the trainer's, or a
+    folder of .jfif photos would be passed over for the synthetic cars."""
+    from trainer.data import IMAGE_EXTENSIONS
+
+    looked_for = set(re.findall(r"-iname '\*(\.[a-z]+)'", ENTRYPOINT.read_text()))
+    assert looked_for == set(IMAGE_EXTENSIONS)
