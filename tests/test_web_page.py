@@ -140,6 +140,33 @@ def answer_in_browser(page: Any, path_end: str, status: int, body: str, headers:
     )
 
 
+def delay_in_browser(page: Any, path_end: str, delays_ms: list[int]) -> None:
+    """Hold the page's next fetches of URLs ending in `path_end` for these many milliseconds each (a slow
+    service or link), and record each such call in window.heldCalls: [{aborted}], whether the page
+    cancelled it. A second call replaces the first's rule."""
+    page.execute_script(
+        """
+        const [end, delays] = arguments;
+        window.heldCalls = [];
+        window.heldRule = {end, delays};
+        if (window.heldFetch) return;
+        const real = window.fetch;
+        window.heldFetch = (url, opts = {}) => {
+          const rule = window.heldRule;
+          if (!String(url).endsWith(rule.end)) return real(url, opts);
+          const call = {aborted: false};
+          window.heldCalls.push(call);
+          if (opts.signal) opts.signal.addEventListener('abort', () => { call.aborted = true; });
+          const ms = rule.delays.shift() || 0;
+          return new Promise((r) => setTimeout(r, ms)).then(() => real(url, opts));
+        };
+        window.fetch = window.heldFetch;
+        """,
+        path_end,
+        delays_ms,
+    )
+
+
 def test_upload_shows_model_input_reconstruction_and_psnr(
     page: Any, base_url: str, photos: dict[str, Path]
 ) -> None:
@@ -503,3 +530,52 @@ def test_a_reload_reuses_the_slider_ranking(page: Any) -> None:
         assert page.execute_script("return window.decodedRows") == 16 + 1
     finally:
         page.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", counter)
+
+
+def test_pressing_sample_or_interpolate_keeps_the_keyboard_focus(page: Any, photos: dict[str, Path]) -> None:
+    # The buttons were disabled while their request ran, and Chromium moves the focus off a disabled
+    # element to the page itself: a keyboard user pressing Enter lost their place.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    focused = "return document.activeElement.id"
+    seed = by_id(page, "seed")
+    seed.clear()
+    seed.send_keys("4321")
+    page.execute_script("document.getElementById('sample-btn').focus()")
+    ActionChains(page).send_keys(Keys.ENTER).perform()
+    wait_for(page, lambda d: "seed 4321," in by_id(d, "sample-msg").text)
+    assert page.execute_script(focused) == "sample-btn"
+
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    page.execute_script("document.getElementById('interp-btn').focus()")
+    ActionChains(page).send_keys(Keys.SPACE).perform()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#strip img")) == 8)
+    assert page.execute_script(focused) == "interp-btn"
+
+
+def test_a_second_press_supersedes_and_cancels_the_request_in_flight(
+    page: Any, photos: dict[str, Path]
+) -> None:
+    # A double-click, or a second try while a slow answer is on its way: the newer request is the one
+    # shown, and the older one is cancelled rather than left to upload and run for nothing.
+    seed = by_id(page, "seed")
+    seed.clear()
+    seed.send_keys("77")
+    delay_in_browser(page, "decode", [3000, 0])
+    button = by_id(page, "sample-btn")
+    button.click()
+    seed.clear()
+    seed.send_keys("78")
+    button.click()
+    wait_for(page, lambda d: "seed 78," in by_id(d, "sample-msg").text)
+    assert page.execute_script("return window.heldCalls.map((c) => c.aborted)") == [True, False]
+    page.execute_script("return new Promise((r) => setTimeout(r, 3500))")  # the first answer's old time
+    assert "seed 78," in by_id(page, "sample-msg").text
+
+    delay_in_browser(page, "reconstruct", [3000, 0])
+    upload(page, "file-input", photos["red"])
+    upload(page, "file-input", photos["blue"])
+    wait_for(page, lambda d: "Reconstructed “blue-car.png”" in by_id(d, "reconstruct-msg").text)
+    assert page.execute_script("return window.heldCalls.map((c) => c.aborted)") == [True, False]

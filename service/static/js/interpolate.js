@@ -13,6 +13,7 @@ export function createInterpolator(els) {
   let direction = 1;
   let timer = null;
   let seq = 0;
+  let pending = null; // the AbortController of the request in flight
 
   function pick(which, file) {
     files[which] = file;
@@ -77,16 +78,20 @@ export function createInterpolator(els) {
   }
 
   async function interpolate() {
+    // The button stays enabled while frames are on their way (disabling it moved the keyboard focus off it,
+    // to the page itself); a new press supersedes the request in flight, which is cancelled.
     const mine = ++seq;
+    if (pending) pending.abort();
+    const controller = new AbortController();
+    pending = controller;
     const form = new FormData();
     form.append("file_a", files.a, files.a.name);
     form.append("file_b", files.b, files.b.name);
     form.append("steps", els.steps.value);
     say(els.msg, "Interpolating…");
     els.root.setAttribute("aria-busy", "true");
-    els.button.disabled = true;
     try {
-      const res = await api("interpolate", { method: "POST", form });
+      const res = await api("interpolate", { method: "POST", form, signal: controller.signal });
       if (mine !== seq) return;
       render(res.images, res.format);
       say(els.msg, `${res.images.length} frames from “${files.a.name}” to “${files.b.name}”.`, "ok");
@@ -98,8 +103,8 @@ export function createInterpolator(els) {
       say(els.msg, describeError(e, "Interpolating"), "error");
     } finally {
       if (mine === seq) {
+        pending = null;
         els.root.removeAttribute("aria-busy");
-        els.button.disabled = !(files.a && files.b);
       }
     }
   }

@@ -7,15 +7,21 @@ import { dataUrl, fileDropTarget, say } from "./util.js";
 export function createReconstructor(els, model, explorer) {
   const size = `${model.image_size}×${model.image_size}`;
   let seq = 0;
+  let pending = null; // the AbortController of the request in flight
 
   async function reconstruct(file) {
     const mine = ++seq;
+    // A newer photo supersedes the one still uploading or waiting for its answer: cancel that request.
+    if (pending) pending.abort();
+    const controller = new AbortController();
+    pending = controller;
+    const { signal } = controller;
     const form = new FormData();
     form.append("file", file, file.name);
     say(els.msg, `Reconstructing “${file.name}”…`);
     els.root.setAttribute("aria-busy", "true");
     try {
-      const res = await api("reconstruct", { method: "POST", form });
+      const res = await api("reconstruct", { method: "POST", form, signal });
       if (mine !== seq) return;
       const recon = dataUrl(res.image, res.format);
       els.original.src = dataUrl(res.input, "png");
@@ -29,7 +35,7 @@ export function createReconstructor(els, model, explorer) {
       els.resultBar.hidden = false;
       say(els.msg, `Reconstructed “${file.name}”: PSNR ${Number(res.psnr).toFixed(2)} dB.`, "ok");
       // /reconstruct returns μ; older services may not, so fall back to /encode.
-      const mu = Array.isArray(res.mu) ? res.mu : (await api("encode", { method: "POST", form })).mu;
+      const mu = Array.isArray(res.mu) ? res.mu : (await api("encode", { method: "POST", form, signal })).mu;
       if (mine === seq) explorer.load(mu, `The latent mean of “${file.name}”`);
     } catch (e) {
       if (mine !== seq) return;
@@ -38,7 +44,10 @@ export function createReconstructor(els, model, explorer) {
       els.resultBar.hidden = true;
       say(els.msg, describeError(e, `Reconstructing “${file.name}”`), "error");
     } finally {
-      if (mine === seq) els.root.removeAttribute("aria-busy");
+      if (mine === seq) {
+        pending = null;
+        els.root.removeAttribute("aria-busy");
+      }
     }
   }
 

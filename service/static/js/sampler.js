@@ -9,6 +9,7 @@ const MAX_SEED = 4294967295;
 
 export function createSampler(els, model, explorer) {
   let seq = 0;
+  let pending = null; // the AbortController of the request in flight
 
   function newSeed() {
     els.seed.value = String(Math.floor(Math.random() * MAX_SEED));
@@ -50,7 +51,6 @@ export function createSampler(els, model, explorer) {
   }
 
   async function sample() {
-    const mine = ++seq;
     let seed;
     try {
       seed = readSeed();
@@ -58,13 +58,18 @@ export function createSampler(els, model, explorer) {
       say(els.msg, `Sampling failed: ${e.message}.`, "error");
       return;
     }
+    // The button stays enabled while a grid is on its way: disabling it moved the keyboard focus off it,
+    // to the page itself. A new press supersedes the request in flight instead, which is cancelled.
+    const mine = ++seq;
+    if (pending) pending.abort();
+    const controller = new AbortController();
+    pending = controller;
     const temperature = Number(els.temperature.value);
     const rows = gaussianRows(seed, COUNT, model.latent_dim, temperature);
     say(els.msg, `Sampling ${COUNT} cars with seed ${seed}…`);
     els.root.setAttribute("aria-busy", "true");
-    els.button.disabled = true;
     try {
-      const res = await api("decode", { method: "POST", json: { z: rows } });
+      const res = await api("decode", { method: "POST", json: { z: rows }, signal: controller.signal });
       if (mine !== seq) return;
       render(res.images, res.format, rows, seed, temperature.toFixed(1));
       say(els.msg, `${COUNT} cars from seed ${seed}, temperature ${temperature.toFixed(1)}. Select one to explore its latent code.`, "ok");
@@ -72,8 +77,8 @@ export function createSampler(els, model, explorer) {
       if (mine === seq) say(els.msg, describeError(e, "Sampling"), "error");
     } finally {
       if (mine === seq) {
+        pending = null;
         els.root.removeAttribute("aria-busy");
-        els.button.disabled = false;
       }
     }
   }
