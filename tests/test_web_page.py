@@ -579,3 +579,16 @@ def test_a_second_press_supersedes_and_cancels_the_request_in_flight(
     upload(page, "file-input", photos["blue"])
     wait_for(page, lambda d: "Reconstructed “blue-car.png”" in by_id(d, "reconstruct-msg").text)
     assert page.execute_script("return window.heldCalls.map((c) => c.aborted)") == [True, False]
+
+
+def test_the_interpolation_names_the_files_it_was_made_from(page: Any, photos: dict[str, Path]) -> None:
+    # Picking another car A while the frames are on their way must not relabel those frames as the new
+    # file's: the message named the files chosen when the answer came, not the ones sent.
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    delay_in_browser(page, "interpolate", [2000])
+    by_id(page, "interp-btn").click()
+    upload(page, "file-a", photos["blue"])
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "frames from" in msg.text)
+    assert "8 frames from “red-car.png” to “blue-car.png”" in msg.text

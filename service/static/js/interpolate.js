@@ -84,9 +84,11 @@ export function createInterpolator(els) {
     if (pending) pending.abort();
     const controller = new AbortController();
     pending = controller;
+    // The files as sent: the visitor may pick others while these are interpolated.
+    const [a, b] = [files.a, files.b];
     const form = new FormData();
-    form.append("file_a", files.a, files.a.name);
-    form.append("file_b", files.b, files.b.name);
+    form.append("file_a", a, a.name);
+    form.append("file_b", b, b.name);
     form.append("steps", els.steps.value);
     say(els.msg, "Interpolating…");
     els.root.setAttribute("aria-busy", "true");
@@ -94,7 +96,7 @@ export function createInterpolator(els) {
       const res = await api("interpolate", { method: "POST", form, signal: controller.signal });
       if (mine !== seq) return;
       render(res.images, res.format);
-      say(els.msg, `${res.images.length} frames from “${files.a.name}” to “${files.b.name}”.`, "ok");
+      say(els.msg, `${res.images.length} frames from “${a.name}” to “${b.name}”.`, "ok");
     } catch (e) {
       if (mine !== seq) return;
       // Stop and hide the previous frames: still playing, they would read as the answer for these files.
