@@ -592,3 +592,26 @@ def test_the_interpolation_names_the_files_it_was_made_from(page: Any, photos: d
     msg = by_id(page, "interp-msg")
     wait_for(page, lambda d: "frames from" in msg.text)
     assert "8 frames from “red-car.png” to “blue-car.png”" in msg.text
+
+
+def test_a_slow_upload_does_not_replace_a_sample_picked_meanwhile(page: Any, photos: dict[str, Path]) -> None:
+    # The upload's latent used to be loaded into the explorer whenever its answer came, over a sample the
+    # visitor had selected after starting the upload (whose button still showed as pressed).
+    delay_in_browser(page, "reconstruct", [2500])
+    upload(page, "file-input", photos["red"])
+    sample = page.find_elements("css selector", "#sample-grid button")[2]
+    sample.click()
+    wait_for(page, lambda d: "Sample 3 (seed" in by_id(d, "latent-source").text)
+    wait_for(page, lambda d: "Reconstructed “red-car.png”" in by_id(d, "reconstruct-msg").text)
+    assert by_id(page, "compare").is_displayed()  # the reconstruction itself is shown as always
+    page.execute_script("return new Promise((r) => setTimeout(r, 500))")
+    assert "Sample 3 (seed" in by_id(page, "latent-source").text
+    assert sample.get_attribute("aria-pressed") == "true"
+    wait_for(
+        page,
+        lambda d: src_of(d, "latent-img") == sample.find_element("css selector", "img").get_attribute("src"),
+    )
+
+    # With nothing loaded meanwhile, an upload still brings its latent into the explorer.
+    upload(page, "file-input", photos["blue"])
+    wait_for(page, lambda d: "blue-car.png" in by_id(d, "latent-source").text)

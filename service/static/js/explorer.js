@@ -148,12 +148,19 @@ export function createExplorer(els, model) {
     say(els.msg, "");
   }
 
-  function load(latent, label) {
+  // Codes loaded so far. A section whose answer is slow (an upload) passes the count from when it asked,
+  // so its code does not replace one the visitor loaded meanwhile (a sample, z = 0).
+  let loads = 0;
+
+  function load(latent, label, since = loads) {
+    if (since !== loads) return false;
+    loads++;
     base = latent.map(Number);
     z = base.slice();
     els.source.textContent = label;
     syncSliders();
     decode();
+    return true;
   }
 
   els.reset.addEventListener("click", () => {
@@ -176,5 +183,6 @@ export function createExplorer(els, model) {
       decode();
     },
     load,
+    loads: () => loads,
   };
 }

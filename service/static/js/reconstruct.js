@@ -16,6 +16,7 @@ export function createReconstructor(els, model, explorer) {
     const controller = new AbortController();
     pending = controller;
     const { signal } = controller;
+    const loadsBefore = explorer.loads();
     const form = new FormData();
     form.append("file", file, file.name);
     say(els.msg, `Reconstructing “${file.name}”…`);
@@ -36,7 +37,8 @@ export function createReconstructor(els, model, explorer) {
       say(els.msg, `Reconstructed “${file.name}”: PSNR ${Number(res.psnr).toFixed(2)} dB.`, "ok");
       // /reconstruct returns μ; older services may not, so fall back to /encode.
       const mu = Array.isArray(res.mu) ? res.mu : (await api("encode", { method: "POST", form, signal })).mu;
-      if (mine === seq) explorer.load(mu, `The latent mean of “${file.name}”`);
+      // Unless the visitor loaded another code into the explorer while this photo was on its way.
+      if (mine === seq) explorer.load(mu, `The latent mean of “${file.name}”`, loadsBefore);
     } catch (e) {
       if (mine !== seq) return;
       // Hide the previous result: it would read as the answer for this file.
