@@ -615,3 +615,28 @@ def test_a_slow_upload_does_not_replace_a_sample_picked_meanwhile(page: Any, pho
     # With nothing loaded meanwhile, an upload still brings its latent into the explorer.
     upload(page, "file-input", photos["blue"])
     wait_for(page, lambda d: "blue-car.png" in by_id(d, "latent-source").text)
+
+
+def ax_node(page: Any, element_id: str) -> dict[str, Any]:
+    """Chromium's accessibility node for an element (what a screen reader is given)."""
+    root = page.execute_cdp_cmd("DOM.getDocument", {})["root"]["nodeId"]
+    node = page.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": f"#{element_id}"})
+    tree = page.execute_cdp_cmd(
+        "Accessibility.getPartialAXTree", {"nodeId": node["nodeId"], "fetchRelatives": False}
+    )
+    return dict(tree["nodes"][0])
+
+
+def test_empty_status_messages_stay_in_the_accessibility_tree(page: Any) -> None:
+    # The messages are aria-live regions. Hidden with display: none while empty, they were out of the
+    # accessibility tree, so each message arrived as a new region instead of a change to a watched one,
+    # which screen readers may not announce; say() clearing first to re-announce a repeat did not help.
+    for element_id in ("global-msg", "reconstruct-msg", "explore-msg", "interp-msg"):
+        assert by_id(page, element_id).text == ""
+        node = ax_node(page, element_id)
+        assert not node.get("ignored"), (element_id, node.get("ignoredReasons"))
+        # Still nothing to see: an empty message takes no room.
+        height = page.execute_script(
+            "return document.getElementById(arguments[0]).getBoundingClientRect().height", element_id
+        )
+        assert height == 0, element_id
