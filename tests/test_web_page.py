@@ -640,3 +640,33 @@ def test_empty_status_messages_stay_in_the_accessibility_tree(page: Any) -> None
             "return document.getElementById(arguments[0]).getBoundingClientRect().height", element_id
         )
         assert height == 0, element_id
+
+
+def test_slider_readouts_are_not_live_regions(page: Any, photos: dict[str, Path]) -> None:
+    # An <output> is an implicit polite live region (role status). The player's "Frame k of n" changes
+    # seven times a second while it plays, and loading a code changes the 12 latent readouts at once:
+    # a screen reader was handed all of that as announcements. Each slider speaks its own value instead,
+    # and the frame slider's says which frame (its value is 0-based).
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#strip img")) == 8)
+    for output in page.find_elements("css selector", "output"):
+        page.execute_script("arguments[0].dataset.probe = '1'", output)
+        root = page.execute_cdp_cmd("DOM.getDocument", {})["root"]["nodeId"]
+        node_id = page.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "[data-probe]"})
+        tree = page.execute_cdp_cmd(
+            "Accessibility.getPartialAXTree", {"nodeId": node_id["nodeId"], "fetchRelatives": False}
+        )
+        page.execute_script("delete arguments[0].dataset.probe", output)
+        props = {p["name"]: p["value"].get("value") for p in tree["nodes"][0].get("properties", [])}
+        assert props.get("live", "off") == "off", (output.get_attribute("for"), props)
+
+    from selenium.webdriver.common.keys import Keys
+
+    play = by_id(page, "play")
+    if play.get_attribute("data-playing") == "true":
+        play.click()
+    frame = by_id(page, "frame")
+    frame.send_keys(Keys.END)
+    assert frame.get_attribute("aria-valuetext") == "Frame 8 of 8"

@@ -79,6 +79,9 @@ export function createExplorer(els, model) {
       const label = el("label", { htmlFor: input.id, textContent: `Dimension ${d}` });
       const output = el("output", { textContent: "0.00" });
       output.htmlFor = input.id;
+      // An <output> is a live region (role status) by default: loading a code changes all of them at once,
+      // and the slider already speaks its own value.
+      output.setAttribute("aria-live", "off");
       const bar = el("span", { className: "effect" });
       bar.title = `Rank ${rank + 1}: mean pixel change ${effect.toFixed(1)} / 255 for a step of ${PROBE}`;
       const fill = el("span");

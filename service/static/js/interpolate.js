@@ -32,6 +32,7 @@ export function createInterpolator(els) {
     els.frame.src = frames[i];
     els.frame.alt = `Frame ${i + 1} of ${frames.length}, between car A and car B`;
     els.slider.value = String(i);
+    els.slider.setAttribute("aria-valuetext", `Frame ${i + 1} of ${frames.length}`); // its value is 0-based
     els.frameOut.textContent = `${i + 1} of ${frames.length}`;
     els.strip.querySelectorAll("button").forEach((b, j) => b.setAttribute("aria-current", j === i ? "true" : "false"));
   }
