@@ -670,3 +670,17 @@ def test_slider_readouts_are_not_live_regions(page: Any, photos: dict[str, Path]
     frame = by_id(page, "frame")
     frame.send_keys(Keys.END)
     assert frame.get_attribute("aria-valuetext") == "Frame 8 of 8"
+
+
+def test_a_file_the_browser_cannot_draw_gets_no_broken_thumbnail(page: Any, photos: dict[str, Path]) -> None:
+    # Car A/B show a thumbnail of the picked file; for a file the browser cannot draw (not an image, or a
+    # TIFF, which the service reads) that was a broken-image icon with its alt text cut off.
+    upload(page, "file-b", photos["text"])
+    wait_for(page, lambda d: by_id(d, "name-b").text == "notes.txt")
+    page.execute_script("return new Promise((r) => setTimeout(r, 300))")  # time to load, or to fail
+    assert not by_id(page, "thumb-b").is_displayed()
+
+    upload(page, "file-b", photos["blue"])
+    wait_for(page, lambda d: by_id(d, "thumb-b").is_displayed())
+    assert page.execute_script("return document.getElementById('thumb-b').naturalWidth") > 0
+    assert "blue-car.png" in by_id(page, "thumb-b").get_attribute("alt")

@@ -22,7 +22,8 @@ export function createInterpolator(els) {
     thumb.dataset.url = URL.createObjectURL(file);
     thumb.src = thumb.dataset.url;
     thumb.alt = `Car ${which.toUpperCase()}: ${file.name}`;
-    thumb.hidden = false;
+    // Shown once it loads (see below): the browser cannot draw every file the service reads (TIFF) nor,
+    // of course, a file that is no image, and a broken-image icon with a clipped alt text helps no one.
     els[`name_${which}`].textContent = file.name;
     els.button.disabled = !(files.a && files.b);
   }
@@ -112,6 +113,10 @@ export function createInterpolator(els) {
     }
   }
 
+  for (const thumb of [els.thumb_a, els.thumb_b]) {
+    thumb.addEventListener("load", () => (thumb.hidden = false));
+    thumb.addEventListener("error", () => (thumb.hidden = true));
+  }
   fileDropTarget(els.zoneA, els.inputA, (f) => pick("a", f));
   fileDropTarget(els.zoneB, els.inputB, (f) => pick("b", f));
   els.form.addEventListener("submit", (e) => {
