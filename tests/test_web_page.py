@@ -684,3 +684,24 @@ def test_a_file_the_browser_cannot_draw_gets_no_broken_thumbnail(page: Any, phot
     wait_for(page, lambda d: by_id(d, "thumb-b").is_displayed())
     assert page.execute_script("return document.getElementById('thumb-b').naturalWidth") > 0
     assert "blue-car.png" in by_id(page, "thumb-b").get_attribute("alt")
+
+
+def test_a_refused_api_key_is_reported_as_refused(browser: Any, keyed_base_url: str) -> None:
+    # After saving a wrong key the page said "needs an API key: open “API key” … and enter it", as if
+    # the key just entered had been ignored.
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get(f"{keyed_base_url}/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    msg = by_id(browser, "global-msg")
+    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    assert "enter it" in msg.text and "refused" not in msg.text  # no key yet: ask for one
+
+    by_id(browser, "api-key").send_keys("not-the-key")
+    browser.execute_script("arguments[0].textContent = ''", msg)
+    by_id(browser, "api-key-form").submit()
+    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    assert "the one saved in this tab was refused" in msg.text
+    assert "enter it" not in msg.text
+    assert "unauthorized" in msg.text
+    browser.execute_script("sessionStorage.clear()")

@@ -89,6 +89,9 @@ export function describeError(e, action) {
   let text;
   if (e.status === 0) {
     text = `${action} failed: ${m}.`;
+  } else if ((e.status === 401 || e.status === 403) && getApiKey()) {
+    // Telling someone who has just saved a key to go and enter one reads as if the page ignored it.
+    text = `${action} needs an API key that the service accepts: the one saved in this tab was refused; check it under “API key” at the top of the page (${m}).`;
   } else if (e.status === 401 || e.status === 403) {
     text = `${action} needs an API key: open “API key” at the top of the page and enter it (${m}).`;
   } else if (e.status === 503 || e.status === 429) {
