@@ -705,3 +705,27 @@ def test_a_refused_api_key_is_reported_as_refused(browser: Any, keyed_base_url: 
     assert "enter it" not in msg.text
     assert "unauthorized" in msg.text
     browser.execute_script("sessionStorage.clear()")
+
+
+def test_a_sample_reads_as_pressed_only_while_its_code_is_in_the_explorer(
+    page: Any, photos: dict[str, Path]
+) -> None:
+    # aria-pressed on a sampled car says "this one is loaded in the sliders". It stayed "true" after an
+    # upload or "Go to z = 0" replaced that code, so a screen reader announced a stale selection.
+    def pressed() -> list[int]:
+        buttons = page.find_elements("css selector", "#sample-grid button")
+        return [i for i, b in enumerate(buttons) if b.get_attribute("aria-pressed") == "true"]
+
+    buttons = page.find_elements("css selector", "#sample-grid button")
+    buttons[2].click()
+    buttons[4].click()
+    assert pressed() == [4]
+    upload(page, "file-input", photos["red"])
+    wait_for(page, lambda d: "red-car.png" in by_id(d, "latent-source").text)
+    assert pressed() == []
+
+    buttons[1].click()
+    assert pressed() == [1]
+    by_id(page, "latent-zero").click()
+    assert "z = 0" in by_id(page, "latent-source").text
+    assert pressed() == []

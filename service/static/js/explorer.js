@@ -154,10 +154,12 @@ export function createExplorer(els, model) {
   // Codes loaded so far. A section whose answer is slow (an upload) passes the count from when it asked,
   // so its code does not replace one the visitor loaded meanwhile (a sample, z = 0).
   let loads = 0;
+  const onLoad = []; // called after each load (the sample grid un-presses its button)
 
   function load(latent, label, since = loads) {
     if (since !== loads) return false;
     loads++;
+    for (const fn of onLoad) fn();
     base = latent.map(Number);
     z = base.slice();
     els.source.textContent = label;
@@ -187,5 +189,6 @@ export function createExplorer(els, model) {
     },
     load,
     loads: () => loads,
+    onLoad: (fn) => onLoad.push(fn),
   };
 }

@@ -40,9 +40,8 @@ export function createSampler(els, model, explorer) {
       button.append(img);
       button.title = "Load this car's latent code into the sliders";
       button.addEventListener("click", () => {
-        for (const b of els.grid.querySelectorAll("button[aria-pressed=true]")) b.setAttribute("aria-pressed", "false");
+        explorer.load(rows[i], `Sample ${i + 1} (seed ${seed}, temperature ${temperature})`); // un-presses the others
         button.setAttribute("aria-pressed", "true");
-        explorer.load(rows[i], `Sample ${i + 1} (seed ${seed}, temperature ${temperature})`);
         say(els.msg, `Loaded sample ${i + 1} into the latent sliders.`, "ok");
       });
       item.append(button);
@@ -94,6 +93,12 @@ export function createSampler(els, model, explorer) {
   els.temperature.addEventListener("input", () => {
     els.tempOut.textContent = Number(els.temperature.value).toFixed(1);
   });
+
+  // "Pressed" means "this car's code is in the explorer": once anything is loaded there, no longer.
+  const unpress = () => {
+    for (const b of els.grid.querySelectorAll("button[aria-pressed=true]")) b.setAttribute("aria-pressed", "false");
+  };
+  explorer.onLoad(unpress);
 
   if (!els.seed.value) newSeed();
   // The first grid is drawn for the visitor, unless they have already asked for one themselves.
