@@ -729,3 +729,41 @@ def test_a_sample_reads_as_pressed_only_while_its_code_is_in_the_explorer(
     by_id(page, "latent-zero").click()
     assert "z = 0" in by_id(page, "latent-source").text
     assert pressed() == []
+
+
+def test_waiting_for_the_model_is_announced_once(browser: Any, base_url: str) -> None:
+    # While /v1/model answers 503 the page retries every second; it re-set its "still loading" message
+    # on each try, and say() clears a message first precisely so that a screen reader reads it again.
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
+            window.modelCalls = 0;
+            window.loadingShown = 0;
+            const real = window.fetch;
+            window.fetch = (url, opts) => {
+              if (String(url).endsWith('v1/model') && ++window.modelCalls <= 3) {
+                return Promise.resolve(new Response(
+                  JSON.stringify({error: {code: 'not_ready', message: 'starting up', request_id: 'r3'}}),
+                  {status: 503, headers: {'Content-Type': 'application/json'}}));
+              }
+              return real(url, opts);
+            };
+            document.addEventListener('DOMContentLoaded', () => {
+              const msg = document.getElementById('global-msg');
+              new MutationObserver(() => {
+                if (msg.textContent.includes('still loading')) window.loadingShown++;
+              }).observe(msg, {childList: true, characterData: true, subtree: true});
+            });
+            """
+        },
+    )
+    try:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.get(f"{base_url}/")
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        assert browser.execute_script("return window.modelCalls") == 4
+        assert browser.execute_script("return window.loadingShown") == 1
+        assert by_id(browser, "global-msg").text == ""
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)

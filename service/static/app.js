@@ -36,7 +36,8 @@ async function loadModel() {
     } catch (e) {
       const warming = e instanceof ApiError && e.status === 503 && attempt < WARMUP_RETRIES;
       if (!warming) throw e;
-      say($("global-msg"), "The model is still loading…");
+      // Once: say() re-announces even the same text, and this would then be read out every second.
+      if (attempt === 0) say($("global-msg"), "The model is still loading…");
       await new Promise((r) => setTimeout(r, 1000));
     }
   }
