@@ -9,9 +9,10 @@ as the client likes, so a few thousand of them (slowloris) use up the process's 
 
 Here a connection that has sent nothing is closed after KEEP_ALIVE_S, like an idle keep-alive connection;
 a request head, once begun, must be complete within HEADER_TIMEOUT_S (408) and within MAX_HEADER_BYTES
-(431), and so must a chunked body's framing (chunk extensions, trailers: 431 too); the body itself has
-its own limits (service.middleware.BodyLimitMiddleware), and the rest of a body the app answered without
-reading gets BODY_TIMEOUT_S to arrive before the connection is closed. These answers, and uvicorn's 400
+(431: counted read by read while it is incomplete, measured where it ends), and so must a chunked body's
+framing (chunk extensions, trailers: 431 too); the body itself has its own limits
+(service.middleware.BodyLimitMiddleware), and the rest of a body the app answered without reading gets
+BODY_TIMEOUT_S to arrive before the connection is closed. These answers, and uvicorn's 400
 for bytes that are not HTTP, are written here, by the server, in the one JSON error shape, and close the
 connection.
 """
@@ -45,7 +46,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
         self._head_begun = False  # a request's first byte has arrived, its headers' end has not
-        self._head_bytes = 0  # bytes received since then
+        self._head_bytes = 0  # bytes received since then (less a read in which a message ended first)
+        self._head_span = 0  # ... all of them: at least the head's size, before the read that ends it
+        self._read_len = 0  # the size of the read being parsed
+        self._refused = False  # refused: nothing the client sends from here on is a request
         self._in_body = False  # its headers have ended, the message (body, trailers) has not
         self._body_seen = False  # the parser found body bytes in the data being fed
         self._message_ended = False  # ... or the end of a message (then maybe a pipelined head's start)
@@ -62,15 +66,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._body_seen = self._message_ended = self._headers_ended = False
+        self._read_len = len(data)
         super().data_received(data)
-        if self.transport.is_closing():
+        if self._refused or self.transport.is_closing():
             return
         # Counted after the parser has seen the bytes: a chunk that completes its head (and may carry a
         # large part of the body with it) is not counted against the head. Nor is one in which a message
         # ended before this head began: how much of it is the head is not known, and counting the previous
         # body's tail refused a pipelined request (a 30 KB body, then half a GET's head in the same read:
-        # 431 against an 8 KB limit). A read left out is at most ~256 KB (asyncio's and uvloop's read size).
+        # 431 against an 8 KB limit). A read left out is at most ~256 KB (asyncio's and uvloop's read size),
+        # and the head is measured again when it ends (on_headers_complete).
         if self._head_begun:
+            self._head_span += len(data)
             if not self._message_ended:
                 self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
@@ -95,24 +102,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self.idle_timeout_s)
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         # The first byte of a request: from here its head has header_timeout_s to arrive (a connection's
         # first request had idle_timeout_s before; a keep-alive one's idle wait is uvicorn's own timer).
         self._head_begun = True
-        self._head_bytes = 0
+        self._head_bytes = self._head_span = 0
         self._arm(self.header_timeout_s)
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        # data_received counts a head only once a read has left it incomplete, so one that came whole in a
+        # single read, or whose last read was a large one, passed whatever its size. It is measured here,
+        # where it ends, when it may be over: the reads it spans say so, in one comparison per request.
+        if (
+            self._head_span + self._read_len > self.max_header_bytes
+            and self._head_size() > self.max_header_bytes
+        ):
+            self._too_large("the request line and headers")
+            return
         self._head_begun = False
         self._in_body, self._bytes_without_body, self._headers_ended = True, 0, True
         self._disarm()
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
+        if self._refused:  # the body of a refused head, read with it
+            return
         self._body_seen = True
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._in_body, self._message_ended = False, True
         if not self._head_begun:  # what runs is the wait for the rest of an answered request's body
             self._disarm()
@@ -140,6 +164,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn warns twice per Upgrade request, the second time that no WebSocket library is installed:
         # with ws="none" (service.__main__) that is on purpose, and a scanner's upgrades would flood the log.
         log.debug("an Upgrade request is served as plain HTTP")
+
+    def _head_size(self) -> int:
+        """The head that has just ended, as the parser delivered it: the bytes on the wire less the optional
+        whitespace around header values, which the parser drops (and nothing keeps), so never more than was
+        sent. Counted from the parts uvicorn keeps, not the read, whose other bytes may be bodies and other
+        heads (a pipelined head behind a 30 KB body is not charged with it)."""
+        size = len(self.parser.get_method()) + len(self.url) + 14  # " ", " HTTP/1.1\r\n", the blank line
+        for name, value in self.headers:
+            size += len(name) + len(value) + 3  # ":" and "\r\n"
+        return size
 
     def _arm(self, delay_s: float) -> None:
         self._disarm()
@@ -173,6 +207,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(431, "headers_too_large", f"{what} are over the limit of {self.max_header_bytes} bytes")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
+        if self._refused:  # a parser error in the rest of the read that held a refused head
+            return
+        # What follows in the read being parsed (a head refused where it ends: its body, the heads behind
+        # it) is parsed on but not acted on: the callbacks above return at once. Raising from one would stop
+        # the parser, but uvicorn would log that as "Invalid HTTP request received." and call for a 400.
+        self._refused = True
         rid = new_request_id()
         log.warning("request_id=%s refused by the server: %d %s", rid, status, message)
         self.on_refusal(code)
