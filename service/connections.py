@@ -14,7 +14,10 @@ framing (chunk extensions, trailers: 431 too); the body itself has its own limit
 (service.middleware.BodyLimitMiddleware), and the rest of a body the app answered without reading gets
 BODY_TIMEOUT_S to arrive before the connection is closed. These answers, and uvicorn's 400
 for bytes that are not HTTP, are written here, by the server, in the one JSON error shape, and close the
-connection.
+connection. One never goes out inside another response: behind pipelined requests still being answered,
+it waits for their responses (reading nothing more meanwhile) and follows the last. If one of them closes
+the connection itself (Connection: close, a stop, an app failing mid-response) it is not written at all:
+only a response that completes (uvicorn's on_response_complete) says the stream is free for it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from service.config import Settings
 from service.errors import error_body, new_request_id
@@ -50,6 +53,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_span = 0  # ... all of them: at least the head's size, before the read that ends it
         self._read_len = 0  # the size of the read being parsed
         self._refused = False  # refused: nothing the client sends from here on is a request
+        self._deferred: bytes | None = None  # the refusal, when responses before it are still to be sent
         self._in_body = False  # its headers have ended, the message (body, trailers) has not
         self._body_seen = False  # the parser found body bytes in the data being fed
         self._message_ended = False  # ... or the end of a message (then maybe a pipelined head's start)
@@ -65,6 +69,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:  # only while a refusal waits for the responses before it: dropped unparsed
+            return
         self._body_seen = self._message_ended = self._headers_ended = False
         self._read_len = len(data)
         super().data_received(data)
@@ -143,7 +149,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        last = not self.pipeline  # else uvicorn starts the next pipelined request now
         super().on_response_complete()
+        if self._refused:
+            if last and self._deferred is not None and not self.transport.is_closing():
+                self._close(self._deferred)
+            return
         # The body the parser is in must be this request's: self.cycle is the latest request parsed, so
         # with a pipelined request started just now the body is that one's, which its app is reading under
         # its own timeout (BodyLimitMiddleware's 408; this timer closed the connection silently before it).
@@ -213,19 +224,42 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # it) is parsed on but not acted on: the callbacks above return at once. Raising from one would stop
         # the parser, but uvicorn would log that as "Invalid HTTP request received." and call for a 400.
         self._refused = True
+        self._disarm()
+        self._head_begun = False
+        self.on_refusal(code)
+        answer = self._answer(status, code, message)
+        cycle = self.cycle  # the latest request parsed; those before it are answered first, in order
+        if cycle is None or cycle.response_complete:
+            self._close(answer)
+        elif self._in_body:
+            self._refuse_own_body(cycle, answer)
+        else:
+            # A head pipelined behind requests still being answered. Written now, the refusal went out in
+            # the middle of a response being sent (or took the place of the answers still to come).
+            self._defer(answer)
+
+    def _refuse_own_body(self, cycle: RequestResponseCycle, answer: bytes) -> None:
+        """What is refused is `cycle`'s own body (its chunked framing): its app sees a disconnect, and what
+        it still sends is dropped."""
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if self.pipeline and self.pipeline[0][0] is cycle:  # queued behind another: it never runs
+            self.pipeline.popleft()
+            self._defer(answer)
+        elif cycle.response_started:  # no room for a second response
+            self._close(None)
+        else:
+            self._close(answer)
+
+    def _defer(self, answer: bytes) -> None:
+        # Sent when the last of the responses before it is (on_response_complete), and the connection
+        # closed; meanwhile nothing more is read into the parser. If one of them closes the connection
+        # (Connection: close, a stop, an app that fails mid-response), the refusal is never written.
+        self._deferred = answer
+
+    def _answer(self, status: int, code: str, message: str) -> bytes:
         rid = new_request_id()
         log.warning("request_id=%s refused by the server: %d %s", rid, status, message)
-        self.on_refusal(code)
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            # A request the app is handling (its trailers are what is refused, or a pipelined one runs
-            # before this head): the app sees a disconnect and what it still sends is dropped.
-            cycle.disconnected = True
-            cycle.message_event.set()
-            if cycle.response_started:  # no room for a second response
-                self._disarm()
-                self.transport.close()
-                return
         body = error_body(code, message, rid)
         head = [STATUS_LINE[status]]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
@@ -235,9 +269,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"x-request-id: " + rid.encode() + b"\r\n",
             b"connection: close\r\n\r\n",
         ]
+        return b"".join(head) + body
+
+    def _close(self, answer: bytes | None) -> None:
         self._disarm()
-        self._head_begun = False
-        self.transport.write(b"".join(head) + body)
+        if answer is not None:
+            self.transport.write(answer)
         self.transport.close()
 
 

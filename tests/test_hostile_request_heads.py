@@ -134,11 +134,12 @@ def test_an_endless_head_gets_431_at_the_limit_not_the_memory(server: ServerProc
     assert str(MAX_HEADER_BYTES) in error["message"]
 
 
-@pytest.mark.parametrize("how", ["in one read", "ending a later read"])
+@pytest.mark.parametrize("how", ["in one read", "ending a later read", "behind a request in one read"])
 def test_a_head_over_the_limit_that_arrives_in_one_read_gets_431(server: ServerProcess, how: str) -> None:
     """Before: only the reads after which a head was still incomplete were counted, so a head that came
     whole in one read, or whose last read was a large one, passed whatever its size (one read holds ~128 KB
-    on a fresh loopback connection here, up to the 256 KB read size of asyncio and uvloop)."""
+    on a fresh loopback connection here, up to the 256 KB read size of asyncio and uvloop). Behind a request
+    in the same read, the refusal follows that request's answer."""
     big = (
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
         + b"a" * (12 * MAX_HEADER_BYTES)
@@ -150,9 +151,14 @@ def test_a_head_over_the_limit_that_arrives_in_one_read_gets_431(server: ServerP
             sock.sendall(big[:40])
             time.sleep(0.3)
             sock.sendall(big[40:])
+        elif how == "behind a request in one read":
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + big)
         else:
             sock.sendall(big)
         raw, _ = _read_until_closed(sock)
+    if how == "behind a request in one read":
+        assert _responses(raw) == [200, 431], raw[-300:]
+        raw = raw[raw.index(b"HTTP/1.1 431 ") :]
     status, _, error = _json_error(raw)
     assert (status, error["code"]) == (431, "headers_too_large"), raw[:300]
     assert str(MAX_HEADER_BYTES) in error["message"]
@@ -399,7 +405,8 @@ def test_a_pipelined_body_is_timed_by_its_own_request(server: ServerProcess) -> 
 
 
 async def _slow_app(scope: Scope, receive: Receive, send: Send) -> None:
-    """A toy app for an in-process uvicorn: /slow answers after 2 header timeouts, anything else at once."""
+    """A toy app for an in-process uvicorn: /slow answers after 2 header timeouts, /stream sends half its
+    answer at once and the rest after 1.5, anything else answers at once."""
     if scope["type"] == "lifespan":
         while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
@@ -407,6 +414,16 @@ async def _slow_app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(2 * HEADER_TIMEOUT_S)
+    if scope["path"] == "/stream":
+        # Half its body, then a wait that watches for a disconnect (as the service's routes do while the
+        # model works: uvicorn reads on meanwhile), then the rest.
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"ab", "more_body": True})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(receive(), 1.5 * HEADER_TIMEOUT_S)
+        await send({"type": "http.response.body", "body": b"cd"})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -450,6 +467,77 @@ def test_a_pipelined_head_is_not_timed_while_the_server_is_not_reading(slow_app_
         sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
         raw, _ = _read_until_closed(sock)
     assert _responses(raw) == [200, 200, 200], raw[-300:]
+
+
+def _whole_responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The responses in `raw`, one after another, each whole: a status line, headers, and exactly its
+    content-length of body. A response written inside another, or one cut off, fails."""
+    found = []
+    while raw:
+        head, end, raw = raw.partition(b"\r\n\r\n")
+        assert end, f"a response cut off in its head: {head[:300]!r}"
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        assert re.fullmatch(r"HTTP/1\.1 \d{3} [\w ]+", status_line), f"not a status line: {head[:300]!r}"
+        assert all(":" in line for line in lines), f"not a header: {head[:300]!r}"
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+        length = int(headers["content-length"])
+        assert len(raw) >= length, f"a response cut off in its body: {raw[:300]!r}"
+        found.append((int(status_line.split()[1]), headers, raw[:length]))
+        raw = raw[length:]
+    return found
+
+
+_STREAM_THEN_A = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+_STREAM_THEN_CHUNKED = (
+    b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"
+    b"POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("sent", "then", "statuses"),
+    [
+        (_STREAM_THEN_A + b"GARBAGE\r\n\r\n", b"", [200, 200, 400]),
+        (
+            _STREAM_THEN_A + b"GET /b HTTP/1.1\r\nX-Big: " + b"a" * 12 * MAX_HEADER_BYTES + b"\r\n\r\n",
+            b"",
+            [200, 200, 431],
+        ),
+        (_STREAM_THEN_A + b"GET /b HTTP/1.1\r\nX-Big: ", b"a" * 4 * MAX_HEADER_BYTES, [200, 200, 431]),
+        (_STREAM_THEN_A + b"GET /b HTTP/1.1\r\nHo", b"", [200, 200, 408]),
+        (_STREAM_THEN_CHUNKED + b"ZZ\r\n", b"", [200, 400]),
+        (_STREAM_THEN_CHUNKED + b"2\r\n{}\r\n0\r\n", b"X-T: " + b"a" * 4 * MAX_HEADER_BYTES, [200, 431]),
+    ],
+    ids=[
+        "400 head",
+        "431 head in one read",
+        "431 head in many reads",
+        "408 head",
+        "400 chunk",
+        "431 trailer",
+    ],
+)
+def test_a_refused_pipelined_request_is_answered_after_the_responses_before_it(
+    slow_app_server: int, sent: bytes, then: bytes, statuses: list[int]
+) -> None:
+    """The refusal of a pipelined head (or of a queued request's chunked framing) waits for the responses
+    before it, then closes. Before: it was written at once, inside /stream's answer (after "ab"), or in
+    place of the answers still to come."""
+    with socket.create_connection(("127.0.0.1", slow_app_server), timeout=10) as sock:
+        sock.sendall(sent)
+        if then:
+            time.sleep(0.2)
+            sock.sendall(then)
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):  # a close with the client's bytes unread (before)
+            while chunk := sock.recv(65536):
+                raw += chunk
+    responses = _whole_responses(raw)
+    assert [status for status, _, _ in responses] == statuses, raw[-300:]
+    assert [body for _, _, body in responses[:-1]] == [b"abcd", b"ok"][: len(statuses) - 1]
+    _, headers, body = responses[-1]
+    assert headers["content-type"] == "application/json" and headers["connection"] == "close"
+    assert json.loads(body)["error"]["request_id"] == headers["x-request-id"]
 
 
 def _refusals(srv: ServerProcess) -> dict[str, float]:
