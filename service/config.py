@@ -134,6 +134,13 @@ class Settings(BaseSettings):
         description="an idle keep-alive connection is closed after this; behind a load balancer set it "
         "above the balancer's idle timeout (e.g. 75 behind a 60 s one), or it reuses closed connections",
     )
+    MAX_CONNECTIONS: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="connections open at once, idle keep-alive ones included; one more is answered 503 (with "
+        "Retry-After) and closed. Each is a file descriptor: keep it under the process's open-file limit",
+    )
     SHUTDOWN_DELAY_S: float = Field(
         default=0.0,
         ge=0,

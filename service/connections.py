@@ -1,18 +1,21 @@
 """uvicorn's httptools protocol with the limits uvicorn lacks: on a request head's size and time, on a
-chunked body's framing, on connections that send nothing or a body nobody reads.
+chunked body's framing, on connections that send nothing or a body nobody reads, and on how many
+connections are open.
 
 uvicorn bounds none of them. Its parser keeps a header it has not seen the end of, however long, so one
 client streaming a single endless header line grew the process by ~500 MB in two minutes (and slowed
 every other request: httptools joins the pieces of a value by copying). And a connection is only timed
 out once it has had a response: one that sends nothing, or half a request line, is kept open for as long
-as the client likes, so a few thousand of them (slowloris) use up the process's file descriptors.
+as the client likes, so a few thousand of them (slowloris) use up the process's file descriptors; and
+however many there are, every new one is accepted.
 
 Here a connection that has sent nothing is closed after KEEP_ALIVE_S, like an idle keep-alive connection;
 a request head, once begun, must be complete within HEADER_TIMEOUT_S (408) and within MAX_HEADER_BYTES
 (431: counted read by read while it is incomplete, measured where it ends), and so must a chunked body's
 framing (chunk extensions, trailers: 431 too); the body itself has its own limits
 (service.middleware.BodyLimitMiddleware), and the rest of a body the app answered without reading gets
-BODY_TIMEOUT_S to arrive before the connection is closed. These answers, and uvicorn's 400
+BODY_TIMEOUT_S to arrive before the connection is closed. A connection beyond MAX_CONNECTIONS open at once
+is answered 503 (with Retry-After) as soon as it is accepted. These answers, and uvicorn's 400
 for bytes that are not HTTP, are written here, by the server, in the one JSON error shape, and close the
 connection. One never goes out inside another response: behind pipelined requests still being answered,
 it waits for their responses (reading nothing more meanwhile) and follows the last. If one of them closes
@@ -42,6 +45,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes: int = 65536
     idle_timeout_s: float = 5.0
     body_timeout_s: float = 30.0
+    max_connections: int = 1000
     # Told each refusal's or quiet close's reason (service.metrics.SERVER_REFUSALS); a staticmethod.
     on_refusal: Callable[[str], None] = staticmethod(lambda reason: None)
 
@@ -62,6 +66,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:  # uvicorn has counted this one in already
+            self._refuse_connection()
+            return
         self._arm(self.idle_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -238,6 +245,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # the middle of a response being sent (or took the place of the answers still to come).
             self._defer(answer)
 
+    def _refuse_connection(self) -> None:
+        # uvicorn's own limit_concurrency does not bound connections: it is checked when a request's head
+        # is complete, so a connection over it stays open (a file descriptor, a protocol object) for as
+        # long as it sends nothing or half a head; it counts requests in flight too (for model requests
+        # AdmissionMiddleware's MAX_IN_FLIGHT does, with a JSON 503), and answers text/plain with no
+        # request id, uncounted. Here the connection is answered and closed as soon as it is accepted,
+        # without waiting for its request, which would hold the descriptor for as long as the client took
+        # to send it. A request already sent is left unread, so the close may reach the client as a reset,
+        # after the answer: httpx reads the 503 even with a 2 MB upload under way (tried on loopback).
+        self._refused = True
+        self.on_refusal("too_many_connections")
+        message = f"the server has its limit of {self.max_connections} connections open; try again shortly"
+        self._close(self._answer(503, "overloaded", message, b"retry-after: 1\r\n"))
+
     def _refuse_own_body(self, cycle: RequestResponseCycle, answer: bytes) -> None:
         """What is refused is `cycle`'s own body (its chunked framing): its app sees a disconnect, and what
         it still sends is dropped."""
@@ -257,7 +278,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # (Connection: close, a stop, an app that fails mid-response), the refusal is never written.
         self._deferred = answer
 
-    def _answer(self, status: int, code: str, message: str) -> bytes:
+    def _answer(self, status: int, code: str, message: str, extra_headers: bytes = b"") -> bytes:
         rid = new_request_id()
         log.warning("request_id=%s refused by the server: %d %s", rid, status, message)
         body = error_body(code, message, rid)
@@ -267,6 +288,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
             b"x-request-id: " + rid.encode() + b"\r\n",
+            extra_headers,
             b"connection: close\r\n\r\n",
         ]
         return b"".join(head) + body
@@ -287,6 +309,7 @@ def protocol_for(
         "max_header_bytes": settings.MAX_HEADER_BYTES,
         "idle_timeout_s": float(settings.KEEP_ALIVE_S),
         "body_timeout_s": settings.BODY_TIMEOUT_S,
+        "max_connections": settings.MAX_CONNECTIONS,
     }
     if on_refusal is not None:
         attrs["on_refusal"] = staticmethod(on_refusal)

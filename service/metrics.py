@@ -38,7 +38,14 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 REJECT_REASONS = ("in_flight", "queue_full", "not_running")
 TIMEOUT_STAGES = ("decode", "queue", "wait")
 # What the server itself refuses or closes before the app sees a request (service.connections).
-SERVER_REFUSALS = ("bad_request", "request_timeout", "headers_too_large", "idle", "unread_body_timeout")
+SERVER_REFUSALS = (
+    "bad_request",
+    "request_timeout",
+    "headers_too_large",
+    "idle",
+    "unread_body_timeout",
+    "too_many_connections",
+)
 
 
 class Metrics:
@@ -96,7 +103,7 @@ class Metrics:
             "connections the server answered or closed before the app saw a request: bad_request (400, "
             "not HTTP/1.1), request_timeout (408, head too slow), headers_too_large (431), idle (a "
             "connection that sent no request within the keep-alive time), unread_body_timeout (the rest "
-            "of an answered body too slow)",
+            "of an answered body too slow), too_many_connections (503, a connection over MAX_CONNECTIONS)",
             ["reason"],
             registry=r,
         )

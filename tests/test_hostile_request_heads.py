@@ -584,4 +584,5 @@ def test_the_servers_refusals_are_counted_in_metrics(server: ServerProcess) -> N
         "headers_too_large": 1,
         "idle": 1,
         "unread_body_timeout": 1,
+        "too_many_connections": 0,
     }
