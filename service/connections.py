@@ -20,7 +20,9 @@ for bytes that are not HTTP, are written here, by the server, in the one JSON er
 connection. One never goes out inside another response: behind pipelined requests still being answered,
 it waits for their responses (reading nothing more meanwhile) and follows the last. If one of them closes
 the connection itself (Connection: close, a stop, an app failing mid-response) it is not written at all:
-only a response that completes (uvicorn's on_response_complete) says the stream is free for it.
+only a response that completes (uvicorn's on_response_complete) says the stream is free for it. After
+an answer the connection lingers half-closed for up to LINGER_S, dropping what the client still sends, so
+that a client still sending reads the answer instead of a reset.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from service.config import Settings
 from service.errors import error_body, new_request_id
 
 log = logging.getLogger("carvae.service")
+
+# How long a refused connection stays half-open after its answer, dropping what the client still sends.
+LINGER_S = 2.0
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -257,7 +262,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = True
         self.on_refusal("too_many_connections")
         message = f"the server has its limit of {self.max_connections} connections open; try again shortly"
-        self._close(self._answer(503, "overloaded", message, b"retry-after: 1\r\n"))
+        self._close(self._answer(503, "overloaded", message, b"retry-after: 1\r\n"), linger=False)
 
     def _refuse_own_body(self, cycle: RequestResponseCycle, answer: bytes) -> None:
         """What is refused is `cycle`'s own body (its chunked framing): its app sees a disconnect, and what
@@ -293,11 +298,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ]
         return b"".join(head) + body
 
-    def _close(self, answer: bytes | None) -> None:
+    def _close(self, answer: bytes | None, linger: bool = True) -> None:
         self._disarm()
-        if answer is not None:
-            self.transport.write(answer)
-        self.transport.close()
+        if answer is None:
+            self.transport.close()
+            return
+        self.transport.write(answer)
+        if not (linger and self.transport.can_write_eof()):
+            self.transport.close()
+            return
+        # A close with the client's bytes still unread (the rest of an oversized head it is still sending)
+        # makes the kernel answer them with a reset, which can destroy the answer before the client reads
+        # it: seen as ECONNRESET instead of the 431. So, like nginx's lingering close: send the answer and
+        # our end of the stream, keep reading (and dropping: _refused) until the client closes its end or
+        # LINGER_S has passed. A connection over MAX_CONNECTIONS is closed at once: it holds a descriptor.
+        self._refused = True
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._timer = self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def protocol_for(

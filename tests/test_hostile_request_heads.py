@@ -165,6 +165,20 @@ def test_a_head_over_the_limit_that_arrives_in_one_read_gets_431(server: ServerP
     assert _refusals(server)["headers_too_large"] == before["headers_too_large"] + 1
 
 
+def test_a_client_still_sending_its_oversized_head_reads_the_431(server: ServerProcess) -> None:
+    """The refusal comes while most of a 400 KB head is still on its way. Before, the server closed with
+    those bytes unread, the kernel answered them with a reset, and the client got ECONNRESET instead of the
+    431 (40 of 40 tries); now it half-closes and drops what still comes (a lingering close)."""
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (50 * MAX_HEADER_BYTES) + b"\r\n\r\n"
+    for _ in range(3):
+        with _connect(server) as sock:
+            sock.sendall(head)
+            raw, took = _read_until_closed(sock)
+        status, _, error = _json_error(raw)
+        assert (status, error["code"]) == (431, "headers_too_large")
+        assert took < 5  # the client closes on EOF; the server's linger is not what it waits for
+
+
 def test_ordinary_requests_are_not_affected(server: ServerProcess) -> None:
     """A head just under the limit, keep-alive requests spaced wider than the header timeout, and a body
     slower than the header timeout (the body has its own limit) are all served."""
