@@ -30,8 +30,9 @@ from carvae.preprocess import DecodeLimits
 from service.batcher import Batcher
 from service.budget import MemoryBudget
 from service.config import Settings
-from service.docs import ASSETS_PATH, mount_docs
+from service.docs import ASSETS_PATH, DOCS_PATH, OAUTH2_REDIRECT_PATH, mount_docs
 from service.errors import install_error_handlers
+from service.headers import ResponseHeaders
 from service.inference import InferenceModel
 from service.metrics import Metrics
 from service.middleware import (
@@ -64,10 +65,18 @@ OPEN_PATHS = (
 # Logged at debug when they succeed: probes and scrapes (service.middleware).
 QUIET_PATHS = ("/healthz", "/readyz", "/metrics")
 # The web page and the docs, with their files: revalidated by browsers (Cache-Control: no-cache), while
-# every API response is no-store (service.middleware.RequestContextMiddleware).
+# every API response is no-store; the web page has its own Content-Security-Policy, the docs pages make
+# theirs (service.headers).
 PAGE_PATHS = ("/", "/docs", "/docs/oauth2-redirect")
 PAGE_PREFIXES = ("/static/", f"{ASSETS_PATH}/")
 OPEN_PREFIXES = PAGE_PREFIXES
+RESPONSE_HEADERS = ResponseHeaders(
+    cached_paths=PAGE_PATHS,
+    cached_prefixes=PAGE_PREFIXES,
+    page_paths=("/",),
+    page_prefixes=("/static/",),
+    own_policy_paths=(DOCS_PATH, OAUTH2_REDIRECT_PATH),
+)
 WARM_UP_BATCH = 4
 
 DESCRIPTION = """A Variational AutoEncoder for car images.
@@ -316,7 +325,6 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         quiet_paths=QUIET_PATHS,
         draining=lambda: bool(app.state.draining),
         mounts=[route.path for route in app.routes if isinstance(route, Mount)],
-        page_paths=PAGE_PATHS,
-        page_prefixes=PAGE_PREFIXES,
+        headers=RESPONSE_HEADERS,
     )
     return app

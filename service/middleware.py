@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body, error_response, new_request_id, request_id_of, status_code_name
+from service.headers import HeaderList
 from service.metrics import Metrics
 
 log = logging.getLogger("carvae.service")
@@ -52,13 +53,6 @@ def route_label(
 
 # Added to every response while the service drains.
 _CLOSE = (b"connection", b"close")
-# The web page and its assets: kept, but revalidated before every use (a 304 from the ETag/Last-Modified
-# StaticFiles sends), so a browser never runs last deploy's JavaScript against this deploy's API. Without
-# a Cache-Control it may reuse them unasked for a tenth of their age (RFC 9111 §4.2.2 heuristics).
-_REVALIDATE = (b"cache-control", b"no-cache")
-# Everything else is an answer to one request (an upload's reconstruction, the model card, a probe):
-# nothing, a shared cache least of all, may keep it — a cache does not know that X-API-Key guards it.
-_NO_STORE = (b"cache-control", b"no-store")
 # Headers of a plain-text error that stay when it is rewritten as JSON (Content-Range on a 416, Allow…).
 _REPLACED_ON_REWRITE = (b"content-type", b"content-length")
 _MAX_REWRITTEN_MESSAGE = 300
@@ -77,8 +71,8 @@ class RequestContextMiddleware:
     plain text, outside any exception handler (StaticFiles' 400 and 416 for a bad Range header); their
     text becomes the message, and their other headers are kept.
 
-    And it sets every response's Cache-Control (the app sets none): `no-cache` for the web page and the
-    docs (`page_paths`, `page_prefixes`), `no-store` for the rest."""
+    And it adds what `headers` gives for the path to every response: Cache-Control and the browser
+    security headers (service.headers; the app sets none of them)."""
 
     def __init__(
         self,
@@ -88,12 +82,10 @@ class RequestContextMiddleware:
         quiet_paths: Collection[str] = (),
         mounts: Collection[str] = (),
         draining: Callable[[], bool] = lambda: False,
-        page_paths: Collection[str] = (),
-        page_prefixes: Collection[str] = (),
+        headers: Callable[[str], HeaderList] = lambda path: (),
     ) -> None:
         self.app = app
-        self.page_paths = frozenset(page_paths)
-        self.page_prefixes = tuple(page_prefixes)
+        self.headers = headers
         self.metrics = metrics
         # While the service drains (service.server), every response closes its connection: a client's
         # pooled keep-alive connection would otherwise stay on this instance until the port closes.
@@ -112,8 +104,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
         path = app_path(scope)
-        is_page = path in self.page_paths or path.startswith(self.page_prefixes)
-        added = (rid_header, _REVALIDATE if is_page else _NO_STORE)
+        added = (rid_header, *self.headers(path))
         start = time.perf_counter()
         status = 500
         started = False

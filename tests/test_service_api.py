@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -734,6 +735,40 @@ def test_the_page_is_revalidated_and_api_answers_are_never_stored(client: TestCl
     assert [r.status_code for r in answers] == [200, 200, 200, 200, 200, 415, 404]
     assert [r.headers.get("cache-control") for r in answers[:-1]] == ["no-store"] * 6
     assert answers[-1].headers["cache-control"] == "no-cache"  # under the page's files: revalidated too
+
+
+@pytest.mark.skipif(not (STATIC_DIR / "index.html").is_file(), reason="the web page is not there")
+def test_browsers_get_a_content_security_policy_for_every_kind_of_response(client: TestClient) -> None:
+    """nosniff and no Referer on everything; the web page may load from its own origin only and not be
+    framed; the docs page allows Swagger UI's inline script by its hash alone; API answers, errors
+    included, may load and run nothing. A browser test checks that the page and the docs work under them."""
+
+    def policy(r: Any) -> str:
+        assert (
+            r.headers["x-content-type-options"] == "nosniff" and r.headers["referrer-policy"] == "no-referrer"
+        )
+        values = r.headers.get_list("content-security-policy")
+        assert len(values) == 1, values
+        return str(values[0])
+
+    asset = "/static/" + next(p for p in STATIC_DIR.rglob("*.js")).relative_to(STATIC_DIR).as_posix()
+    for path in ("/", asset):
+        page = policy(client.get(path))
+        assert "script-src 'self';" in page and "frame-ancestors 'none'" in page
+        assert "unsafe" not in page
+    docs = policy(client.get("/docs"))
+    assert re.search(r"script-src 'self' 'sha256-[A-Za-z0-9+/]{43}='", docs) and "unsafe-eval" not in docs
+    assert "'unsafe-inline'" not in docs.split("script-src")[1].split(";")[0]
+    photo = {"file": ("c.png", photo_bytes(), "image/png")}
+    answers = [
+        client.post("/reconstruct", files=photo),
+        client.get("/v1/model"),
+        client.get("/openapi.json"),
+        client.post("/reconstruct", files={"file": ("c.png", b"not an image", "image/png")}),  # 415
+        client.get("/no-such-page"),
+    ]
+    assert [r.status_code for r in answers] == [200, 200, 200, 415, 404]
+    assert {policy(r) for r in answers} == {"default-src 'none'; frame-ancestors 'none'"}
 
 
 def test_negotiated_responses_vary_on_accept(client: TestClient) -> None:

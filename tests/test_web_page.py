@@ -67,8 +67,11 @@ def page(browser: Any, base_url: str) -> Iterator[Any]:
     wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
     wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
     yield browser
-    script_errors = [e["message"] for e in browser.get_log("browser") if e.get("source") == "javascript"]
+    logged = browser.get_log("browser")
+    script_errors = [e["message"] for e in logged if e.get("source") == "javascript"]
     assert not script_errors
+    # The service's Content-Security-Policy (service.headers) blocked nothing the page does.
+    assert not [e["message"] for e in logged if "Content Security Policy" in e["message"]]
 
 
 @pytest.fixture(scope="module")
@@ -767,3 +770,17 @@ def test_waiting_for_the_model_is_announced_once(browser: Any, base_url: str) ->
         assert by_id(browser, "global-msg").text == ""
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+
+def test_the_docs_page_renders_under_its_content_security_policy(browser: Any, base_url: str) -> None:
+    """/docs runs Swagger UI's inline start-up script, allowed by its hash (service.docs.with_policy):
+    the operations must render, and the policy must block nothing on the way."""
+    browser.get_log("browser")
+    browser.get(f"{base_url}/docs")
+    wait_for(browser, lambda d: len(d.find_elements("css selector", ".opblock")) >= 5)
+    opblock = browser.find_element("css selector", ".opblock-summary")
+    opblock.click()  # expands: Swagger renders the operation's form (more inline styles, icons)
+    wait_for(browser, lambda d: d.find_elements("css selector", ".opblock-body"))
+    blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not blocked
+    screenshot(browser, "docs-under-csp")
