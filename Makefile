@@ -23,7 +23,7 @@ install:
 		|| $(PY) -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 
-## system-deps: Debian's chromium + chromedriver for the browser tests (root only; skipped otherwise)
+## system-deps: Debian's chromium + chromedriver (browser tests) and nginx (proxy test) (root only; skipped otherwise)
 system-deps:
 	.ci/system-deps.sh
 
