@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         # Behind a proxy that strips a path prefix. uvicorn puts it in the scope's root_path and in front
         # of every path, as ASGI has it; the middleware matches paths without it (middleware.app_path).
         root_path=settings.ROOT_PATH,
+        # A proxy on another host or container (nginx beside the compose stack): its X-Forwarded-Proto
+        # makes the service's own redirects say https.
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS,
         timeout_keep_alive=settings.KEEP_ALIVE_S,
         # httptools with limits on the request head (service.connections), its refusals counted
         http=protocol_for(settings, app.state.metrics.server_refused),

@@ -159,6 +159,12 @@ class Settings(BaseSettings):
     CORS_ORIGINS: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated allowed origins; empty = no CORS headers"
     )
+    FORWARDED_ALLOW_IPS: str | None = Field(
+        default=None,
+        description="comma-separated addresses (or networks, or *) of the proxies whose X-Forwarded-For "
+        "and X-Forwarded-Proto are believed; default: uvicorn's, the FORWARDED_ALLOW_IPS variable or "
+        "127.0.0.1,::1",
+    )
     ROOT_PATH: str = Field(
         default="",
         pattern=r"^(/[A-Za-z0-9._~-]+)*$",

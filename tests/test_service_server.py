@@ -314,3 +314,14 @@ def test_behind_a_prefix_stripping_proxy(service_checkpoint: Path) -> None:
     }
     assert {("/docs", "200"), ("/reconstruct", "200"), ("/static", "200"), ("/sample", "413")} <= counted
     assert not any(route == "unmatched" for route, _ in counted), counted
+
+
+def test_forwarded_proto_is_believed_only_from_the_allowed_proxies(service_checkpoint: Path) -> None:
+    """A proxy in another container is not 127.0.0.1: CARVAE_FORWARDED_ALLOW_IPS names it, and the
+    service's own redirects then keep the client's https (a test client on loopback stands in for it,
+    so the default, which trusts loopback, is told to trust nobody here instead)."""
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    for allowed, scheme in (("192.0.2.1", "http"), ("127.0.0.1", "https")):
+        with serving(service_checkpoint, FORWARDED_ALLOW_IPS=allowed) as srv:
+            moved = httpx.get(srv.url + "/docs/", headers=forwarded)
+        assert moved.status_code == 307 and moved.headers["location"].startswith(f"{scheme}://"), allowed
