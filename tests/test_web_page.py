@@ -784,3 +784,40 @@ def test_the_docs_page_renders_under_its_content_security_policy(browser: Any, b
     blocked = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert not blocked
     screenshot(browser, "docs-under-csp")
+
+
+def test_progress_messages_are_not_inside_a_busy_region(page: Any, photos: dict[str, Path]) -> None:
+    # aria-busy was set on each whole section while its request ran, so a screen reader that honours it
+    # held back the section's own live message ("Reconstructing …") until the answer replaced it. Only
+    # the result area is busy now.
+    def busy_ancestor(element_id: str) -> Any:
+        return page.execute_script(
+            "const b = document.getElementById(arguments[0]).closest('[aria-busy=true]'); return b && b.id",
+            element_id,
+        )
+
+    delay_in_browser(page, "reconstruct", [2500])
+    upload(page, "file-input", photos["red"])
+    wait_for(page, lambda d: "Reconstructing" in by_id(d, "reconstruct-msg").text)
+    assert busy_ancestor("reconstruct-msg") is None
+    assert by_id(page, "compare").get_attribute("aria-busy") == "true"
+    wait_for(page, lambda d: "Reconstructed" in by_id(d, "reconstruct-msg").text)
+    assert by_id(page, "compare").get_attribute("aria-busy") is None
+
+    delay_in_browser(page, "decode", [2500])
+    by_id(page, "sample-btn").click()
+    wait_for(page, lambda d: "Sampling" in by_id(d, "sample-msg").text)
+    assert busy_ancestor("sample-msg") is None
+    assert by_id(page, "sample-grid").get_attribute("aria-busy") == "true"
+
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    delay_in_browser(page, "interpolate", [2500])
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: "Interpolating" in by_id(d, "interp-msg").text)
+    assert busy_ancestor("interp-msg") is None
+    assert by_id(page, "player").get_attribute("aria-busy") == "true"
+    wait_for(page, lambda d: "frames from" in by_id(d, "interp-msg").text)
+
+    by_id(page, "latent-zero").click()  # a decode for the explorer
+    assert busy_ancestor("explore-msg") is None

@@ -46,7 +46,7 @@ async function loadModel() {
 function startSections(model) {
   const explorer = createExplorer(
     {
-      root: $("explore"),
+      busy: [$("latent-img").closest("figure")],
       img: $("latent-img"),
       source: $("latent-source"),
       sliders: $("sliders"),
@@ -58,7 +58,7 @@ function startSections(model) {
   );
   createReconstructor(
     {
-      root: $("reconstruct"),
+      busy: [$("compare"), $("result-bar")],
       zone: $("dropzone"),
       input: $("file-input"),
       msg: $("reconstruct-msg"),
@@ -74,7 +74,7 @@ function startSections(model) {
   );
   const sampler = createSampler(
     {
-      root: $("sample"),
+      busy: [$("sample-grid")],
       form: $("sample-form"),
       seed: $("seed"),
       newSeed: $("new-seed"),
@@ -88,7 +88,7 @@ function startSections(model) {
     explorer,
   );
   createInterpolator({
-    root: $("interpolate"),
+    busy: [$("player")],
     form: $("interp-form"),
     zoneA: $("drop-a"),
     zoneB: $("drop-b"),

@@ -3,7 +3,7 @@
 // decoded image around z = 0 (the prior's mean).
 
 import { api, describeError } from "./api.js";
-import { dataUrl, meanAbsDiff, pixelsOf, say } from "./util.js";
+import { dataUrl, meanAbsDiff, pixelsOf, say, setBusy } from "./util.js";
 
 const SLIDERS = 12; // how many dimensions get a slider
 const PROBE = 2; // the step (in prior standard deviations) used to rank dimensions
@@ -23,7 +23,7 @@ export function createExplorer(els, model) {
 
   async function decode() {
     const mine = ++seq;
-    els.root.setAttribute("aria-busy", "true");
+    setBusy(els.busy, true);
     try {
       const res = await api("decode", { method: "POST", json: { z: [z] } });
       if (mine !== seq) return; // a newer request is on its way
@@ -32,7 +32,7 @@ export function createExplorer(els, model) {
     } catch (e) {
       if (mine === seq) say(els.msg, describeError(e, "Decoding the latent code"), "error");
     } finally {
-      if (mine === seq) els.root.removeAttribute("aria-busy");
+      if (mine === seq) setBusy(els.busy, false);
     }
   }
 

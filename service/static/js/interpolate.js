@@ -2,7 +2,7 @@
 // button and a frame slider. Playback bounces A → B → A.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, say } from "./util.js";
+import { dataUrl, fileDropTarget, say, setBusy } from "./util.js";
 
 const FRAME_MS = 140;
 
@@ -93,7 +93,7 @@ export function createInterpolator(els) {
     form.append("file_b", b, b.name);
     form.append("steps", els.steps.value);
     say(els.msg, "Interpolating…");
-    els.root.setAttribute("aria-busy", "true");
+    setBusy(els.busy, true);
     try {
       const res = await api("interpolate", { method: "POST", form, signal: controller.signal });
       if (mine !== seq) return;
@@ -108,7 +108,7 @@ export function createInterpolator(els) {
     } finally {
       if (mine === seq) {
         pending = null;
-        els.root.removeAttribute("aria-busy");
+        setBusy(els.busy, false);
       }
     }
   }

@@ -2,7 +2,7 @@
 // between them and a download link, then hands the photo's latent mean to the explorer.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, say } from "./util.js";
+import { dataUrl, fileDropTarget, say, setBusy } from "./util.js";
 
 export function createReconstructor(els, model, explorer) {
   const size = `${model.image_size}×${model.image_size}`;
@@ -20,7 +20,7 @@ export function createReconstructor(els, model, explorer) {
     const form = new FormData();
     form.append("file", file, file.name);
     say(els.msg, `Reconstructing “${file.name}”…`);
-    els.root.setAttribute("aria-busy", "true");
+    setBusy(els.busy, true);
     try {
       const res = await api("reconstruct", { method: "POST", form, signal });
       if (mine !== seq) return;
@@ -48,7 +48,7 @@ export function createReconstructor(els, model, explorer) {
     } finally {
       if (mine === seq) {
         pending = null;
-        els.root.removeAttribute("aria-busy");
+        setBusy(els.busy, false);
       }
     }
   }

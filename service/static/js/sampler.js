@@ -2,7 +2,7 @@
 // POST /decode, so the page knows each car's exact code: clicking a car loads that code into the explorer.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, gaussianRows, say } from "./util.js";
+import { dataUrl, gaussianRows, say, setBusy } from "./util.js";
 
 const COUNT = 16;
 const MAX_SEED = 4294967295;
@@ -66,7 +66,7 @@ export function createSampler(els, model, explorer) {
     const temperature = Number(els.temperature.value);
     const rows = gaussianRows(seed, COUNT, model.latent_dim, temperature);
     say(els.msg, `Sampling ${COUNT} cars with seed ${seed}…`);
-    els.root.setAttribute("aria-busy", "true");
+    setBusy(els.busy, true);
     try {
       const res = await api("decode", { method: "POST", json: { z: rows }, signal: controller.signal });
       if (mine !== seq) return;
@@ -77,7 +77,7 @@ export function createSampler(els, model, explorer) {
     } finally {
       if (mine === seq) {
         pending = null;
-        els.root.removeAttribute("aria-busy");
+        setBusy(els.busy, false);
       }
     }
   }

@@ -26,6 +26,18 @@ export function say(el, text, kind = "info") {
   );
 }
 
+/**
+ * Mark a section's result area as being updated (aria-busy), or no longer. Only the result area: a screen
+ * reader that honours aria-busy holds back every change inside it, so on the section it also silenced
+ * the section's own progress message ("Reconstructing…") while the request ran.
+ */
+export function setBusy(nodes, on) {
+  for (const node of nodes) {
+    if (on) node.setAttribute("aria-busy", "true");
+    else node.removeAttribute("aria-busy");
+  }
+}
+
 /** data: URL for a base64 image from the API; `format` is the API's format name (png, jpeg, webp). */
 export function dataUrl(b64, format = "png") {
   return `data:image/${format};base64,${b64}`;
