@@ -821,3 +821,45 @@ def test_progress_messages_are_not_inside_a_busy_region(page: Any, photos: dict[
 
     by_id(page, "latent-zero").click()  # a decode for the explorer
     assert busy_ancestor("explore-msg") is None
+
+
+def test_error_messages_say_what_happened_and_what_to_do(page: Any, photos: dict[str, Path]) -> None:
+    def error(code: str, message: str) -> str:
+        return json.dumps({"error": {"code": code, "message": message, "request_id": "r9"}})
+
+    json_type = {"Content-Type": "application/json"}
+    # Two files that together exceed the upload limit: neither one is "that file".
+    answer_in_browser(
+        page,
+        "interpolate",
+        413,
+        error("payload_too_large", "request body is larger than the limit"),
+        json_type,
+    )
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "payload_too_large" in msg.text)
+    assert "together" in msg.text and "red-car.png" in msg.text and "blue-car.png" in msg.text
+    assert "That file" not in msg.text
+
+    # An image over the pixel limit is not a file that is too large to send.
+    answer_in_browser(page, "reconstruct", 413, error("image_too_large", "image is 9000×9000"), json_type)
+    upload(page, "file-input", photos["red"])
+    msg = by_id(page, "reconstruct-msg")
+    wait_for(page, lambda d: "image_too_large" in msg.text)
+    assert "too many pixels" in msg.text and "Scale the picture down" in msg.text
+
+    # A slow upload (the body did not arrive in time) is not an input the service could not use.
+    answer_in_browser(
+        page,
+        "reconstruct",
+        408,
+        error("request_timeout", "the request body did not arrive within 30 s"),
+        json_type,
+    )
+    upload(page, "file-input", photos["blue"])
+    wait_for(page, lambda d: "request_timeout" in msg.text)
+    assert "not reach the service in time" in msg.text and "try again" in msg.text
+    assert "could not use that input" not in msg.text

@@ -80,29 +80,62 @@ export async function api(path, { method = "GET", json, form, signal } = {}) {
   return data;
 }
 
-/** A sentence for a person: what went wrong and what to do, then the details for a bug report. */
-export function describeError(e, action) {
+/** Whole seconds from a Retry-After value, or null (it may also be an HTTP date). */
+export function retryAfterSeconds(e) {
+  const value = e instanceof ApiError ? String(e.retryAfter).trim() : "";
+  return /^\d+$/.test(value) ? Number(value) : null;
+}
+
+/**
+ * A sentence for a person: what went wrong and what to do, then the details for a bug report.
+ * `upload` names what was uploaded, when something was: "that file", or for two files
+ * { one: "car A or car B", all: "car A and car B together" }; a size or slowness is then blamed on it.
+ */
+export function describeError(e, action, { upload = null } = {}) {
   if (!(e instanceof ApiError)) {
     return `${action} failed: ${e && e.message ? e.message : String(e)}`;
   }
   const m = String(e.message).trim().replace(/[.\s]+$/, ""); // sentences below add their own full stop
+  const one = upload && typeof upload === "object" ? upload.one : upload;
+  const all = upload && typeof upload === "object" ? upload.all : upload;
+  const cap = (s) => s.charAt(0).toUpperCase() + s.slice(1);
+  const seconds = retryAfterSeconds(e);
+  const wait = seconds !== null ? ` in ${seconds} s` : " in a moment";
   let text;
   if (e.status === 0) {
-    text = `${action} failed: ${m}.`;
+    text = `${action} failed: ${m}. Check the connection, then try again.`;
   } else if ((e.status === 401 || e.status === 403) && getApiKey()) {
     // Telling someone who has just saved a key to go and enter one reads as if the page ignored it.
     text = `${action} needs an API key that the service accepts: the one saved in this tab was refused; check it under “API key” at the top of the page (${m}).`;
   } else if (e.status === 401 || e.status === 403) {
     text = `${action} needs an API key: open “API key” at the top of the page and enter it (${m}).`;
+  } else if (e.status === 503 && e.code === "not_ready") {
+    text = `The model is still loading (${m}). Please try again${wait}.`;
+  } else if (e.status === 503 && e.code === "unavailable") {
+    text = `The service is restarting or stopping (${m}). Please try again${wait}.`;
   } else if (e.status === 503 || e.status === 429) {
-    // 429 comes from a rate limit in front of the service: the input was fine, so say when to retry.
-    // Retry-After may also be an HTTP date; only whole seconds read well in a sentence.
-    const wait = /^\d+$/.test(String(e.retryAfter).trim()) ? ` in ${String(e.retryAfter).trim()} s` : " in a moment";
+    // overloaded (a full queue, too many requests or connections), or a rate limit in front of the
+    // service (429): the input was fine, so say when to retry.
     text = `The service is busy right now (${m}). Please try again${wait}.`;
   } else if (e.status === 504) {
     text = `The service took too long to answer (${m}). Please try again.`;
+  } else if (e.status === 408) {
+    // The body (an upload) did not arrive in time: a slow or stalled connection, not a bad input.
+    const what = all ? `${cap(all)} did` : "The request did";
+    const smaller = !upload ? "" : typeof upload === "object" ? ", or use smaller files" : ", or use a smaller file";
+    text = `${what} not reach the service in time (${m}): the connection may be slow. Please try again${smaller}.`;
+  } else if (e.status === 413 && e.code === "image_too_large") {
+    const what = one ? `${cap(one)} has` : "The image has";
+    text = `${what} too many pixels for the service (${m}). Scale the picture down, then try again.`;
   } else if (e.status === 413) {
-    text = `That file is too large: ${m}.`;
+    // payload_too_large: the whole request body, so every file in it together.
+    if (upload && typeof upload === "object") {
+      text = `${cap(all)} are too large to upload (${m}): the limit holds for both files together. Use smaller files (a lower resolution or stronger compression).`;
+    } else if (upload) {
+      text = `${cap(all)} is too large to upload (${m}). Use a smaller file (a lower resolution or stronger compression).`;
+    } else {
+      text = `${action} failed: the request is too large (${m}).`;
+    }
   } else if (e.status >= 400 && e.status < 500) {
     text = `${action} failed — the service could not use that input: ${m}.`;
   } else {

@@ -104,7 +104,9 @@ export function createInterpolator(els) {
       // Stop and hide the previous frames: still playing, they would read as the answer for these files.
       setPlaying(false);
       els.player.hidden = true;
-      say(els.msg, describeError(e, "Interpolating"), "error");
+      // Which of the two is too large (in pixels) the service does not say; a body too large is both.
+      const upload = { one: "car A or car B", all: `car A (“${a.name}”) and car B (“${b.name}”) together` };
+      say(els.msg, describeError(e, "Interpolating", { upload }), "error");
     } finally {
       if (mine === seq) {
         pending = null;

@@ -44,7 +44,7 @@ export function createReconstructor(els, model, explorer) {
       // Hide the previous result: it would read as the answer for this file.
       els.compare.hidden = true;
       els.resultBar.hidden = true;
-      say(els.msg, describeError(e, `Reconstructing “${file.name}”`), "error");
+      say(els.msg, describeError(e, `Reconstructing “${file.name}”`, { upload: `“${file.name}”` }), "error");
     } finally {
       if (mine === seq) {
         pending = null;
