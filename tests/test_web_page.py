@@ -863,3 +863,91 @@ def test_error_messages_say_what_happened_and_what_to_do(page: Any, photos: dict
     wait_for(page, lambda d: "request_timeout" in msg.text)
     assert "not reach the service in time" in msg.text and "try again" in msg.text
     assert "could not use that input" not in msg.text
+
+
+def test_a_page_opened_while_the_service_is_unreachable_starts_when_it_answers(
+    browser: Any, base_url: str, photos: dict[str, Path]
+) -> None:
+    # With no answer at all to GET /v1/model (a network error, not the 503 while loading) the page showed
+    # "Model unavailable" for good: its sections never started and a photo picked then did nothing at all.
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
+            window.serviceDown = true;
+            window.modelCalls = 0;
+            const real = window.fetch;
+            window.fetch = (url, opts) => {
+              if (String(url).endsWith('v1/model')) window.modelCalls++;
+              return window.serviceDown ? Promise.reject(new TypeError('Failed to fetch')) : real(url, opts);
+            };
+            """
+        },
+    )
+    try:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.get_log("browser")
+        browser.get(f"{base_url}/")
+        msg = by_id(browser, "global-msg")
+        wait_for(browser, lambda d: "be reached" in msg.text)
+        wait_for(browser, lambda d: d.execute_script("return window.modelCalls") >= 2)  # it tries again
+        assert "keeps trying" in msg.text  # and says so
+
+        # A photo picked meanwhile is acknowledged at once, and reconstructed once the service answers.
+        upload(browser, "file-input", photos["red"])
+        recon_msg = by_id(browser, "reconstruct-msg")
+        wait_for(browser, lambda d: "red-car.png" in recon_msg.text, timeout=3)
+        assert "as soon as" in recon_msg.text
+        # "Sample" would otherwise submit its form natively, reloading the page.
+        browser.execute_script("window.stillThisPage = true")
+        by_id(browser, "sample-btn").click()
+        wait_for(browser, lambda d: "as soon as" in by_id(d, "sample-msg").text, timeout=3)
+        assert browser.execute_script("return window.stillThisPage") is True
+
+        browser.execute_script("window.serviceDown = false")
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        assert msg.text == ""
+        wait_for(browser, lambda d: "Reconstructed “red-car.png”" in recon_msg.text)
+        assert by_id(browser, "compare").is_displayed()
+        wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+        # The tries are spaced out: a few a second apart, then backing off (not hammering the service).
+        assert browser.execute_script("return window.modelCalls") <= 12
+        assert not [e for e in browser.get_log("browser") if e.get("source") == "javascript"]
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+
+def test_an_overloaded_service_at_start_is_called_busy_not_loading(browser: Any, base_url: str) -> None:
+    # Every 503 from /v1/model read "The model is still loading…", an overloaded service's too.
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
+            window.modelCalls = 0;
+            window.shown = [];
+            const real = window.fetch;
+            window.fetch = (url, opts) => {
+              if (String(url).endsWith('v1/model') && ++window.modelCalls <= 2) {
+                return Promise.resolve(new Response(
+                  JSON.stringify({error: {code: 'overloaded', message: 'queue full', request_id: 'r4'}}),
+                  {status: 503, headers: {'Content-Type': 'application/json', 'Retry-After': '1'}}));
+              }
+              return real(url, opts);
+            };
+            document.addEventListener('DOMContentLoaded', () => {
+              const msg = document.getElementById('global-msg');
+              new MutationObserver(() => window.shown.push(msg.textContent))
+                .observe(msg, {childList: true, characterData: true, subtree: true});
+            });
+            """
+        },
+    )
+    try:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.get(f"{base_url}/")
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        shown = [text for text in browser.execute_script("return window.shown") if text]
+        assert shown and all("busy" in text for text in shown), shown
+        assert not any("loading" in text for text in shown), shown
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)

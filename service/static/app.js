@@ -1,15 +1,14 @@
 // Boots the page: API-key field, model card, then the four sections, which all need the model's sizes.
 
-import { ApiError, api, describeError, getApiKey, setApiKey } from "./js/api.js";
+import { ApiError, api, describeError, getApiKey, retryAfterSeconds, setApiKey } from "./js/api.js";
 import { createExplorer } from "./js/explorer.js";
 import { createInterpolator } from "./js/interpolate.js";
 import { renderModelCard } from "./js/modelcard.js";
 import { createReconstructor } from "./js/reconstruct.js";
-import { createSampler } from "./js/sampler.js";
-import { say } from "./js/util.js";
+import { createSampler, randomSeed } from "./js/sampler.js";
+import { fileDropTarget, say } from "./js/util.js";
 
 const $ = (id) => document.getElementById(id);
-const WARMUP_RETRIES = 20;
 
 function setupApiKey(onSaved) {
   const input = $("api-key");
@@ -28,22 +27,88 @@ function setupApiKey(onSaved) {
   });
 }
 
-// The model card is the first call; while the service is still warming up it answers 503, so wait a little.
+// The model card is the first call, and the sections wait for it. While the service warms up it answers
+// 503; while it (or the network) is down, nothing answers at all. Both pass: keep trying, every second at
+// first, then less and less often (up to every 30 s), and start the sections when it answers.
+const RETRY_FAST = 3; // tries a second apart before backing off
+const RETRY_MAX_S = 30;
+let wake = null; // ends the current wait between tries early (a visitor is waiting for an answer)
+
+function retryable(e) {
+  return e instanceof ApiError && (e.status === 0 || e.status === 502 || e.status === 503 || e.status === 504);
+}
+
+function waitingMessage(e) {
+  if (e.status === 503 && e.code === "overloaded") {
+    return "The service is busy right now. This page keeps trying and starts by itself as soon as it answers.";
+  }
+  if (e.status === 503 && e.code !== "unavailable" && e.code !== "http_503") return "The model is still loading…";
+  const what = e.status === 0 ? "cannot be reached" : `is not answering (HTTP ${e.status})`;
+  return `The service ${what}. This page keeps trying and starts by itself as soon as it answers: wait here, or reload the page later.`;
+}
+
 async function loadModel() {
-  for (let attempt = 0; ; attempt++) {
+  let shown = "";
+  for (let failures = 1; ; failures++) {
     try {
       return await api("v1/model");
     } catch (e) {
-      const warming = e instanceof ApiError && e.status === 503 && attempt < WARMUP_RETRIES;
-      if (!warming) throw e;
-      // Once: say() re-announces even the same text, and this would then be read out every second.
-      if (attempt === 0) say($("global-msg"), "The model is still loading…");
-      await new Promise((r) => setTimeout(r, 1000));
+      if (!retryable(e)) throw e;
+      // Once per cause: say() re-announces even the same text, and this would be read out at every try.
+      const text = waitingMessage(e);
+      if (text !== shown) {
+        say($("global-msg"), text, e.status === 0 || e.status === 502 ? "error" : "info");
+        $("model-chip").textContent = e.status === 503 ? "Loading the model…" : "Waiting for the service…";
+        shown = text;
+      }
+      const backoff = failures <= RETRY_FAST ? 1 : Math.min(RETRY_MAX_S, 2 ** (failures - RETRY_FAST));
+      const seconds = Math.min(RETRY_MAX_S, retryAfterSeconds(e) ?? backoff);
+      await new Promise((resolve) => {
+        wake = resolve;
+        setTimeout(resolve, seconds * 1000);
+      });
+      wake = null;
     }
   }
 }
 
+// Until the sections start, what the visitor does must not vanish: a photo picked or dropped is kept and
+// reconstructed once they start, and pressing "Sample" is answered that the cars come then (before, the
+// photo did nothing at all, and the empty seed field stopped the form with the browser's "fill out this
+// field"). Either also ends the wait for the next try at once.
+const early = new AbortController();
+let earlyPhoto = null;
+
+function holdEarlyInput() {
+  const { signal } = early;
+  fileDropTarget(
+    $("dropzone"),
+    $("file-input"),
+    (file) => {
+      earlyPhoto = file;
+      say(
+        $("reconstruct-msg"),
+        `“${file.name}” will be reconstructed as soon as the page reaches the service (see the message at the top).`,
+      );
+      if (wake) wake();
+    },
+    { signal },
+  );
+  // A seed now, so that the form (whose seed is required) can be sent and the press answered.
+  if (!$("seed").value) $("seed").value = randomSeed();
+  $("sample-form").addEventListener(
+    "submit",
+    (e) => {
+      e.preventDefault();
+      say($("sample-msg"), "Cars will be sampled as soon as the page reaches the service (see the message at the top).");
+      if (wake) wake();
+    },
+    { signal },
+  );
+}
+
 function startSections(model) {
+  early.abort(); // the sections' own handlers take over from here
   const explorer = createExplorer(
     {
       busy: [$("latent-img").closest("figure")],
@@ -56,7 +121,7 @@ function startSections(model) {
     },
     model,
   );
-  createReconstructor(
+  const reconstructor = createReconstructor(
     {
       busy: [$("compare"), $("result-bar")],
       zone: $("dropzone"),
@@ -87,7 +152,13 @@ function startSections(model) {
     model,
     explorer,
   );
-  createInterpolator({
+  if (earlyPhoto) reconstructor.reconstruct(earlyPhoto);
+  // Rank the sliders first, then sample: both hit /decode and the ranking is what the sliders wait on.
+  explorer.start().then(() => sampler.sampleIfIdle());
+}
+
+function startInterpolator() {
+  return createInterpolator({
     busy: [$("player")],
     form: $("interp-form"),
     zoneA: $("drop-a"),
@@ -108,13 +179,22 @@ function startSections(model) {
     frameOut: $("frame-out"),
     strip: $("strip"),
   });
-  // Rank the sliders first, then sample: both hit /decode and the ranking is what the sliders wait on.
-  explorer.start().then(() => sampler.sampleIfIdle());
 }
 
 let started = false;
+let booting = null; // the load of the model card in progress
 
-async function boot() {
+// Once at a time: saving an API key while the page is still trying only makes it try again now.
+function boot() {
+  if (booting) {
+    if (wake) wake();
+    return booting;
+  }
+  booting = bootOnce().finally(() => (booting = null));
+  return booting;
+}
+
+async function bootOnce() {
   try {
     const model = await loadModel();
     say($("global-msg"), "");
@@ -141,4 +221,6 @@ window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());
 
 setupApiKey(() => boot());
+holdEarlyInput();
+startInterpolator(); // it needs nothing from the model card
 boot();

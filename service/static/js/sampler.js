@@ -7,12 +7,17 @@ import { dataUrl, gaussianRows, say, setBusy } from "./util.js";
 const COUNT = 16;
 const MAX_SEED = 4294967295;
 
+/** A random seed for the seed field (the first one is set before the model card is in, see app.js). */
+export function randomSeed() {
+  return String(Math.floor(Math.random() * MAX_SEED));
+}
+
 export function createSampler(els, model, explorer) {
   let seq = 0;
   let pending = null; // the AbortController of the request in flight
 
   function newSeed() {
-    els.seed.value = String(Math.floor(Math.random() * MAX_SEED));
+    els.seed.value = randomSeed();
   }
 
   function readSeed() {

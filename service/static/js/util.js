@@ -98,21 +98,37 @@ export function meanAbsDiff(a, b) {
   return n ? sum / n : 0;
 }
 
-/** Wire a label-wrapped file input as a drop target; `onFile` gets the first dropped or picked file. */
-export function fileDropTarget(zone, input, onFile) {
-  input.addEventListener("change", () => {
-    if (input.files && input.files[0]) onFile(input.files[0]);
-    input.value = ""; // so picking the same file again fires "change" again
-  });
-  zone.addEventListener("dragover", (e) => {
-    e.preventDefault();
-    zone.classList.add("dragging");
-  });
-  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"));
-  zone.addEventListener("drop", (e) => {
-    e.preventDefault();
-    zone.classList.remove("dragging");
-    const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
-    if (file) onFile(file);
-  });
+/**
+ * Wire a label-wrapped file input as a drop target; `onFile` gets the first dropped or picked file.
+ * `signal` (an AbortSignal) removes the listeners again.
+ */
+export function fileDropTarget(zone, input, onFile, { signal } = {}) {
+  const opts = signal ? { signal } : undefined;
+  input.addEventListener(
+    "change",
+    () => {
+      if (input.files && input.files[0]) onFile(input.files[0]);
+      input.value = ""; // so picking the same file again fires "change" again
+    },
+    opts,
+  );
+  zone.addEventListener(
+    "dragover",
+    (e) => {
+      e.preventDefault();
+      zone.classList.add("dragging");
+    },
+    opts,
+  );
+  zone.addEventListener("dragleave", () => zone.classList.remove("dragging"), opts);
+  zone.addEventListener(
+    "drop",
+    (e) => {
+      e.preventDefault();
+      zone.classList.remove("dragging");
+      const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
+      if (file) onFile(file);
+    },
+    opts,
+  );
 }
