@@ -951,3 +951,34 @@ def test_an_overloaded_service_at_start_is_called_busy_not_loading(browser: Any,
         assert not any("loading" in text for text in shown), shown
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+
+def test_sliders_are_named_without_their_changing_readout(page: Any, photos: dict[str, Path]) -> None:
+    # The frame slider's <label> held its "k of n" readout, so by accname's rule (a label's descendants
+    # make the name) its name changed with every frame during playback, and the temperature's as it moved.
+    # Chromium happens to leave an <output> out of a label's text, so its tree said "Frame" even then: the
+    # check is that nothing the name comes from holds a readout, and then that the name is the bare word.
+    readouts_in_name = """
+        const s = document.getElementById(arguments[0]);
+        const ids = (s.getAttribute('aria-labelledby') || '').split(/\\s+/).filter(Boolean);
+        const from = ids.length ? ids.map((id) => document.getElementById(id)) : [...s.labels];
+        return from.length ? from.filter((e) => e.matches('output') || e.querySelector('output')).length : -1;
+    """
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#strip img")) == 8)
+    from selenium.webdriver.common.keys import Keys
+
+    play = by_id(page, "play")
+    if play.get_attribute("data-playing") == "true":
+        play.click()
+    frame = by_id(page, "frame")
+    frame.send_keys(Keys.END)
+    for slider_id in ("frame", "temperature"):
+        assert page.execute_script(readouts_in_name, slider_id) == 0, slider_id
+    assert ax_node(page, "frame")["name"]["value"] == "Frame"
+    assert frame.get_attribute("aria-valuetext") == "Frame 8 of 8"
+    by_id(page, "temperature").send_keys(Keys.RIGHT)
+    assert ax_node(page, "temperature")["name"]["value"] == "Temperature"
+    assert by_id(page, "temperature-out").text == "1.1"
