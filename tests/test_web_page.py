@@ -982,3 +982,45 @@ def test_sliders_are_named_without_their_changing_readout(page: Any, photos: dic
     by_id(page, "temperature").send_keys(Keys.RIGHT)
     assert ax_node(page, "temperature")["name"]["value"] == "Temperature"
     assert by_id(page, "temperature-out").text == "1.1"
+
+
+def test_the_sample_grid_is_one_tab_stop_with_arrow_keys_inside(page: Any) -> None:
+    # The 16 sampled cars were 16 tab stops between "Sample" and the interpolation.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def press(key: str) -> Any:
+        ActionChains(page).send_keys(key).perform()
+        return page.execute_script(
+            "const a = document.activeElement, all = [...document.querySelectorAll('#sample-grid button')];"
+            "return all.includes(a) ? all.indexOf(a) : a.id"
+        )
+
+    page.execute_script("document.getElementById('sample-btn').focus()")
+    assert press(Keys.TAB) == 0
+    assert press(Keys.RIGHT) == 1
+    columns = page.execute_script(
+        "const b = [...document.querySelectorAll('#sample-grid button')];"
+        "return b.filter(x => x.getBoundingClientRect().top === b[0].getBoundingClientRect().top).length"
+    )
+    assert press(Keys.DOWN) == 1 + columns
+    assert press(Keys.UP) == 1
+    assert press(Keys.END) == 15
+    assert press(Keys.RIGHT) == 15  # no wrapping, and no scrolling either
+    assert press(Keys.HOME) == 0
+    assert press(Keys.END) == 15
+    assert press(Keys.TAB) == "file-a"  # out of the grid in one step
+    ActionChains(page).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+    assert press(Keys.ARROW_LEFT) == 14  # back to the car focused last, and on from there
+    assert (
+        page.execute_script("return document.querySelectorAll('#sample-grid button[tabindex=\"0\"]').length")
+        == 1
+    )
+    press(Keys.ENTER)
+    wait_for(page, lambda d: "Sample 15 (seed" in by_id(d, "latent-source").text)
+    # A new grid starts again at its first car.
+    by_id(page, "sample-btn").click()
+    wait_for(
+        page,
+        lambda d: d.execute_script("return document.querySelector('#sample-grid button').tabIndex === 0"),
+    )

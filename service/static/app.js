@@ -148,6 +148,7 @@ function startSections(model) {
       button: $("sample-btn"),
       msg: $("sample-msg"),
       grid: $("sample-grid"),
+      hint: $("sample-hint"),
     },
     model,
     explorer,

@@ -44,6 +44,9 @@ export function createSampler(els, model, explorer) {
       img.height = 96;
       button.append(img);
       button.title = "Load this car's latent code into the sliders";
+      // One tab stop for the whole grid (see below); the first car is it until another is focused.
+      button.tabIndex = i === 0 ? 0 : -1;
+      button.setAttribute("aria-describedby", els.hint.id);
       button.addEventListener("click", () => {
         explorer.load(rows[i], `Sample ${i + 1} (seed ${seed}, temperature ${temperature})`); // un-presses the others
         button.setAttribute("aria-pressed", "true");
@@ -86,6 +89,30 @@ export function createSampler(els, model, explorer) {
       }
     }
   }
+
+  // The grid is one tab stop, not 16: Tab reaches the car focused last (the first, in a new grid) and
+  // leaves the grid; the arrow keys move between cars, Up and Down by a row as the grid is laid out now
+  // (4 or 8 columns), Home and End to the first and last.
+  els.grid.addEventListener("focusin", (e) => {
+    if (!(e.target instanceof HTMLButtonElement)) return;
+    for (const b of els.grid.querySelectorAll("button")) b.tabIndex = b === e.target ? 0 : -1;
+  });
+  els.grid.addEventListener("keydown", (e) => {
+    if (e.altKey || e.ctrlKey || e.metaKey || e.shiftKey) return;
+    const buttons = [...els.grid.querySelectorAll("button")];
+    const i = buttons.indexOf(e.target);
+    if (i < 0) return;
+    const top = Math.round(buttons[0].getBoundingClientRect().top);
+    const columns = buttons.filter((b) => Math.round(b.getBoundingClientRect().top) === top).length || 1;
+    const moves = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -columns, ArrowDown: columns };
+    let next;
+    if (e.key in moves) next = i + moves[e.key];
+    else if (e.key === "Home") next = 0;
+    else if (e.key === "End") next = buttons.length - 1;
+    else return;
+    e.preventDefault(); // the arrows would scroll the page
+    if (next >= 0 && next < buttons.length) buttons[next].focus();
+  });
 
   els.form.addEventListener("submit", (e) => {
     e.preventDefault();
