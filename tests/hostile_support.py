@@ -81,8 +81,12 @@ def zero_png(width: int, height: int, level: int = 9) -> bytes:
 
 
 def header_only_png(width: int, height: int) -> bytes:
-    """A PNG that declares width × height but carries a few bytes of data: a lie only the header tells."""
-    return raw_png(width, height, zlib.compress(bytes(64)))
+    """A PNG that declares width × height but carries a few bytes of data: a lie only the header tells.
+    63 bytes, not 64: Pillow loads a PNG whose data ends exactly at the end of a row without a word (the
+    rows after it black), and 64 bytes are one whole row of a 21-pixel-wide RGB image (1 + 3 × 21), so a
+    21 × h header decoded. 63 bytes end a row only of images 0 or 2 pixels wide, which the header rules
+    refuse anyway."""
+    return raw_png(width, height, zlib.compress(bytes(63)))
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
