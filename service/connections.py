@@ -36,11 +36,14 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service.config import Settings
 from service.errors import error_body, new_request_id
+from service.headers import API_HEADERS
 
 log = logging.getLogger("carvae.service")
 
 # How long a refused connection stays half-open after its answer, dropping what the client still sends.
 LINGER_S = 2.0
+# What every API answer and error gets (service.headers): the app's middleware never sees these answers.
+_ANSWER_HEADERS = b"".join(name + b": " + value + b"\r\n" for name, value in API_HEADERS)
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -293,6 +296,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
             b"x-request-id: " + rid.encode() + b"\r\n",
+            _ANSWER_HEADERS,
             extra_headers,
             b"connection: close\r\n\r\n",
         ]

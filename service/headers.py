@@ -34,6 +34,11 @@ def _policy(value: str) -> tuple[bytes, bytes]:
     return (b"content-security-policy", value.encode())
 
 
+# An API answer or an error: also what the server itself writes when it refuses a connection or a request
+# head before the app sees it (service.connections).
+API_HEADERS: HeaderList = (NO_STORE, *BROWSER, _policy(API_POLICY))
+
+
 class ResponseHeaders:
     """`headers(path)`: what a response to a request for `path` (the app's own path, without a proxy's
     prefix) gets. `cached_*`: revalidated, not no-store (the page, its files, the docs and theirs);
@@ -55,7 +60,7 @@ class ResponseHeaders:
         self._page = (REVALIDATE, *BROWSER, _policy(PAGE_POLICY))
         self._own_policy = (REVALIDATE, *BROWSER)
         self._cached = (REVALIDATE, *BROWSER, _policy(API_POLICY))
-        self._api = (NO_STORE, *BROWSER, _policy(API_POLICY))
+        self._api = API_HEADERS
 
     def __call__(self, path: str) -> HeaderList:
         if path in self.page_paths or path.startswith(self.page_prefixes):

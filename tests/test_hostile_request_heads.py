@@ -241,6 +241,29 @@ def test_requests_the_parser_refuses_get_a_json_400(server: ServerProcess, raw: 
     assert "HTTP/1.1" in error["message"]
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",  # 400
+        b"GET /healthz HTTP/1.1\r\n",  # 408
+        b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (2 * MAX_HEADER_BYTES) + b"\r\n\r\n",  # 431
+    ],
+    ids=["400", "408", "431"],
+)
+def test_the_servers_own_answers_carry_the_headers_every_api_answer_gets(
+    server: ServerProcess, raw: bytes
+) -> None:
+    """The refusals written by the server (service.connections), not the app, go around the middleware
+    that adds Cache-Control and the browser security headers. Before: none of the four."""
+    with _connect(server) as sock:
+        sock.sendall(raw)
+        answer, _ = _read_until_closed(sock)
+    _, headers, _ = _json_error(answer)
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+    assert headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+
+
 @pytest.mark.parametrize(("path", "status"), [("/healthz", 200), ("/reconstruct", 405), ("/nowhere", 404)])
 def test_a_websocket_upgrade_is_served_as_plain_http(server: ServerProcess, path: str, status: int) -> None:
     """No route is a WebSocket. Before: the websockets library answered a text/plain 403 (or 400 without
