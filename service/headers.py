@@ -37,12 +37,17 @@ def _policy(value: str) -> tuple[bytes, bytes]:
 # An API answer or an error: also what the server itself writes when it refuses a connection or a request
 # head before the app sees it (service.connections).
 API_HEADERS: HeaderList = (NO_STORE, *BROWSER, _policy(API_POLICY))
+# A page that sets its policy itself (service.docs) gets the rest. Any other answer on its path (a 405, a
+# CORS preflight, an error) sets none: it gets the API's (API_CSP), added by service.middleware.
+OWN_POLICY: HeaderList = (REVALIDATE, *BROWSER)
+API_CSP = _policy(API_POLICY)
 
 
 class ResponseHeaders:
     """`headers(path)`: what a response to a request for `path` (the app's own path, without a proxy's
     prefix) gets. `cached_*`: revalidated, not no-store (the page, its files, the docs and theirs);
-    `page_*`: the web page, under its policy; `own_policy_paths`: pages that set their policy themselves."""
+    `page_*`: the web page, under its policy; `own_policy_paths`: pages that set their policy themselves
+    (OWN_POLICY: a response there without one gets API_CSP)."""
 
     def __init__(
         self,
@@ -58,7 +63,7 @@ class ResponseHeaders:
         self.page_prefixes = tuple(page_prefixes)
         self.own_policy_paths = frozenset(own_policy_paths)
         self._page = (REVALIDATE, *BROWSER, _policy(PAGE_POLICY))
-        self._own_policy = (REVALIDATE, *BROWSER)
+        self._own_policy = OWN_POLICY
         self._cached = (REVALIDATE, *BROWSER, _policy(API_POLICY))
         self._api = API_HEADERS
 

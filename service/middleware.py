@@ -20,7 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body, error_response, new_request_id, request_id_of, status_code_name
-from service.headers import HeaderList
+from service.headers import API_CSP, OWN_POLICY, HeaderList
 from service.metrics import Metrics
 
 log = logging.getLogger("carvae.service")
@@ -61,6 +61,10 @@ _MAX_HELD_BYTES = 4096
 
 def _is_json(headers: Collection[tuple[bytes, bytes]]) -> bool:
     return any(k.lower() == b"content-type" and b"json" in v.lower() for k, v in headers)
+
+
+def _has_policy(headers: Collection[tuple[bytes, bytes]]) -> bool:
+    return any(k.lower() == b"content-security-policy" for k, _ in headers)
 
 
 class RequestContextMiddleware:
@@ -104,7 +108,11 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = rid
         rid_header = (b"x-request-id", rid.encode())
         path = app_path(scope)
-        added = (rid_header, *self.headers(path))
+        for_path = self.headers(path)
+        added = (rid_header, *for_path)
+        # A page that sets its own policy (/docs): what else answers there (a 405, a CORS preflight, an
+        # error) sets none, and gets the API's.
+        own_policy = for_path is OWN_POLICY
         start = time.perf_counter()
         status = 500
         started = False
@@ -121,13 +129,16 @@ class RequestContextMiddleware:
                     return
                 held, started = None, True
                 extra = (*added, _CLOSE) if self.draining() else added
+                if own_policy and not _has_policy(headers):
+                    extra = (*extra, API_CSP)
                 message = {**message, "headers": [*headers, *extra]}
             elif held is not None and message["type"] == "http.response.body":
                 if len(held_body) < _MAX_HELD_BYTES:  # only its start becomes the message
                     held_body += message.get("body", b"")
                 if not message.get("more_body", False):
                     started = True
-                    await self._send_as_json(send, held, held_body, added)
+                    own = own_policy and not _has_policy(held.get("headers", ()))
+                    await self._send_as_json(send, held, held_body, (*added, API_CSP) if own else added)
                 return
             await send(message)
 

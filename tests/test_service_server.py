@@ -325,3 +325,37 @@ def test_forwarded_proto_is_believed_only_from_the_allowed_proxies(service_check
         with serving(service_checkpoint, FORWARDED_ALLOW_IPS=allowed) as srv:
             moved = httpx.get(srv.url + "/docs/", headers=forwarded)
         assert moved.status_code == 307 and moved.headers["location"].startswith(f"{scheme}://"), allowed
+
+
+def test_every_answer_on_the_docs_paths_has_one_content_security_policy(service_checkpoint: Path) -> None:
+    """/docs and /docs/oauth2-redirect set their own policy (a hash for Swagger UI's inline script), so the
+    middleware adds none there. Whatever else answers on those paths sets none either: before, a 405, a
+    CORS preflight and the 400 for a refused origin went out with no Content-Security-Policy at all."""
+    origin = "http://ui.example"
+    with serving(service_checkpoint, CORS_ORIGINS=origin) as srv:
+        preflight = {"Access-Control-Request-Method": "GET"}
+        answers = {
+            "page": httpx.get(srv.url + "/docs"),
+            "HEAD": httpx.head(srv.url + "/docs"),
+            "405": httpx.post(srv.url + "/docs"),
+            "405 redirect page": httpx.delete(srv.url + "/docs/oauth2-redirect"),
+            "preflight": httpx.options(srv.url + "/docs", headers={"Origin": origin, **preflight}),
+            "refused origin": httpx.options(
+                srv.url + "/docs", headers={"Origin": "http://x.example", **preflight}
+            ),
+        }
+    statuses = {name: r.status_code for name, r in answers.items()}
+    assert statuses == {
+        "page": 200,
+        "HEAD": 200,
+        "405": 405,
+        "405 redirect page": 405,
+        "preflight": 200,
+        "refused origin": 400,
+    }
+    policies = {name: r.headers.get_list("content-security-policy") for name, r in answers.items()}
+    assert all(len(p) == 1 for p in policies.values()), policies
+    assert "'sha256-" in policies["page"][0] and policies["HEAD"] == policies["page"]
+    others = {name: p[0] for name, p in policies.items() if name not in ("page", "HEAD")}
+    assert set(others.values()) == {"default-src 'none'; frame-ancestors 'none'"}, others
+    assert all(r.headers["x-content-type-options"] == "nosniff" for r in answers.values())
