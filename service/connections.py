@@ -22,7 +22,8 @@ it waits for their responses (reading nothing more meanwhile) and follows the la
 the connection itself (Connection: close, a stop, an app failing mid-response) it is not written at all:
 only a response that completes (uvicorn's on_response_complete) says the stream is free for it. After
 an answer the connection lingers half-closed for up to LINGER_S, dropping what the client still sends, so
-that a client still sending reads the answer instead of a reset.
+that a client still sending reads the answer instead of a reset. A client that half-closes after its
+requests still gets their answers (uvicorn closed on the EOF), and the connection closes after the last.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._message_ended = False  # ... or the end of a message (then maybe a pipelined head's start)
         self._headers_ended = False  # ... or the end of a head (then maybe a chunked body's framing)
         self._bytes_without_body = 0  # body-phase bytes since the last that held any body
+        self._eof = False  # the client has half-closed with requests still to answer (eof_received)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -82,6 +84,26 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's own type
+        # The client has sent all it will (a half-close: `nc -N`, a shell's `printf ... | nc`, some probes).
+        # uvicorn closes at once, so a request it had sent whole was never answered: a model request, or a
+        # request pipelined behind another, found its connection gone. Kept open (returning True) until
+        # what it sent is answered, then closed. Closed at once when there is nothing to answer: no request,
+        # a body that can now never end, or a refusal already written (a lingering close ends here).
+        if self._eof:
+            return True
+        cycle = self.cycle
+        if cycle is None or self._in_body or (self._refused and self._deferred is None):
+            return None
+        if cycle.response_complete and not self.pipeline:
+            return None
+        self._eof = True
+        self._head_begun = False  # a head begun can never end now: no 408 for it
+        self._disarm()
+        if self._deferred is None:
+            cycle.keep_alive = False  # the last request to answer: uvicorn closes after its response
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # only while a refusal waits for the responses before it: dropped unparsed
@@ -168,7 +190,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._refused:
             if last and self._deferred is not None and not self.transport.is_closing():
-                self._close(self._deferred)
+                answer, self._deferred = self._deferred, None
+                self._close(answer, linger=not self._eof)  # after a half-close nothing is left unread
             return
         # The body the parser is in must be this request's: self.cycle is the latest request parsed, so
         # with a pipelined request started just now the body is that one's, which its app is reading under

@@ -623,3 +623,43 @@ def test_the_servers_refusals_are_counted_in_metrics(server: ServerProcess) -> N
         "unread_body_timeout": 1,
         "too_many_connections": 0,
     }
+
+
+_SAMPLE = (
+    b'POST /sample HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n{"n": 1}'
+)
+_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("sent", "statuses"),
+    [
+        (_SAMPLE, [200]),
+        (_HEALTHZ + _HEALTHZ, [200, 200]),
+        (_HEALTHZ + _SAMPLE, [200, 200]),
+        (_SAMPLE + b"GET /healthz HTTP/1.1\r\nHo", [200]),
+        (_SAMPLE + b"GARBAGE\r\n\r\n", [200, 400]),
+        (b"GET /healthz HTTP/1.1\r\nHo", []),
+    ],
+    ids=[
+        "model request",
+        "two pipelined",
+        "model request pipelined",
+        "then half a head",
+        "then garbage",
+        "half a head",
+    ],
+)
+def test_requests_sent_whole_before_a_half_close_are_answered(
+    server: ServerProcess, sent: bytes, statuses: list[int]
+) -> None:
+    """A client may send its requests and then half-close (`printf ... | nc -N`): it still reads. Before,
+    uvicorn closed the connection on that EOF, so a request whose answer was not written at once (a model
+    request, one pipelined behind another) got nothing. Closed once they are answered, not after a timeout;
+    a head left unfinished is not answered."""
+    with _connect(server) as sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        raw, took = _read_until_closed(sock)
+    assert _responses(raw) == statuses, raw[-300:]
+    assert took < KEEP_ALIVE_S, "closed by a timer, not after the last answer"
