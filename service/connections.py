@@ -73,6 +73,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._headers_ended = False  # ... or the end of a head (then maybe a chunked body's framing)
         self._bytes_without_body = 0  # body-phase bytes since the last that held any body
         self._eof = False  # the client has half-closed with requests still to answer (eof_received)
+        self._write_timer: asyncio.TimerHandle | None = None  # while the transport's buffer is full
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -83,7 +84,32 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The transport's buffer is full: the client reads its answers slower than they are written, or not
+        # at all. uvicorn then waits for it to drain with no time limit, so a client that pipelined requests
+        # and read nothing held its connection (and a request's task) for good, past every other timer, and
+        # delayed a graceful stop by its whole timeout. Writing must resume within body_timeout_s (the time a
+        # body may take in the other direction), or the connection is cut off.
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.body_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        self.on_refusal("unread_response_timeout")
+        log.warning("a client read nothing of its answers for %g s: connection cut off", self.body_timeout_s)
+        self.transport.abort()  # close() would wait for the buffer to drain: for ever
 
     def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's own type
         # The client has sent all it will (a half-close: `nc -N`, a shell's `printf ... | nc`, some probes).

@@ -44,6 +44,7 @@ SERVER_REFUSALS = (
     "headers_too_large",
     "idle",
     "unread_body_timeout",
+    "unread_response_timeout",
     "too_many_connections",
 )
 
@@ -103,7 +104,8 @@ class Metrics:
             "connections the server answered or closed before the app saw a request: bad_request (400, "
             "not HTTP/1.1), request_timeout (408, head too slow), headers_too_large (431), idle (a "
             "connection that sent no request within the keep-alive time), unread_body_timeout (the rest "
-            "of an answered body too slow), too_many_connections (503, a connection over MAX_CONNECTIONS)",
+            "of an answered body too slow), unread_response_timeout (a client that stopped reading its "
+            "answers, cut off), too_many_connections (503, a connection over MAX_CONNECTIONS)",
             ["reason"],
             registry=r,
         )

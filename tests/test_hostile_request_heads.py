@@ -621,6 +621,7 @@ def test_the_servers_refusals_are_counted_in_metrics(server: ServerProcess) -> N
         "headers_too_large": 1,
         "idle": 1,
         "unread_body_timeout": 1,
+        "unread_response_timeout": 0,
         "too_many_connections": 0,
     }
 
@@ -663,3 +664,24 @@ def test_requests_sent_whole_before_a_half_close_are_answered(
         raw, took = _read_until_closed(sock)
     assert _responses(raw) == statuses, raw[-300:]
     assert took < KEEP_ALIVE_S, "closed by a timer, not after the last answer"
+
+
+def test_a_client_that_reads_none_of_its_answers_is_cut_off(server: ServerProcess) -> None:
+    """Pipelined requests whose answers the client never reads: once the server's buffers are full, uvicorn
+    waits for them to drain with no time limit. Before: the connection and a request's task were held for
+    good (and a graceful stop waited its whole timeout for them); every answer arrived as soon as the
+    client read. Now the connection is cut off when nothing has drained for the body timeout."""
+    before = _refusals(server)["unread_response_timeout"]
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 400)
+        time.sleep(BODY_TIMEOUT_S + 2)
+        assert _refusals(server)["unread_response_timeout"] == before + 1
+        sock.settimeout(10)
+        raw = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                raw += chunk
+    assert len(_responses(raw)) < 400
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
