@@ -137,8 +137,10 @@ class RequestContextMiddleware:
                     held_body += message.get("body", b"")
                 if not message.get("more_body", False):
                     started = True
-                    own = own_policy and not _has_policy(held.get("headers", ()))
-                    await self._send_as_json(send, held, held_body, (*added, API_CSP) if own else added)
+                    extra = (*added, _CLOSE) if self.draining() else added
+                    if own_policy and not _has_policy(held.get("headers", ())):
+                        extra = (*extra, API_CSP)
+                    await self._send_as_json(send, held, held_body, extra)
                 return
             await send(message)
 

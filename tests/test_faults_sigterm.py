@@ -163,6 +163,10 @@ def test_sigterm_drains_with_readyz_503_while_serving_then_stops(service_checkpo
         served = httpx.post(srv.url + "/reconstruct", files=files, timeout=10)
         assert served.status_code == 200 and decode_png(served.content).shape == (32, 32, 3)
         assert served.headers["connection"] == "close"  # clients leave this instance's pooled connections
+        # An error the middleware rewrites as JSON too (StaticFiles' plain-text 416): before, it kept the
+        # connection open.
+        unsatisfiable = httpx.get(srv.url + "/static/app.js", headers={"Range": "bytes=999999-"}, timeout=5)
+        assert unsatisfiable.status_code == 416 and unsatisfiable.headers["connection"] == "close"
         ready = [
             s.value
             for fam in text_string_to_metric_families(httpx.get(srv.url + "/metrics", timeout=5).text)
