@@ -64,7 +64,8 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         description="time a request body may take to arrive, from the end of its headers; 408 after "
-        "(a stalled upload would otherwise hold its request slot)",
+        "(a stalled upload would otherwise hold its request slot); also how long a client may leave its "
+        "answers unread before its connection is cut off",
     )
 
     HEADER_TIMEOUT_S: float = Field(
