@@ -1,11 +1,12 @@
 """Helpers for the hostile-input, fault and security tests: the error-shape assertion, a health check,
-and image builders for files Pillow will not write by itself (16-bit RGB PNGs, decompression bombs,
-headers that lie about their size)."""
+reading one raw HTTP response off a socket, and image builders for files Pillow will not write by itself
+(16-bit RGB PNGs, decompression bombs, headers that lie about their size)."""
 
 from __future__ import annotations
 
 import io
 import json
+import socket
 import struct
 import zlib
 from typing import Any
@@ -110,3 +111,21 @@ def gif_claiming(width: int, height: int) -> bytes:
     assert data[pos] == 0x2C, "image descriptor expected"
     struct.pack_into("<HH", data, pos + 5, width, height)
     return bytes(data)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body of the next response on a raw connection, read by its Content-Length
+    (none: no body), so the connection stays usable for the next one."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed without a whole response: {raw!r}"
+        raw += chunk
+    head, body = raw.split(b"\r\n\r\n", 1)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed in the middle of a body: {raw!r}"
+        body += chunk
+    return int(status_line.split()[1]), headers, body

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hostile_support import read_response
 from service_fixtures import ServerProcess, serving
 
 from service.metrics import SERVER_REFUSALS
@@ -37,26 +38,9 @@ def _connect(srv: ServerProcess) -> socket.socket:
     return socket.create_connection(("127.0.0.1", srv.port), timeout=10)
 
 
-def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One whole response (by its content-length), leaving the connection open."""
-    raw = b""
-    while b"\r\n\r\n" not in raw:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed without a whole response: {raw!r}"
-        raw += chunk
-    head, body = raw.split(b"\r\n\r\n", 1)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-    while len(body) < int(headers["content-length"]):
-        chunk = sock.recv(65536)
-        assert chunk, f"closed in the middle of a body: {raw!r}"
-        body += chunk
-    return int(status_line.split()[1]), headers, body
-
-
 def _get(sock: socket.socket, path: str) -> tuple[int, dict[str, str], bytes]:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    return _read_response(sock)
+    return read_response(sock)
 
 
 def _refusals(sock: socket.socket) -> dict[str, float]:
@@ -78,7 +62,7 @@ def test_a_connection_over_the_limit_gets_a_json_503_and_a_freed_slot_is_served(
 
         with _connect(server) as extra:  # before: served like the others
             extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            status, headers, body = _read_response(extra)
+            status, headers, body = read_response(extra)
             assert status == 503, body
             with contextlib.suppress(ConnectionResetError):  # its request was never read
                 assert extra.recv(1) == b"", "the connection over the limit was left open"

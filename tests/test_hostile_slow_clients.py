@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from hostile_support import read_response
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import ServerProcess, photo_bytes, serving
 
@@ -57,23 +58,6 @@ def _connect(srv: ServerProcess) -> socket.socket:
     return socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT_S + 10)
 
 
-def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body of one response; the socket must then be closed by the server."""
-    raw = b""
-    while b"\r\n\r\n" not in raw:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed without a response: {raw!r}"
-        raw += chunk
-    head, body = raw.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", "0")):
-        chunk = sock.recv(65536)
-        assert chunk
-        body += chunk
-    return int(lines[0].split()[1]), headers, body
-
-
 def _in_flight(srv: ServerProcess) -> float:
     text = httpx.get(srv.url + "/metrics").text
     return next(
@@ -99,7 +83,7 @@ def test_stalled_bodies_get_408_and_free_their_slots(server: ServerProcess) -> N
         assert _in_flight(server) == 2
         assert httpx.post(server.url + "/reconstruct", files=files).status_code == 503
         for sock in (short, chunked):
-            status, headers, payload = _read_response(sock)
+            status, headers, payload = read_response(sock)
             waited = time.monotonic() - started
             assert status == 408 and headers["content-type"] == "application/json", (status, payload)
             error = json.loads(payload)["error"]
@@ -124,7 +108,7 @@ def test_a_slow_body_that_arrives_in_time_is_served(server: ServerProcess) -> No
         for piece in pieces:  # four pieces over ~0.8 s, inside the 1.5 s deadline
             time.sleep(0.2)
             sock.sendall(piece)
-        status, headers, payload = _read_response(sock)
+        status, headers, payload = read_response(sock)
     assert status == 200 and headers["content-type"] == "image/png" and payload.startswith(b"\x89PNG")
 
 

@@ -120,6 +120,17 @@ def decode_via_api(base_url: str, rows: list[list[float]]) -> list[np.ndarray]:
     return images
 
 
+def open_without_a_key(browser: Any, url: str) -> Any:
+    """The page of a service that needs an API key, in a tab with none saved: its message asking for one."""
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get(f"{url}/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    msg = by_id(browser, "global-msg")
+    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    return msg
+
+
 def upload(driver: Any, input_id: str, path: Path) -> None:
     by_id(driver, input_id).send_keys(str(path))
 
@@ -357,12 +368,7 @@ def test_usable_at_phone_width(page: Any) -> None:
 
 
 def test_api_key_field_unlocks_a_protected_service(browser: Any, keyed_base_url: str) -> None:
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    browser.get(f"{keyed_base_url}/")
-    browser.execute_script("sessionStorage.clear()")
-    browser.refresh()
-    msg = by_id(browser, "global-msg")
-    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    msg = open_without_a_key(browser, keyed_base_url)
     assert "unauthorized" in msg.text
     key_field = by_id(browser, "api-key")
     assert browser.switch_to.active_element == key_field  # focus goes where the visitor must act
@@ -692,12 +698,7 @@ def test_a_file_the_browser_cannot_draw_gets_no_broken_thumbnail(page: Any, phot
 def test_a_refused_api_key_is_reported_as_refused(browser: Any, keyed_base_url: str) -> None:
     # After saving a wrong key the page said "needs an API key: open “API key” … and enter it", as if
     # the key just entered had been ignored.
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    browser.get(f"{keyed_base_url}/")
-    browser.execute_script("sessionStorage.clear()")
-    browser.refresh()
-    msg = by_id(browser, "global-msg")
-    wait_for(browser, lambda d: "needs an API key" in msg.text)
+    msg = open_without_a_key(browser, keyed_base_url)
     assert "enter it" in msg.text and "refused" not in msg.text  # no key yet: ask for one
 
     by_id(browser, "api-key").send_keys("not-the-key")
