@@ -119,6 +119,10 @@ class RequestContextMiddleware:
         held: Message | None = None  # the start of a non-JSON error, until its body is complete
         held_body = b""
 
+        def extra_for(headers: Collection[tuple[bytes, bytes]]) -> HeaderList:
+            extra = (*added, _CLOSE) if self.draining() else added
+            return (*extra, API_CSP) if own_policy and not _has_policy(headers) else extra
+
         async def send_with_id(message: Message) -> None:
             nonlocal status, started, held, held_body
             if message["type"] == "http.response.start":
@@ -128,19 +132,13 @@ class RequestContextMiddleware:
                     held = message
                     return
                 held, started = None, True
-                extra = (*added, _CLOSE) if self.draining() else added
-                if own_policy and not _has_policy(headers):
-                    extra = (*extra, API_CSP)
-                message = {**message, "headers": [*headers, *extra]}
+                message = {**message, "headers": [*headers, *extra_for(headers)]}
             elif held is not None and message["type"] == "http.response.body":
                 if len(held_body) < _MAX_HELD_BYTES:  # only its start becomes the message
                     held_body += message.get("body", b"")
                 if not message.get("more_body", False):
                     started = True
-                    extra = (*added, _CLOSE) if self.draining() else added
-                    if own_policy and not _has_policy(held.get("headers", ())):
-                        extra = (*extra, API_CSP)
-                    await self._send_as_json(send, held, held_body, extra)
+                    await self._send_as_json(send, held, held_body, extra_for(held.get("headers", ())))
                 return
             await send(message)
 
