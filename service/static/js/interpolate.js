@@ -2,7 +2,7 @@
 // button and a frame slider. Playback bounces A → B → A.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, say, setBusy } from "./util.js";
+import { dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
 
 const FRAME_MS = 140;
 
@@ -12,8 +12,7 @@ export function createInterpolator(els) {
   let current = 0;
   let direction = 1;
   let timer = null;
-  let seq = 0;
-  let pending = null; // the AbortController of the request in flight
+  const requests = newestRequest();
 
   function pick(which, file) {
     files[which] = file;
@@ -82,10 +81,7 @@ export function createInterpolator(els) {
   async function interpolate() {
     // The button stays enabled while frames are on their way (disabling it moved the keyboard focus off it,
     // to the page itself); a new press supersedes the request in flight, which is cancelled.
-    const mine = ++seq;
-    if (pending) pending.abort();
-    const controller = new AbortController();
-    pending = controller;
+    const { signal, current } = requests.next();
     // The files as sent: the visitor may pick others while these are interpolated.
     const [a, b] = [files.a, files.b];
     const form = new FormData();
@@ -95,12 +91,12 @@ export function createInterpolator(els) {
     say(els.msg, "Interpolating…");
     setBusy(els.busy, true);
     try {
-      const res = await api("interpolate", { method: "POST", form, signal: controller.signal });
-      if (mine !== seq) return;
+      const res = await api("interpolate", { method: "POST", form, signal });
+      if (!current()) return;
       render(res.images, res.format);
       say(els.msg, `${res.images.length} frames from “${a.name}” to “${b.name}”.`, "ok");
     } catch (e) {
-      if (mine !== seq) return;
+      if (!current()) return;
       // Stop and hide the previous frames: still playing, they would read as the answer for these files.
       setPlaying(false);
       els.player.hidden = true;
@@ -108,10 +104,7 @@ export function createInterpolator(els) {
       const upload = { one: "car A or car B", all: `car A (“${a.name}”) and car B (“${b.name}”) together` };
       say(els.msg, describeError(e, "Interpolating", { upload }), "error");
     } finally {
-      if (mine === seq) {
-        pending = null;
-        setBusy(els.busy, false);
-      }
+      if (current()) setBusy(els.busy, false);
     }
   }
 

@@ -2,20 +2,15 @@
 // between them and a download link, then hands the photo's latent mean to the explorer.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, say, setBusy } from "./util.js";
+import { dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
 
 export function createReconstructor(els, model, explorer) {
   const size = `${model.image_size}×${model.image_size}`;
-  let seq = 0;
-  let pending = null; // the AbortController of the request in flight
+  const requests = newestRequest();
 
   async function reconstruct(file) {
-    const mine = ++seq;
-    // A newer photo supersedes the one still uploading or waiting for its answer: cancel that request.
-    if (pending) pending.abort();
-    const controller = new AbortController();
-    pending = controller;
-    const { signal } = controller;
+    // A newer photo supersedes the one still uploading or waiting for its answer: that request is cancelled.
+    const { signal, current } = requests.next();
     const loadsBefore = explorer.loads();
     const form = new FormData();
     form.append("file", file, file.name);
@@ -23,7 +18,7 @@ export function createReconstructor(els, model, explorer) {
     setBusy(els.busy, true);
     try {
       const res = await api("reconstruct", { method: "POST", form, signal });
-      if (mine !== seq) return;
+      if (!current()) return;
       const recon = dataUrl(res.image, res.format);
       els.original.src = dataUrl(res.input, "png");
       els.original.alt = `${file.name} resized to ${size} pixels, the model's input`;
@@ -38,18 +33,15 @@ export function createReconstructor(els, model, explorer) {
       // /reconstruct returns μ; older services may not, so fall back to /encode.
       const mu = Array.isArray(res.mu) ? res.mu : (await api("encode", { method: "POST", form, signal })).mu;
       // Unless the visitor loaded another code into the explorer while this photo was on its way.
-      if (mine === seq) explorer.load(mu, `The latent mean of “${file.name}”`, loadsBefore);
+      if (current()) explorer.load(mu, `The latent mean of “${file.name}”`, loadsBefore);
     } catch (e) {
-      if (mine !== seq) return;
+      if (!current()) return;
       // Hide the previous result: it would read as the answer for this file.
       els.compare.hidden = true;
       els.resultBar.hidden = true;
       say(els.msg, describeError(e, `Reconstructing “${file.name}”`, { upload: `“${file.name}”` }), "error");
     } finally {
-      if (mine === seq) {
-        pending = null;
-        setBusy(els.busy, false);
-      }
+      if (current()) setBusy(els.busy, false);
     }
   }
 

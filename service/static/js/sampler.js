@@ -2,7 +2,7 @@
 // POST /decode, so the page knows each car's exact code: clicking a car loads that code into the explorer.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, gaussianRows, say, setBusy } from "./util.js";
+import { dataUrl, gaussianRows, newestRequest, say, setBusy } from "./util.js";
 
 const COUNT = 16;
 const MAX_SEED = 4294967295;
@@ -13,8 +13,7 @@ export function randomSeed() {
 }
 
 export function createSampler(els, model, explorer) {
-  let seq = 0;
-  let pending = null; // the AbortController of the request in flight
+  const requests = newestRequest();
 
   function newSeed() {
     els.seed.value = randomSeed();
@@ -67,26 +66,20 @@ export function createSampler(els, model, explorer) {
     }
     // The button stays enabled while a grid is on its way: disabling it moved the keyboard focus off it,
     // to the page itself. A new press supersedes the request in flight instead, which is cancelled.
-    const mine = ++seq;
-    if (pending) pending.abort();
-    const controller = new AbortController();
-    pending = controller;
+    const { signal, current } = requests.next();
     const temperature = Number(els.temperature.value);
     const rows = gaussianRows(seed, COUNT, model.latent_dim, temperature);
     say(els.msg, `Sampling ${COUNT} cars with seed ${seed}…`);
     setBusy(els.busy, true);
     try {
-      const res = await api("decode", { method: "POST", json: { z: rows }, signal: controller.signal });
-      if (mine !== seq) return;
+      const res = await api("decode", { method: "POST", json: { z: rows }, signal });
+      if (!current()) return;
       render(res.images, res.format, rows, seed, temperature.toFixed(1));
       say(els.msg, `${COUNT} cars from seed ${seed}, temperature ${temperature.toFixed(1)}. Select one to explore its latent code.`, "ok");
     } catch (e) {
-      if (mine === seq) say(els.msg, describeError(e, "Sampling"), "error");
+      if (current()) say(els.msg, describeError(e, "Sampling"), "error");
     } finally {
-      if (mine === seq) {
-        pending = null;
-        setBusy(els.busy, false);
-      }
+      if (current()) setBusy(els.busy, false);
     }
   }
 
@@ -134,6 +127,6 @@ export function createSampler(els, model, explorer) {
 
   if (!els.seed.value) newSeed();
   // The first grid is drawn for the visitor, unless they have already asked for one themselves.
-  const sampleIfIdle = () => (seq === 0 ? sample() : undefined);
+  const sampleIfIdle = () => (requests.started() ? undefined : sample());
   return { sample, sampleIfIdle };
 }

@@ -38,6 +38,25 @@ export function setBusy(nodes, on) {
   }
 }
 
+/**
+ * A section's requests, of which only the newest counts: `next()` cancels the one still in flight (its
+ * fetch aborts) and returns the new one's `signal` and `current()`, false once a newer one has started, so
+ * a slow answer never overwrites a newer one. `started()`: whether there has been any.
+ */
+export function newestRequest() {
+  let count = 0;
+  let controller = null;
+  return {
+    next() {
+      if (controller) controller.abort();
+      controller = new AbortController();
+      const mine = ++count;
+      return { signal: controller.signal, current: () => mine === count };
+    },
+    started: () => count > 0,
+  };
+}
+
 /** data: URL for a base64 image from the API; `format` is the API's format name (png, jpeg, webp). */
 export function dataUrl(b64, format = "png") {
   return `data:image/${format};base64,${b64}`;
