@@ -34,13 +34,16 @@ def _policy(value: str) -> tuple[bytes, bytes]:
     return (b"content-security-policy", value.encode())
 
 
+API_CSP = _policy(API_POLICY)
 # An API answer or an error: also what the server itself writes when it refuses a connection or a request
 # head before the app sees it (service.connections).
-API_HEADERS: HeaderList = (NO_STORE, *BROWSER, _policy(API_POLICY))
+API_HEADERS: HeaderList = (NO_STORE, *BROWSER, API_CSP)
+PAGE_HEADERS: HeaderList = (REVALIDATE, *BROWSER, _policy(PAGE_POLICY))
+# The docs' files: revalidated like the page's, loading nothing themselves.
+CACHED_HEADERS: HeaderList = (REVALIDATE, *BROWSER, API_CSP)
 # A page that sets its policy itself (service.docs) gets the rest. Any other answer on its path (a 405, a
 # CORS preflight, an error) sets none: it gets the API's (API_CSP), added by service.middleware.
 OWN_POLICY: HeaderList = (REVALIDATE, *BROWSER)
-API_CSP = _policy(API_POLICY)
 
 
 class ResponseHeaders:
@@ -62,16 +65,12 @@ class ResponseHeaders:
         self.page_paths = frozenset(page_paths)
         self.page_prefixes = tuple(page_prefixes)
         self.own_policy_paths = frozenset(own_policy_paths)
-        self._page = (REVALIDATE, *BROWSER, _policy(PAGE_POLICY))
-        self._own_policy = OWN_POLICY
-        self._cached = (REVALIDATE, *BROWSER, _policy(API_POLICY))
-        self._api = API_HEADERS
 
     def __call__(self, path: str) -> HeaderList:
         if path in self.page_paths or path.startswith(self.page_prefixes):
-            return self._page
+            return PAGE_HEADERS
         if path in self.own_policy_paths:
-            return self._own_policy
+            return OWN_POLICY
         if path in self.cached_paths or path.startswith(self.cached_prefixes):
-            return self._cached
-        return self._api
+            return CACHED_HEADERS
+        return API_HEADERS
