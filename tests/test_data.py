@@ -333,6 +333,31 @@ def test_an_unreadable_folder_is_named_not_silently_left_out(odd_folder: Path, m
         load_folder(odd_folder, POLICY)
 
 
+def test_a_folder_that_cannot_be_searched_is_named_not_a_crash(odd_folder: Path, monkeypatch, caplog) -> None:
+    """Without search permission on a folder (chmod 700 of another user, or 000), even the stat of a name
+    inside it fails with EACCES. The run-folder check looked there first and ended the whole run with
+    "error: [Errno 13] Permission denied: '…/nested/run.json'" instead of skipping the folder."""
+    locked = odd_folder / "nested"
+    real_scandir, real_stat = os.scandir, os.stat
+
+    def scandir(path: str) -> object:
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if Path(os.fsdecode(path)).parent == locked:  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", path)
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "stat", stat)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        ds = load_folder(odd_folder, POLICY)
+    assert len(ds) > 0
+    assert f"cannot read folder {locked} (Permission denied); its photos are skipped" in caplog.text
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_scan_keeps_regular_files_and_dangling_links_only(tmp_path: Path) -> None:
     rgb = _halves(24, 24, RED, BLUE)

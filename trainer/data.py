@@ -84,7 +84,10 @@ class Dataset:
 
 
 def _is_run_folder(path: Path) -> bool:
-    return any((path / name).exists() for name in RUN_MARKERS)
+    # os.path.exists, not Path.exists: in a folder without search permission (another user's chmod 700)
+    # the latter raises EACCES and ended the run; such a folder is not a run of ours, and os.walk then
+    # names it as unreadable.
+    return any(os.path.exists(path / name) for name in RUN_MARKERS)
 
 
 def _is_file_or_dangling(path: Path) -> bool:
