@@ -328,6 +328,20 @@ def test_epoch_summary_and_progress_bar_agree_when_the_budget_replans(
     assert [r["epochs_planned"] for r in read_metrics(tmp_path / "run")] == [4, 4, 3]  # metrics: unchanged
 
 
+def test_progress_bar_in_a_log_file_never_shows_a_stale_count(tmp_path: Path, capsys) -> None:
+    """Logged (Docker, CI, `2> train.log`), the bar redraws every 30 s; the loss postfix set every ten
+    batches forced a redraw anyway, with the count tqdm had last stored: lines like
+    "epoch 2/3:   0%|  | 0/17 [00:19<?, ?batch/s, loss=-512.6 …]" for an epoch nearly done."""
+    args = [*TINY_FLAGS.split(), "--synthetic-count", "48", "--batch-size", "1", "--warmup-steps", "2"]
+    args += ["--epochs", "1", "--threads", "1", "--workers", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    err = capsys.readouterr().err  # pytest's capture is not a tty: the log-file case
+    bars = re.findall(r"epoch 1/1:\s+\d+%\|[^|]*\| (\d+)/(\d+) \[[^\]]*\]", err)
+    assert bars, err
+    stale = [m.group(0) for m in re.finditer(r"epoch 1/1:[^\r\n]*\| 0/\d+ \[[^\]]*loss=[^\]]*\]", err)]
+    assert not stale, stale[:2]
+
+
 def _fail_writes(monkeypatch: pytest.MonkeyPatch, err: int, only: str | None = None) -> None:
     """Make the atomic writer fail (for one file name, or all) the way a full or read-only disk does."""
     real = state_mod.atomic_write_bytes

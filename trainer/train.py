@@ -501,11 +501,15 @@ class _Run:
                 len(idx), loss=terms.loss, recon=terms.recon, kl=terms.kl, mse=terms.mse, psnr=batch_psnr
             )
             if i % 10 == 0 and cfg.progress and self.info.is_main:
+                # No redraw of its own: tqdm stores the batch count only when it redraws by the clock, so
+                # a forced one showed a stale count ("0/17" late in the epoch) and, in a log file, added a
+                # line every ten batches. The next timed redraw shows these figures.
                 bar.set_postfix(
                     loss=f"{terms.loss.item():.1f}",
                     recon=f"{terms.recon.item():.1f}",
                     kl=f"{terms.kl.item():.1f}",
                     psnr=f"{batch_psnr.item():.2f}",
+                    refresh=False,
                 )
         bar.close()
         if skipped == len(batches):
