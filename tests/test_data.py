@@ -358,6 +358,23 @@ def test_a_folder_that_cannot_be_searched_is_named_not_a_crash(odd_folder: Path,
     assert f"cannot read folder {locked} (Permission denied); its photos are skipped" in caplog.text
 
 
+def test_hidden_files_and_folders_are_not_training_photos(tmp_path: Path) -> None:
+    """A folder copied from a Mac to a USB stick holds an AppleDouble "._IMG_1.jpg" beside every photo, and
+    photo managers keep thumbnails in hidden folders (.thumbnails). The scan took them as photos: the
+    AppleDouble files were skipped as unsupported (half the folder, in the skipped count) and the
+    thumbnails trained as duplicates of the photos, some of them across the validation split."""
+    rgb = _halves(24, 24, RED, BLUE)
+    _save(tmp_path / "IMG_1.jpg", rgb, "JPEG")
+    _save(tmp_path / "sub" / "IMG_2.png", rgb, "PNG")
+    (tmp_path / "._IMG_1.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    _save(tmp_path / ".thumbnails" / "IMG_1.png", rgb, "PNG")
+    _save(tmp_path / "sub" / ".hidden.jpg", rgb, "JPEG")
+    names = [p.relative_to(tmp_path).as_posix() for p in scan_images(tmp_path)]
+    assert names == ["IMG_1.jpg", "sub/IMG_2.png"]
+    ds = load_folder(tmp_path, POLICY)
+    assert len(ds) == 2 and ds.source["files"] == 2 and ds.source["skipped"] == 0
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_scan_keeps_regular_files_and_dangling_links_only(tmp_path: Path) -> None:
     rgb = _halves(24, 24, RED, BLUE)

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR|synthetic",
         help="folder of images (searched recursively: jpg, jpeg, jfif, jpe, png, webp, bmp, gif, tif, "
-        "tiff; other files, e.g. heic or avif, are counted in one log line and left out), or 'synthetic' "
+        "tiff; hidden files and folders are skipped; other files, e.g. heic or avif, are counted in one "
+        "log line and left out), or 'synthetic' "
         "for the procedural left-facing cars (default: none; required unless --resume)",
     )
     io.add_argument(

@@ -99,12 +99,10 @@ def _is_file_or_dangling(path: Path) -> bool:
         return True
 
 
-def _counts_as_ignored(rel_dir: Path, name: str) -> bool:
-    """Is a file the scan leaves out worth telling the user about? Not dotfiles or anything in a hidden
-    folder (.DS_Store, .git, the default .cache), OS litter, or the decode cache's own entries (a
-    --cache-dir inside --data): none of them is a photo the user meant to train on."""
-    if name.startswith(".") or any(part.startswith(".") for part in rel_dir.parts):
-        return False
+def _counts_as_ignored(name: str) -> bool:
+    """Is a file the scan leaves out worth telling the user about? Not OS litter or the decode cache's
+    own entries (a --cache-dir inside --data), nor, as the scan never looks at them, dotfiles and hidden
+    folders (.DS_Store, .git, the default .cache): none of them is a photo the user meant to train on."""
     return name.lower() not in OS_LITTER and not CACHE_ENTRY.fullmatch(name)
 
 
@@ -121,17 +119,21 @@ def _scan(root: Path) -> tuple[list[Path], Counter[str]]:
         log.warning("data: cannot read folder %s (%s); its photos are skipped", e.filename, e.strerror or e)
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        # Hidden folders are not the user's photos: thumbnails a photo manager keeps (.thumbnails) would
+        # train as duplicates of the photos, across the validation split; .git, the default .cache.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         skipped = [d for d in dirnames if _is_run_folder(Path(dirpath, d))]
         for d in skipped:
             log.info("data: skipping %s (a training run's folder, not photos)", Path(dirpath, d))
         dirnames[:] = sorted(d for d in dirnames if d not in skipped)
-        rel_dir = Path(dirpath).relative_to(root)
         for f in filenames:
             suffix = Path(f).suffix.lower()
+            if f.startswith("."):
+                continue  # macOS's AppleDouble "._IMG_1.jpg" beside every photo copied to a USB stick
             if suffix in IMAGE_EXTENSIONS:
                 if _is_file_or_dangling(Path(dirpath, f)):
                     found.append(Path(dirpath, f))
-            elif _counts_as_ignored(rel_dir, f):
+            elif _counts_as_ignored(f):
                 ignored[suffix or "(no extension)"] += 1
     return sorted(found, key=lambda p: p.relative_to(root).as_posix()), ignored
 
@@ -139,8 +141,9 @@ def _scan(root: Path) -> tuple[list[Path], Counter[str]]:
 def scan_images(root: Path) -> list[Path]:
     """Every image file under root, recursively, sorted by relative path so the order (and so the split)
     is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
-    followed (no cycles). Run folders below root (a --out inside --data) are skipped: their loss curves and
-    sample grids are not photos, and would change the data's fingerprint after every epoch."""
+    followed (no cycles); hidden files and folders (a name starting with ".") are not photos. Run folders
+    below root (a --out inside --data) are skipped: their loss curves and sample grids are not photos, and
+    would change the data's fingerprint after every epoch."""
     return _scan(root)[0]
 
 
