@@ -358,6 +358,24 @@ def test_a_folder_that_cannot_be_searched_is_named_not_a_crash(odd_folder: Path,
     assert f"cannot read folder {locked} (Permission denied); its photos are skipped" in caplog.text
 
 
+def test_decoding_bar_in_a_log_file_redraws_rarely(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Off a terminal every redraw of a bar is a line of the log; the epoch bar redraws every 30 s there,
+    the decoding bar kept tqdm's 0.1 s: ten lines a second while a large folder decoded."""
+    rgb = _halves(8, 8, RED, BLUE)
+    for i in range(40):
+        _save(tmp_path / f"{i:02d}.png", rgb, "PNG")
+    real = data_mod._decode_file
+
+    def slow(args: tuple[str, dict[str, object]]) -> tuple[np.ndarray | None, str | None]:
+        time.sleep(0.02)
+        return real(args)
+
+    monkeypatch.setattr(data_mod, "_decode_file", slow)
+    assert len(load_folder(tmp_path, POLICY, workers=1, progress=True)) == 40  # 0.8 s of decoding
+    redraws = re.findall(r"decoding:\s+\d+%", capsys.readouterr().err)
+    assert redraws and len(redraws) <= 2, redraws  # the first draw, and at most one timed redraw
+
+
 def test_hidden_files_and_folders_are_not_training_photos(tmp_path: Path) -> None:
     """A folder copied from a Mac to a USB stick holds an AppleDouble "._IMG_1.jpg" beside every photo, and
     photo managers keep thumbnails in hidden folders (.thumbnails). The scan took them as photos: the

@@ -21,6 +21,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def bar_interval() -> float:
+    """Seconds between a progress bar's redraws: smooth on a terminal; in a log file (Docker, CI) every
+    redraw is a line, so rarely there."""
+    return 0.1 if sys.stderr.isatty() else 30.0
+
+
 class _TqdmHandler(logging.Handler):
     """Log lines printed through tqdm so they never tear an active progress bar."""
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from carvae.checkpoint import atomic_write_bytes
 from carvae.preprocess import DecodeLimits, ImageError, PreprocessPolicy, prepare, to_tensor
+from trainer.cli import bar_interval
 from trainer.state import CHECKPOINT_FILE, RUN_FILE, STATE_FILE
 
 log = logging.getLogger("trainer")
@@ -238,7 +239,14 @@ def _decode_all(
     jobs = [(str(p), policy.to_dict()) for p in files]
     kept: list[np.ndarray] = []
     skipped: Counter[str] = Counter()
-    bar = tqdm(total=len(jobs), desc="decoding", unit="img", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(jobs),
+        desc="decoding",
+        unit="img",
+        disable=not progress,
+        leave=False,
+        mininterval=bar_interval(),
+    )
 
     def consume(results: Iterator[tuple[np.ndarray | None, str | None]]) -> None:
         for path, (arr, reason) in zip(files, results, strict=True):

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from carvae.losses import RECIPES, psnr, vae_loss
 from carvae.model import VAE, VAEConfig
 from carvae.preprocess import RESIZE_POLICIES, PreprocessPolicy
 from trainer import distributed, plots
+from trainer.cli import bar_interval
 from trainer.data import (
     DataError,
     Dataset,
@@ -450,8 +450,7 @@ class _Run:
             unit="batch",
             leave=False,
             dynamic_ncols=True,
-            # In a log file (Docker, CI) every redraw is a line: redraw rarely there.
-            mininterval=0.1 if sys.stderr.isatty() else 30.0,
+            mininterval=bar_interval(),
             disable=not (cfg.progress and self.info.is_main),
         )
         autocast = (
