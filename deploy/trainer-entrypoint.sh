@@ -30,10 +30,12 @@ if [ "$data" = auto ]; then
     if [ -d "$data_dir" ] && ! { [ -r "$data_dir" ] && [ -x "$data_dir" ]; }; then
         unreadable_hint "$data_dir"
         echo "trainer: warning: falling back to the synthetic cars" >&2
-    # The trainer's IMAGE_EXTENSIONS (trainer/data.py; a test keeps the two lists equal).
-    elif [ -d "$data_dir" ] && find -L "$data_dir" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \
-        -o -iname '*.jfif' -o -iname '*.jpe' -o -iname '*.png' -o -iname '*.webp' -o -iname '*.bmp' \
-        -o -iname '*.gif' -o -iname '*.tif' -o -iname '*.tiff' \) -print 2>/dev/null | head -n 1 | grep -q .; then
+    # The trainer's IMAGE_EXTENSIONS (trainer/data.py; a test keeps the two lists equal), and like the
+    # trainer not in hidden files or folders (macOS ._car.jpg copies, .thumbnails).
+    elif [ -d "$data_dir" ] && find -L "$data_dir" -mindepth 1 -name '.*' -prune -o -type f \
+        \( -iname '*.jpg' -o -iname '*.jpeg' -o -iname '*.jfif' -o -iname '*.jpe' -o -iname '*.png' \
+        -o -iname '*.webp' -o -iname '*.bmp' -o -iname '*.gif' -o -iname '*.tif' -o -iname '*.tiff' \) \
+        -print 2>/dev/null | head -n 1 | grep -q .; then
         data="$data_dir"
     fi
 fi

@@ -85,6 +85,17 @@ def test_entrypoint_uses_the_data_folder_when_it_holds_images(run_entrypoint, tm
     assert argv[argv.index("--data") + 1] == str(tmp_path / "data")
 
 
+def test_entrypoint_does_not_take_hidden_files_for_photos(run_entrypoint, tmp_path: Path) -> None:
+    """The trainer leaves hidden files and folders out (macOS ._car.jpg copies, .thumbnails): a folder
+    holding only those was picked as the data, and the trainer then said it held no images."""
+    data = tmp_path / "data"
+    (data / ".thumbnails").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / ".thumbnails" / "car.png")
+    (data / "._car.jpg").write_bytes(b"\x00\x05\x16\x07")
+    argv = run_entrypoint(CARVAE_TRAIN_DATA_DIR=str(data))
+    assert argv[argv.index("--data") + 1] == "synthetic"
+
+
 @pytest.fixture
 def run_entrypoint_locked_out():
     """Run the entrypoint with a fake `python` (prints one argument a line) as a user that may not read
