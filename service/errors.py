@@ -119,8 +119,11 @@ def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[s
         loc = ".".join(_clip(str(p), 40) for p in err.get("loc", ()))
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "json_invalid":
-            detail = (err.get("ctx") or {}).get("error")
-            msg = f"body is not valid JSON ({detail})" if detail else "body is not valid JSON"
+            # FastAPI's loc is ("body", offset of the error): "body.1" reads as a field path.
+            offset = err.get("loc", ())[-1:]
+            detail = (err.get("ctx") or {}).get("error") or "JSON decode error"
+            where = f" at character {offset[0]}" if offset and isinstance(offset[0], int) else ""
+            loc, msg = "", f"body is not valid JSON ({detail}{where})"
         elif "Expected UploadFile" in msg:  # FastAPI's words for a form value where a file belongs
             msg = "must be a file: a multipart part with a filename (curl -F 'file=@car.jpg')"
         parts.append(f"{loc}: {msg}" if loc else msg)

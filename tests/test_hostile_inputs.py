@@ -323,6 +323,18 @@ def test_bad_json_bodies_are_422_and_never_echo_the_input(
     assert len(err["message"]) <= 1000
 
 
+@pytest.mark.parametrize("route", ["/sample", "/decode"])
+@pytest.mark.parametrize(("body", "offset"), [(b"{bad json", 1), (b'{"n": 2,}', 8), (b'{"z": [[1]]', 11)])
+def test_a_json_syntax_error_says_where_in_words(
+    client: TestClient, route: str, body: bytes, offset: int
+) -> None:
+    """FastAPI puts the error's character offset into the location: the message read `body.8: body is
+    not valid JSON (...)`, as if `8` were a field of the body."""
+    err = assert_error(client.post(route, content=body, headers=JSON), 422, "validation_error")
+    assert err["message"].startswith("body is not valid JSON ("), err
+    assert err["message"].endswith(f" at character {offset})"), err
+
+
 @pytest.mark.parametrize(
     ("value", "words"), [("NaN", "finite"), ('"0"', "number"), ("{}", "number"), ("1e9", "1000")]
 )
