@@ -126,6 +126,8 @@ def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[s
             loc, msg = "", f"body is not valid JSON ({detail}{where})"
         elif "Expected UploadFile" in msg:  # FastAPI's words for a form value where a file belongs
             msg = "must be a file: a multipart part with a filename (curl -F 'file=@car.jpg')"
+        elif err.get("type") == "value_error":  # our validators' words, without pydantic's prefix
+            msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     if len(errors) > max_items:
         parts.append(f"and {len(errors) - max_items} more")

@@ -336,6 +336,24 @@ def test_a_json_syntax_error_says_where_in_words(
 
 
 @pytest.mark.parametrize(
+    ("route", "body", "message"),
+    [
+        ("/sample", b'{"count": 4}', "body: unknown field 'count' (extra fields are not permitted; "),
+        ("/sample", b'{"n": "4"}', "body.n: must be a JSON number"),
+        ("/decode", b'{"z": [0, 1]}', "body.z: z is a list of latent vectors, one list per image: "),
+        ("/decode", b'{"z": [["a"]]}', "body.z: z[0][0] should be a number"),
+    ],
+)
+def test_our_validators_messages_come_without_pydantics_prefix(
+    client: TestClient, route: str, body: bytes, message: str
+) -> None:
+    """pydantic starts a validator's ValueError with "Value error, ", which read as noise in the middle of
+    the message ("body.n: Value error, must be a JSON number")."""
+    err = assert_error(client.post(route, content=body, headers=JSON), 422, "validation_error")
+    assert err["message"].startswith(message), err
+
+
+@pytest.mark.parametrize(
     ("value", "words"), [("NaN", "finite"), ('"0"', "number"), ("{}", "number"), ("1e9", "1000")]
 )
 def test_a_body_full_of_bad_latents_is_described_by_its_first(
