@@ -106,7 +106,7 @@ def _error(
     return error_response(status, code, message, request_id_of(request.scope), headers)
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -116,7 +116,7 @@ def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[s
         return "validation_error", "the request is invalid"
     parts = []
     for err in errors[:max_items]:
-        loc = ".".join(_clip(str(p), 40) for p in err.get("loc", ()))
+        loc = ".".join(clip(str(p), 40) for p in err.get("loc", ()))
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "json_invalid":
             # FastAPI's loc is ("body", offset of the error): "body.1" reads as a field path.
@@ -132,7 +132,7 @@ def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[s
     if len(errors) > max_items:
         parts.append(f"and {len(errors) - max_items} more")
     missing = all(err.get("type") == "missing" for err in errors)
-    return ("missing_field" if missing else "validation_error"), _clip("; ".join(parts), 1000)
+    return ("missing_field" if missing else "validation_error"), clip("; ".join(parts), 1000)
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -163,7 +163,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     if not _parsed_as_json(ctype) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
         # A JSON endpoint given another content type sees the body as text ("should be a valid
         # dictionary"); say what to fix instead.
-        what = f"Content-Type {_clip(ctype, 80)}" if ctype else "no Content-Type"
+        what = f"Content-Type {clip(ctype, 80)}" if ctype else "no Content-Type"
         message = f"the body must be JSON sent with Content-Type: application/json (got {what})"
         return _error(request, 422, "validation_error", message)
     code, message = describe_validation_errors(errors)
@@ -187,7 +187,7 @@ def _unparsable_json(request: Request, exc: StarletteHTTPException) -> str | Non
         return "body is not valid JSON (not UTF-8 text)"
     if "digits" in str(cause):
         return f"body is not valid JSON (a number has more than {sys.get_int_max_str_digits()} digits)"
-    return f"body is not valid JSON ({_clip(str(cause), 200)})"
+    return f"body is not valid JSON ({clip(str(cause), 200)})"
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -201,7 +201,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     code = status_code_name(err.status_code)
     detail = err.detail if isinstance(err.detail, str) else code.replace("_", " ")
     if err.status_code == 404:
-        detail = f"no route for {request.method} {_clip(request.url.path, 200)}"
+        detail = f"no route for {request.method} {clip(request.url.path, 200)}"
     headers = dict(err.headers or {})
     if err.status_code == 405:
         detail = f"method {request.method} is not allowed here"

@@ -44,7 +44,7 @@ from service.middleware import (
 )
 from service.pipeline import Pipeline, Predictor, ServedModel
 from service.routes import images, latent, meta
-from service.routes.common import declare_api_key, document_request_id
+from service.routes.common import close_form_bodies, declare_api_key, document_request_id
 from service.threads import gil_switch_interval, model_threads, use_one_thread
 
 log = logging.getLogger("carvae.service")
@@ -220,6 +220,7 @@ def _openapi_fitted_to_the_model(app: FastAPI) -> None:
             return app.openapi_schema
         schema = generate()
         document_request_id(schema)
+        close_form_bodies(schema)
         pipeline: Pipeline | None = app.state.pipeline
         if pipeline is None:
             app.openapi_schema = None  # not loaded yet: don't cache a schema without the sizes

@@ -76,6 +76,59 @@ def test_misnamed_field(client: TestClient, name: str) -> None:
     assert "body.file" in err["message"]
 
 
+@pytest.mark.parametrize("name", ["image", "photo"])
+def test_a_misnamed_part_is_named_beside_the_missing_one(client: TestClient, name: str) -> None:
+    err = assert_error(post_file(client, photo_bytes(), name=name), 422, "missing_field")
+    assert err["message"] == (
+        f"body.file: Field required; unknown field '{name}' (extra fields are not permitted; "
+        "the fields are file)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("route", "extra", "words"),
+    [
+        ("/reconstruct", {"format": "jpeg"}, "the fields are file; format goes in the query string"),
+        (
+            "/encode",
+            {"steps": "8"},
+            "unknown field 'steps' (extra fields are not permitted; the fields are file)",
+        ),
+        ("/interpolate", {"extra": "1", "more": "2"}, "unknown field 'extra' and 1 more"),
+    ],
+)
+def test_a_part_the_route_does_not_take_is_refused_not_ignored(
+    client: TestClient, route: str, extra: dict[str, str], words: str
+) -> None:
+    """`-F format=jpeg` answered PNG and `-F steps=8` on /encode was dropped without a word, while an
+    unknown JSON field is refused: a form part the route does not take is refused too."""
+    png = photo_bytes()
+    names = ("file_a", "file_b") if route == "/interpolate" else ("file",)
+    files = {name: ("car.png", png, "image/png") for name in names}
+    err = assert_error(client.post(route, files=files, data=extra), 422, "validation_error")
+    assert words in err["message"], err
+
+
+@pytest.mark.parametrize("route", ["/reconstruct", "/encode", "/interpolate"])
+@pytest.mark.parametrize(
+    "ctype",
+    ["image/jpeg", "application/octet-stream", "application/json", "application/x-www-form-urlencoded", None],
+)
+def test_a_body_that_is_not_a_form_says_to_send_multipart(
+    client: TestClient, route: str, ctype: str | None
+) -> None:
+    """A photo posted as the raw body (`--data-binary @car.jpg`, requests' `data=`) was answered only
+    "body.file: Field required", with the file right there in the body (and, as curl's default
+    urlencoded form, with its bytes named back as unknown fields)."""
+    headers = {"content-type": ctype} if ctype else {}
+    err = assert_error(client.post(route, content=photo_bytes(), headers=headers), 422, "validation_error")
+    parts = "file_a, file_b" if route == "/interpolate" else "file"
+    assert err["message"].startswith(
+        f"the body must be multipart/form-data with the part(s) {parts} (curl -F"
+    )
+    assert err["message"].endswith(f"got {f'Content-Type {ctype}' if ctype else 'no Content-Type'}"), err
+
+
 def test_interpolate_names_the_missing_part(client: TestClient) -> None:
     r = client.post("/interpolate", files={"file_a": ("a.png", photo_bytes(), "image/png")})
     assert "file_b" in assert_error(r, 422, "missing_field")["message"]
@@ -96,7 +149,8 @@ def test_two_parts_with_the_same_name(client: TestClient, route: str, name: str)
 
 
 def test_file_sent_as_a_plain_form_field(client: TestClient) -> None:
-    err = assert_error(client.post("/reconstruct", data={"file": "not a file"}), 422, "validation_error")
+    r = client.post("/reconstruct", files={"file": (None, b"not a file")})  # a part without a filename
+    err = assert_error(r, 422, "validation_error")
     assert err["message"].startswith("body.file: must be a file") and "UploadFile" not in err["message"]
 
 

@@ -650,6 +650,22 @@ def test_openapi_documents_images_errors_and_examples(client: TestClient) -> Non
     assert "HTTPValidationError" not in schemas  # FastAPI's default 422 shape is not what we send
 
 
+def test_openapi_says_the_multipart_bodies_take_no_other_parts(client: TestClient) -> None:
+    """The upload routes refuse a part they do not take (`-F format=jpeg`), as the JSON bodies refuse an
+    unknown field: their schemas say so, so that generated clients and schema-driven testers know."""
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path, parts in (
+        ("/reconstruct", {"file"}),
+        ("/encode", {"file"}),
+        ("/interpolate", {"file_a", "file_b", "steps"}),
+    ):
+        ref = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+        body = schemas[ref.rsplit("/", 1)[1]]
+        assert body["additionalProperties"] is False and set(body["properties"]) == parts, path
+    assert schemas["SampleRequest"]["additionalProperties"] is False
+
+
 def _check_documented_headers(spec: dict[str, Any], method: str, path: str, r: Any) -> set[str]:
     """The response's headers against what /openapi.json documents for its status: every required one is
     there and every documented one present has its schema's type and bounds. Returns the names checked."""

@@ -22,6 +22,7 @@ _ERROR_TEXT = {
     503: "overloaded or not ready (see Retry-After)",
     504: "the request's deadline passed (CARVAE_REQUEST_TIMEOUT_S)",
 }
+_SCHEMAS = "#/components/schemas/"
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 # Response headers clients act on, in OpenAPI so generated clients expose them (and schema-driven testers
 # check them). Not `required`: a 503 written when the server stops (service.middleware) has no Retry-After.
@@ -45,6 +46,17 @@ def document_request_id(schema: dict[str, Any]) -> None:
         for operation in item.values():
             for response in operation.get("responses", {}).values():
                 response.setdefault("headers", {})["X-Request-ID"] = REQUEST_ID
+
+
+def close_form_bodies(schema: dict[str, Any]) -> None:
+    """Multipart bodies refuse the parts they do not take (service.deps.form_fields): say so, as the JSON
+    bodies' schemas do."""
+    for item in schema.get("paths", {}).values():
+        for operation in item.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data", {})
+            ref = form.get("schema", {}).get("$ref", "")
+            if ref.startswith(_SCHEMAS):
+                schema["components"]["schemas"][ref.removeprefix(_SCHEMAS)]["additionalProperties"] = False
 
 
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:

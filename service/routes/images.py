@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.responses import Response
 
-from service.deps import CallDep, OutputDep, PipelineDep, single_upload, single_value
+from service.deps import CallDep, OutputDep, PipelineDep, form_fields, single_upload, single_value
 from service.routes.common import MODEL_ERRORS, errors, image_responses, to_response
 from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
 
@@ -24,6 +24,7 @@ MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 2, 32, 8
     "`Accept: application/json` returns the reconstruction, the input as the model saw it, μ and the PSNR.",
     response_model=ReconstructResponse,
     responses=image_responses("the reconstruction (default PNG)", *MODEL_ERRORS),
+    dependencies=[form_fields("file")],
 )
 async def reconstruct(
     request: Request,
@@ -41,6 +42,7 @@ async def reconstruct(
     summary="Encode a car photo to its latent distribution",
     response_model=EncodeResponse,
     responses=errors(*MODEL_ERRORS),
+    dependencies=[form_fields("file")],
 )
 async def encode(
     request: Request,
@@ -59,6 +61,7 @@ async def encode(
     "ends included: one PNG strip (one row), or JSON with one image per frame.",
     response_model=ImagesResponse,
     responses=image_responses("the frames as one strip (default PNG)", *MODEL_ERRORS),
+    dependencies=[form_fields("file_a", "file_b", optional=("steps",))],
 )
 async def interpolate(
     request: Request,
