@@ -650,6 +650,42 @@ def test_openapi_documents_images_errors_and_examples(client: TestClient) -> Non
     assert "HTTPValidationError" not in schemas  # FastAPI's default 422 shape is not what we send
 
 
+def test_openapi_describes_each_operation_its_inputs_limits_and_errors_as_they_are(
+    client: TestClient,
+) -> None:
+    """/encode, /v1/model and the probes had no description and answered "Successful Response"; the JSON
+    routes' 413 named CARVAE_MAX_UPLOAD_BYTES and images (their limit is CARVAE_MAX_JSON_BYTES, 1 MiB);
+    the photo parts said nothing of their limits (file_b not even the formats)."""
+    spec = client.get("/openapi.json").json()
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            assert op.get("summary") and op.get("description"), (method, path)
+            assert op["responses"]["200"]["description"] != "Successful Response", (method, path)
+    for path in ("/sample", "/decode"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert "CARVAE_MAX_JSON_BYTES (1 MiB by default)" in responses["413"]["description"], path
+        assert "image" not in responses["413"]["description"] + responses["422"]["description"], path
+    assert "METRICS_REQUIRE_KEY" in spec["paths"]["/metrics"]["get"]["responses"]["401"]["description"]
+    schemas = spec["components"]["schemas"]
+    parts = {
+        name: prop["description"]
+        for body in ("Body_reconstruct_reconstruct_post", "Body_interpolate_interpolate_post")
+        for name, prop in schemas[body]["properties"].items()
+    }
+    for name in ("file", "file_a", "file_b"):
+        for limit in (
+            "JPEG, PNG",
+            "at least 8 px",
+            "at most 10:1",
+            "CARVAE_MAX_IMAGE_PIXELS",
+            "10 MiB by default",
+        ):
+            assert limit in parts[name], (name, limit)
+    assert "2 to 32 (default 8)" in parts["steps"]
+    steps_query = next(p for p in spec["paths"]["/interpolate"]["post"]["parameters"] if p["name"] == "steps")
+    assert steps_query["description"] == parts["steps"]
+
+
 def test_openapi_says_the_multipart_bodies_take_no_other_parts(client: TestClient) -> None:
     """The upload routes refuse a part they do not take (`-F format=jpeg`), as the JSON bodies refuse an
     unknown field: their schemas say so, so that generated clients and schema-driven testers know."""

@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
+from carvae.preprocess import DecodeLimits
+from service.config import Settings
 from service.pipeline import Rendered
 from service.schemas import ErrorResponse
 
+_LIMITS = DecodeLimits()
+_DEFAULTS = {name: field.default for name, field in Settings.model_fields.items()}
 _ERROR_TEXT = {
     400: "empty file or unreadable body",
     401: "API key missing or wrong (only when CARVAE_API_KEY is set)",
     408: "the request body did not arrive within CARVAE_BODY_TIMEOUT_S",
-    413: "body over CARVAE_MAX_UPLOAD_BYTES, or image over CARVAE_MAX_IMAGE_PIXELS",
+    413: f"body over CARVAE_MAX_UPLOAD_BYTES ({_DEFAULTS['MAX_UPLOAD_BYTES'] // 2**20} MiB by default), or "
+    f"image over CARVAE_MAX_IMAGE_PIXELS ({_DEFAULTS['MAX_IMAGE_PIXELS']:,} by default)",
     415: "not an image in a supported format",
-    422: "invalid parameters, corrupt image, image too small or too elongated",
+    422: "invalid parameters, a part the route does not take, corrupt image, image under "
+    f"{_LIMITS.min_side} px a side or more elongated than {_LIMITS.max_aspect:g}:1",
     500: "the model failed; the message carries the request id",
     503: "overloaded or not ready (see Retry-After)",
     504: "the request's deadline passed (CARVAE_REQUEST_TIMEOUT_S)",
 }
+# /sample and /decode take a JSON body, not photos: their 400, 413 and 422 have other causes.
+JSON_BODY_ERROR_TEXT = {
+    400: "unreadable body",
+    413: f"body over CARVAE_MAX_JSON_BYTES ({_DEFAULTS['MAX_JSON_BYTES'] // 2**20} MiB by default)",
+    422: "not JSON, an unknown field, or a value of the wrong type or out of range",
+}
+PHOTO_RULES = (
+    "JPEG, PNG, WebP, BMP, GIF or TIFF (sniffed from the bytes; names and types are ignored), each side at "
+    f"least {_LIMITS.min_side} px, at most {_LIMITS.max_aspect:g}:1, at most CARVAE_MAX_IMAGE_PIXELS pixels "
+    f"({_DEFAULTS['MAX_IMAGE_PIXELS']:,} by default); the whole body at most CARVAE_MAX_UPLOAD_BYTES "
+    f"({_DEFAULTS['MAX_UPLOAD_BYTES'] // 2**20} MiB by default)"
+)
 _SCHEMAS = "#/components/schemas/"
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 # Response headers clients act on, in OpenAPI so generated clients expose them (and schema-driven testers
@@ -59,9 +78,11 @@ def close_form_bodies(schema: dict[str, Any]) -> None:
                 schema["components"]["schemas"][ref.removeprefix(_SCHEMAS)]["additionalProperties"] = False
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def errors(*statuses: int, texts: Mapping[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The error statuses, each with the shared error body and what causes it (`texts` overrides)."""
+    text = {**_ERROR_TEXT, **(texts or {})}
     documented: dict[int | str, dict[str, Any]] = {
-        s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses
+        s: {"model": ErrorResponse, "description": text[s]} for s in statuses
     }
     if 503 in documented:
         documented[503]["headers"] = {"Retry-After": RETRY_AFTER}
@@ -69,7 +90,10 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def image_responses(
-    description: str, *statuses: int, headers: dict[str, Any] | None = None
+    description: str,
+    *statuses: int,
+    headers: dict[str, Any] | None = None,
+    texts: Mapping[int, str] | None = None,
 ) -> dict[int | str, dict[str, Any]]:
     """200 documented as image bytes in each format (plus the route's JSON model) with its headers, and the
     error statuses."""
@@ -78,7 +102,7 @@ def image_responses(
         "content": {"image/png": _BINARY, "image/jpeg": _BINARY, "image/webp": _BINARY},
         "headers": {"Vary": VARY, **(headers or {})},
     }
-    return {200: ok, **errors(*statuses)}
+    return {200: ok, **errors(*statuses, texts=texts)}
 
 
 MODEL_ERRORS = (400, 401, 408, 413, 415, 422, 500, 503, 504)

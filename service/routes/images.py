@@ -8,13 +8,16 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from starlette.responses import Response
 
 from service.deps import CallDep, OutputDep, PipelineDep, form_fields, single_upload, single_value
-from service.routes.common import MODEL_ERRORS, errors, image_responses, to_response
+from service.routes.common import MODEL_ERRORS, PHOTO_RULES, errors, image_responses, to_response
 from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
 
 router = APIRouter(tags=["images"])
 
-PHOTO = "a car photo: JPEG, PNG, WebP, BMP, GIF or TIFF (sniffed from the bytes; names and types are ignored)"
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 2, 32, 8
+STEPS = (
+    f"number of frames, {MIN_STEPS} to {MAX_STEPS} (default {DEFAULT_STEPS}): a form field or a query "
+    "parameter, not both"
+)
 
 
 @router.post(
@@ -28,7 +31,7 @@ MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 2, 32, 8
 )
 async def reconstruct(
     request: Request,
-    file: Annotated[UploadFile, File(description=PHOTO)],
+    file: Annotated[UploadFile, File(description=f"a car photo: {PHOTO_RULES}")],
     pipeline: PipelineDep,
     ctx: CallDep,
     out: OutputDep,
@@ -40,13 +43,16 @@ async def reconstruct(
 @router.post(
     "/encode",
     summary="Encode a car photo to its latent distribution",
+    description="The posterior q(z|x) of the photo as the model sees it (the same preprocessing as "
+    "/reconstruct): its mean μ and log-variance log σ², latent_dim floats each. Always JSON.",
     response_model=EncodeResponse,
+    response_description="the posterior's mean and log-variance",
     responses=errors(*MODEL_ERRORS),
     dependencies=[form_fields("file")],
 )
 async def encode(
     request: Request,
-    file: Annotated[UploadFile, File(description=PHOTO)],
+    file: Annotated[UploadFile, File(description=f"a car photo: {PHOTO_RULES}")],
     pipeline: PipelineDep,
     ctx: CallDep,
 ) -> Response:
@@ -65,16 +71,14 @@ async def encode(
 )
 async def interpolate(
     request: Request,
-    file_a: Annotated[UploadFile, File(description=f"first {PHOTO}")],
-    file_b: Annotated[UploadFile, File(description="second car photo")],
+    file_a: Annotated[UploadFile, File(description=f"the first car photo: {PHOTO_RULES}")],
+    file_b: Annotated[UploadFile, File(description=f"the second car photo: {PHOTO_RULES}")],
     pipeline: PipelineDep,
     ctx: CallDep,
     out: OutputDep,
-    steps: Annotated[
-        int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description="number of frames (form)")
-    ] = None,
+    steps: Annotated[int | None, Form(ge=MIN_STEPS, le=MAX_STEPS, description=STEPS)] = None,
     steps_query: Annotated[
-        int | None, Query(alias="steps", ge=MIN_STEPS, le=MAX_STEPS, description="number of frames (query)")
+        int | None, Query(alias="steps", ge=MIN_STEPS, le=MAX_STEPS, description=STEPS)
     ] = None,
 ) -> Response:
     data_a = await single_upload(request, "file_a", file_a)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body
 from starlette.responses import Response
 
 from service.deps import CallDep, OutputDep, PipelineDep
-from service.routes.common import LATENT_ERRORS, X_SEED, image_responses, to_response
+from service.routes.common import JSON_BODY_ERROR_TEXT, LATENT_ERRORS, X_SEED, image_responses, to_response
 from service.schemas import DecodeRequest, ImagesResponse, SampleRequest, SampleResponse
 
 router = APIRouter(tags=["latent"])
@@ -23,7 +23,10 @@ router = APIRouter(tags=["latent"])
     "seed used is in the `X-Seed` header (and in the JSON body). An empty body means all defaults.",
     response_model=SampleResponse,
     responses=image_responses(
-        "the grid of samples (default PNG); header X-Seed", *LATENT_ERRORS, headers={"X-Seed": X_SEED}
+        "the grid of samples (default PNG); header X-Seed",
+        *LATENT_ERRORS,
+        headers={"X-Seed": X_SEED},
+        texts=JSON_BODY_ERROR_TEXT,
     ),
 )
 async def sample(
@@ -42,7 +45,9 @@ async def sample(
     description="Each row of `z` (latent_dim finite floats) becomes one image: a PNG grid with 8 per row, "
     "or JSON with one image per row.",
     response_model=ImagesResponse,
-    responses=image_responses("the grid of decoded images (default PNG)", *LATENT_ERRORS),
+    responses=image_responses(
+        "the grid of decoded images (default PNG)", *LATENT_ERRORS, texts=JSON_BODY_ERROR_TEXT
+    ),
 )
 async def decode(body: DecodeRequest, pipeline: PipelineDep, ctx: CallDep, out: OutputDep) -> Response:
     return to_response(await pipeline.decode(body.z, out.fmt, out.as_json, ctx))

@@ -16,13 +16,25 @@ model_router = APIRouter(tags=["meta"])
 
 
 @model_router.get(
-    "/v1/model", summary="The served model", response_model=ModelResponse, responses=errors(401, 503)
+    "/v1/model",
+    summary="The served model",
+    description="What is served: the model id and the SHA-256 of its weights, its image and latent sizes, "
+    "the preprocessing policy and the training facts and metrics stored in the checkpoint, the device.",
+    response_model=ModelResponse,
+    response_description="the model card",
+    responses=errors(401, 503),
 )
 async def model_info(model: ModelDep) -> ModelResponse:
     return model.describe()
 
 
-@router.get("/healthz", summary="Liveness: the process answers", response_model=HealthResponse)
+@router.get(
+    "/healthz",
+    summary="Liveness: the process answers",
+    description="200 while the process answers, model or not: for a liveness probe. Never needs a key.",
+    response_model=HealthResponse,
+    response_description="the process is alive",
+)
 async def healthz() -> HealthResponse:
     return HealthResponse()
 
@@ -30,7 +42,10 @@ async def healthz() -> HealthResponse:
 @router.get(
     "/readyz",
     summary="Readiness: the model is loaded and warmed up",
+    description="200 while the service takes model requests; 503 once it is draining after SIGTERM (the "
+    "port opens only when the model is ready). For a readiness probe. Never needs a key.",
     response_model=ReadyResponse,
+    response_description="ready for model requests",
     responses={503: {"model": errors(503)[503]["model"], "description": "starting up or shutting down"}},
 )
 async def readyz(request: Request) -> Response:
@@ -44,10 +59,12 @@ async def readyz(request: Request) -> Response:
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    description="Request, batching and model metrics and the process's, in Prometheus' text format "
+    "(README, Metrics).",
     response_class=Response,
     responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"},
-        **errors(401),
+        **errors(401, texts={401: "API key missing or wrong (only when CARVAE_METRICS_REQUIRE_KEY is set)"}),
     },
 )
 def metrics(request: Request) -> Response:
