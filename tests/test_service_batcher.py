@@ -171,6 +171,36 @@ def test_compute_metric_is_the_handler_time_without_continuations() -> None:
     assert len(seen) == 1 and 0.01 <= seen[0] < 0.15, seen
 
 
+def test_waits_are_measured_finer_than_the_event_loops_clock() -> None:
+    """The service runs on uvloop, whose loop.time() counts whole milliseconds: every queue and batch wait
+    the metrics reported was a multiple of 1 ms (mostly 0), under the 0.1 and 0.5 ms buckets."""
+    uvloop = pytest.importorskip("uvloop")
+    seen: list[float] = []
+
+    class Observer:
+        def queue_depth(self, depth: int) -> None:
+            pass
+
+        def batch(self, op: str, rows: int, wait: float, waits: Any, compute_s: float) -> None:
+            seen.extend([wait, *waits])
+
+        def rejected(self, reason: str) -> None:
+            pass
+
+        def timed_out(self, stage: str) -> None:
+            pass
+
+    async def scenario() -> None:
+        b = await started({"x": Recorder()}, observer=Observer(), max_batch_size=4, max_wait_s=0.002)
+        for _ in range(5):
+            await asyncio.gather(*(b.submit("x", i) for i in range(3)))
+        await b.stop()
+
+    uvloop.run(scenario())
+    assert len(seen) >= 10 and all(0 <= w < 1 for w in seen), seen
+    assert any(abs(w * 1000 - round(w * 1000)) > 1e-6 for w in seen), seen
+
+
 def test_one_forward_per_op_in_a_mixed_batch() -> None:
     a, b_ = Recorder(), Recorder()
     a.gate.clear()
