@@ -178,7 +178,10 @@ def latents_tensor(rows: list[list[float]], latent_dim: int) -> torch.Tensor:
     """JSON rows → (k, latent_dim) float32. Values were validated finite and bounded by the schema."""
     for i, row in enumerate(rows):
         if len(row) != latent_dim:
-            raise InvalidLatents(f"z[{i}] has {len(row)} values; this model's latent_dim is {latent_dim}")
+            values = "value" if len(row) == 1 else "values"
+            raise InvalidLatents(
+                f"body.z[{i}] has {len(row)} {values}; this model's latent_dim is {latent_dim}"
+            )
     return torch.tensor(rows, dtype=torch.float32)
 
 

@@ -323,6 +323,18 @@ def test_decode_rejects_bad_latents_without_500(client: TestClient, body: bytes)
     assert r.json()["error"]["code"] in ("validation_error", "missing_field", "bad_request")
 
 
+@pytest.mark.parametrize(("length", "said"), [(1, "1 value;"), (3, "3 values;")])
+def test_a_latent_of_the_wrong_length_is_named_like_other_fields(
+    client: TestClient, length: int, said: str
+) -> None:
+    z = [[0.0] * TINY.latent_dim, [0.0] * length]
+    r = client.post("/decode", json={"z": z})
+    assert_error(r, 422, "validation_error")
+    assert r.json()["error"]["message"] == (
+        f"body.z[1] has {said} this model's latent_dim is {TINY.latent_dim}"
+    )
+
+
 def test_decode_row_limit(client: TestClient) -> None:
     z = [[0.0] * TINY.latent_dim] * 65
     assert_error(client.post("/decode", json={"z": z}), 422, "validation_error")
