@@ -198,6 +198,39 @@ def form_fields(*required: str, optional: tuple[str, ...] = ()) -> Any:
     return Depends(check)
 
 
+async def known_query(request: Request) -> None:
+    """Refuses a query parameter the route does not take. FastAPI ignores one without a word, so
+    `POST /sample?n=4` answered 16 cars and `?fmt=jpeg` a PNG. For the POST routes only: a GET may carry a
+    cache-buster."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    taken, body = _route_inputs(request.app.openapi(), getattr(route, "path", ""), request.method)
+    unknown = [name for name in request.query_params if name not in taken]
+    if not unknown:
+        return
+    name = clip(unknown[0], 40)
+    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+    takes = f"its query parameters are {', '.join(taken)}" if taken else "it takes no query parameters"
+    hint = f"; {name} goes in the request body" if unknown[0] in body else ""
+    raise ApiError(422, "validation_error", f"unknown query parameter {name!r}{more} ({takes}{hint})")
+
+
+def _route_inputs(schema: dict[str, Any], path: str, method: str) -> tuple[list[str], set[str]]:
+    """(the query parameters, the body's fields) of an operation, as /openapi.json declares them: what
+    the docs promise is what is accepted."""
+    operation = schema.get("paths", {}).get(path, {}).get(method.lower(), {})
+    query = [p["name"] for p in operation.get("parameters", ()) if p.get("in") == "query"]
+    body: set[str] = set()
+    components = schema.get("components", {}).get("schemas", {})
+    for content in operation.get("requestBody", {}).get("content", {}).values():
+        # An optional body (/sample's) is anyOf [its schema, null].
+        for option in [content.get("schema", {}), *content.get("schema", {}).get("anyOf", ())]:
+            ref = option.get("$ref", "")
+            body.update(components.get(ref.rpartition("/")[2], {}).get("properties", {}) if ref else ())
+    return query, body
+
+
 async def single_upload(request: Request, name: str, upload: UploadFile) -> BinaryIO:
     """The file of the one part called `name` (FastAPI would silently keep one of several). The file is
     handed on unread: the pipeline reads it in its I/O pool, so waiting requests hold no upload bytes."""

@@ -227,6 +227,37 @@ def test_a_parameter_given_twice_is_refused_not_silently_one_of_them(client: Tes
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
 
 
+@pytest.mark.parametrize(
+    ("path", "kwargs", "said"),
+    [
+        # n belongs in the JSON body: FastAPI ignored it in the query and 16 cars came back.
+        ("/sample?n=3", {"json": {}}, "'n' (its query parameters are format; n goes in the request body)"),
+        ("/reconstruct?fmt=jpeg", {}, "'fmt' (its query parameters are format)"),
+        ("/encode?format=jpeg&x=1", {}, "'format' and 1 more (it takes no query parameters)"),
+        ("/decode?z=0", {"json": {"z": [[0.0] * TINY.latent_dim]}}, "'z' (its query parameters are format;"),
+        ("/interpolate?step=3", {}, "'step' (its query parameters are steps, format)"),
+    ],
+)
+def test_a_query_parameter_the_route_does_not_take_is_refused_not_ignored(
+    client: TestClient, path: str, kwargs: dict[str, Any], said: str
+) -> None:
+    if path.startswith(("/reconstruct", "/encode")):
+        kwargs = {"files": upload()}
+    elif path.startswith("/interpolate"):
+        kwargs = {"files": [("file_a", upload()["file"]), ("file_b", upload()["file"])]}
+    r = client.post(path, **kwargs)
+    assert_error(r, 422, "validation_error")
+    assert r.json()["error"]["message"].startswith(f"unknown query parameter {said}"), r.text
+
+
+def test_the_query_parameters_a_route_takes_and_a_get_cache_buster_still_work(client: TestClient) -> None:
+    assert client.post("/reconstruct?format=jpeg", files=upload()).headers["content-type"] == "image/jpeg"
+    assert client.post("/sample?format=webp", json={"n": 1}).headers["content-type"] == "image/webp"
+    files = [("file_a", upload()["file"]), ("file_b", upload()["file"])]
+    assert client.post("/interpolate?steps=3", files=files).status_code == 200
+    assert client.get("/v1/model?_=1700000000").status_code == 200
+
+
 def test_model_health_ready(client: TestClient) -> None:
     info = client.get("/v1/model").json()
     for key in (

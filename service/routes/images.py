@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from starlette.responses import Response
 
-from service.deps import CallDep, OutputDep, PipelineDep, form_fields, single_upload, single_value
+from service.deps import (
+    CallDep,
+    OutputDep,
+    PipelineDep,
+    form_fields,
+    known_query,
+    single_upload,
+    single_value,
+)
 from service.routes.common import MODEL_ERRORS, PHOTO_RULES, errors, image_responses, to_response
 from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], dependencies=[Depends(known_query)])
 
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 2, 32, 8
 STEPS = (

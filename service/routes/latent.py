@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Depends
 from starlette.responses import Response
 
-from service.deps import CallDep, OutputDep, PipelineDep
+from service.deps import CallDep, OutputDep, PipelineDep, known_query
 from service.routes.common import JSON_BODY_ERROR_TEXT, LATENT_ERRORS, X_SEED, image_responses, to_response
 from service.schemas import DecodeRequest, ImagesResponse, SampleRequest, SampleResponse
 
-router = APIRouter(tags=["latent"])
+router = APIRouter(tags=["latent"], dependencies=[Depends(known_query)])
 
 
 @router.post(
