@@ -124,13 +124,21 @@ def save_checkpoint(
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """Only the header: cheap, used to decide whether a checkpoint matches a configuration."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        if path.is_dir():
+            raise CheckpointError(
+                f"checkpoint {path} is a directory, not a model.safetensors file (a container bind mount of "
+                "a host file that does not exist creates an empty directory in its place)"
+            )
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        # safetensors reports a file it may not open as "No such file or directory": ask first.
+        path.open("rb").close()
+    except PermissionError:
         raise CheckpointError(
-            f"checkpoint {path} is a directory, not a model.safetensors file (a container bind mount of a "
-            "host file that does not exist creates an empty directory in its place)"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+            f"checkpoint {path} is not readable by this process's user (uid {os.getuid()}): permission "
+            "denied; make the file readable and its folders searchable for that user (chmod a+r, a+x)"
+        ) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

@@ -104,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as e:
         _fail(str(e))
     except CheckpointError as e:
+        try:
+            missing = not settings.CHECKPOINT.exists()
+        except OSError:  # a folder on the way that this user may not search: the error says so
+            missing = False
         hint = (
-            ""
-            if settings.CHECKPOINT.exists()
-            else " (train one with `python -m trainer` — in Docker the compose stack's trainer does — "
+            " (train one with `python -m trainer` — in Docker the compose stack's trainer does — "
             "or point CARVAE_CHECKPOINT at one)"
+            if missing
+            else ""
         )
         _fail(f"{e}{hint}")
     except Exception as e:  # e.g. out of device memory while moving the weights: still one line

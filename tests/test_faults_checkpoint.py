@@ -9,9 +9,14 @@ through `service.__main__.main` in-process, plus two of them end to end."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
 import signal
-from collections.abc import Callable
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors import safe_open
 from safetensors.torch import save as st_save
-from service_fixtures import make_settings, run_service
+from service_fixtures import ROOT, make_settings, run_service, service_env
 
 from carvae.checkpoint import content_hash, load_checkpoint
 from service.__main__ import main
@@ -199,3 +204,48 @@ def test_loading_and_serving_never_unpickle(
     with TestClient(create_app(make_settings(service_checkpoint))) as client:
         assert client.get("/v1/model").status_code == 200
         assert client.post("/sample", json={"n": 2, "seed": 1}).status_code == 200
+
+
+@pytest.fixture
+def as_another_user() -> Iterator[tuple[Path, list[str]]]:
+    """A folder anyone may enter, and the command prefix that runs as a user who does not own it (the
+    container's uid 10001 reading a checkpoint another uid wrote); chmod then locks that user out."""
+    drop: list[str] = []
+    if os.geteuid() == 0:  # root reads anything: become someone else
+        if shutil.which("setpriv") is None:
+            pytest.skip("as root, needs setpriv to run as another user")
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    base = Path(tempfile.mkdtemp(prefix="carvae-unreadable-"))
+    base.chmod(0o755)
+    yield base, drop
+    for path in (base, *base.rglob("*")):
+        path.chmod(0o755)
+    shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("locked", ["file", "folder"])
+def test_an_unreadable_checkpoint_says_permission_denied(
+    locked: str, service_checkpoint: Path, as_another_user: tuple[Path, list[str]]
+) -> None:
+    """safetensors reports a file it may not open as 'No such file or directory', and a folder that may
+    not be searched ended in a PermissionError's repr: neither told the user what to fix."""
+    base, drop = as_another_user
+    folder = base / "current"
+    folder.mkdir(mode=0o755)
+    path = folder / "model.safetensors"
+    shutil.copyfile(service_checkpoint, path)
+    (path if locked == "file" else folder).chmod(0o600 if locked == "file" else 0o700)
+    if not drop:  # not root: the owner itself is locked out
+        (path if locked == "file" else folder).chmod(0)
+    proc = subprocess.run(
+        [*drop, sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=service_env(CHECKPOINT=path, DEVICE="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = _one_line(proc.stderr)
+    assert f"checkpoint {path} is not readable" in line and "permission denied" in line, line
+    assert "No such file" not in line and "PermissionError" not in line and "train one" not in line, line
