@@ -35,6 +35,7 @@ if __name__ == "__main__":
 import argparse
 import logging
 import math
+import socket
 from typing import NoReturn
 
 from pydantic import ValidationError
@@ -80,6 +81,15 @@ def _load_settings() -> Settings:
         _fail(f"invalid setting CARVAE_{name}: {err['msg']}")
 
 
+def _check_host(settings: Settings) -> None:
+    # uvicorn resolves the host only after the model is loaded and "ready" is logged, then fails with
+    # "[Errno -2] Name or service not known", naming neither the setting nor the value.
+    try:
+        socket.getaddrinfo(settings.HOST, settings.PORT, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        _fail(f"invalid setting CARVAE_HOST: {settings.HOST!r} is not an address to listen on ({e.strerror})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m service",
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ).parse_args(argv)
     settings = _load_settings()
+    _check_host(settings)
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     # Again for the `carvae-serve` entry point, which imports this module. uvicorn later handles
     # SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run the lifespan shutdown),

@@ -93,6 +93,13 @@ def test_invalid_setting_is_named(service_checkpoint: Path) -> None:
     assert "CARVAE_PORT" in _one_line_error(run_service(CHECKPOINT=service_checkpoint, PORT="eighty"))
 
 
+def test_a_host_that_does_not_resolve_is_named(service_checkpoint: Path) -> None:
+    """It used to load the model, log "ready", then exit 3 with uvicorn's bare "[Errno -2] Name or
+    service not known": neither the setting nor the value in sight."""
+    line = _one_line_error(run_service(CHECKPOINT=service_checkpoint, DEVICE="cpu", HOST="999.1.1.1"))
+    assert "CARVAE_HOST" in line and "'999.1.1.1'" in line, line
+
+
 # -- a real `python -m service` --------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(service_checkpoint: Path) -> Iterator[ServerProcess]:
