@@ -78,7 +78,9 @@ def _load_settings() -> Settings:
     except ValidationError as e:
         err = e.errors()[0]
         name = ".".join(str(p) for p in err["loc"])
-        _fail(f"invalid setting CARVAE_{name}: {err['msg']}")
+        # A validator's own ValueError: its message without pydantic's "Value error, " in front.
+        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        _fail(f"invalid setting CARVAE_{name}: {msg}")
 
 
 def _check_host(settings: Settings) -> None:

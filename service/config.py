@@ -6,6 +6,7 @@ file. Invalid values stop start-up with one line naming the variable (see `servi
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -190,6 +191,24 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_level(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("FORWARDED_ALLOW_IPS", mode="after")
+    @classmethod
+    def _addresses_only(cls, v: str | None) -> str | None:
+        # uvicorn keeps an entry that is not an address or network as a literal matched against the peer's
+        # address, so a host name ("nginx") or a network with host bits set (10.0.0.1/8) would silently
+        # never match, and the proxy's X-Forwarded-Proto would be ignored without a word.
+        for entry in (e.strip() for e in (v or "").split(",")):
+            if entry in ("", "*"):
+                continue
+            try:
+                ipaddress.ip_network(entry) if "/" in entry else ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (e.g. 172.18.0.2 or 172.18.0.0/16; host "
+                    "names are not resolved)"
+                ) from None
+        return v
 
     @field_validator("API_KEY", mode="after")
     @classmethod

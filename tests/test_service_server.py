@@ -31,6 +31,7 @@ from service_fixtures import (
     serving,
 )
 
+from service.config import Settings
 from service.main import create_app
 
 pytest_plugins = ["service_fixtures"]
@@ -332,6 +333,25 @@ def test_forwarded_proto_is_believed_only_from_the_allowed_proxies(service_check
         with serving(service_checkpoint, FORWARDED_ALLOW_IPS=allowed) as srv:
             moved = httpx.get(srv.url + "/docs/", headers=forwarded)
         assert moved.status_code == 307 and moved.headers["location"].startswith(f"{scheme}://"), allowed
+
+
+@pytest.mark.parametrize("allowed", ["nginx", "192.0.2.1, 10.0.0.1/8"])
+def test_a_forwarded_allow_entry_that_can_never_match_is_refused(
+    allowed: str, service_checkpoint: Path
+) -> None:
+    """uvicorn keeps a host name (the compose service name "nginx") or a network with host bits set as a
+    literal that no TCP peer's address equals: the service started and ignored the proxy's headers."""
+    started = run_service(
+        timeout=30, CHECKPOINT=service_checkpoint, DEVICE="cpu", PORT=free_port(), FORWARDED_ALLOW_IPS=allowed
+    )
+    line = _one_line_error(started)
+    bad = allowed.split(", ")[-1]
+    assert f"invalid setting CARVAE_FORWARDED_ALLOW_IPS: {bad!r} is not an IP address or network" in line
+
+
+def test_forwarded_allow_ips_takes_addresses_networks_and_star() -> None:
+    valid = ["*", "127.0.0.1,::1", "192.0.2.1, 10.0.0.0/8, fd00::/8", ""]
+    assert [Settings(FORWARDED_ALLOW_IPS=v).FORWARDED_ALLOW_IPS for v in valid] == valid
 
 
 def test_every_answer_on_the_docs_paths_has_one_content_security_policy(service_checkpoint: Path) -> None:
