@@ -42,7 +42,7 @@ from pydantic import ValidationError
 
 from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
-from service.config import Settings
+from service.config import Settings, unknown_variables
 from service.logs import JsonFormatter, configure_logging
 from service.threads import use_one_thread
 
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = _load_settings()
     _check_host(settings)
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
     # Again for the `carvae-serve` entry point, which imports this module. uvicorn later handles
     # SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run the lifespan shutdown),
     # restores these handlers and re-raises the signal: status 0 again.

@@ -6,7 +6,9 @@ file. Invalid values stop start-up with one line naming the variable (see `servi
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +18,18 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from carvae.device import DEVICE_PATTERN, available_cores
 
 MiB = 1024 * 1024
+
+# CARVAE_* variables that belong to the trainer, the compose file or CI, not to the service: a shell or
+# .env that sets them for `make run` or `docker compose` is not a typo.
+_OTHER_PREFIXES = ("CARVAE_TRAIN_", "CARVAE_CI_")
+_OTHER_NAMES = {
+    "CARVAE_IMAGE_TAG",
+    "CARVAE_PUBLISH_PORT",
+    "CARVAE_SERVICE_CPUS",
+    "CARVAE_SERVICE_MEMORY",
+    "CARVAE_STOP_GRACE_PERIOD",
+    "CARVAE_WEB_TEST_URL",
+}
 
 
 class Settings(BaseSettings):
@@ -261,3 +275,23 @@ class Settings(BaseSettings):
     @property
     def max_wait_s(self) -> float:
         return self.MAX_WAIT_MS / 1000.0 if self.BATCHING else 0.0
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """CARVAE_* variables that are no setting (extra="ignore" drops them quietly): each as a line naming
+    it and the closest setting, since CARVAE_MAX_BATCH=64 would otherwise leave the default in force."""
+    names = list(Settings.model_fields)
+    settings = [f"CARVAE_{name}" for name in names]
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("CARVAE_") or upper in settings or upper in _OTHER_NAMES:
+            continue
+        if upper.startswith(_OTHER_PREFIXES):
+            continue
+        # Compared without the prefix, which every name shares and would make anything look close.
+        close = difflib.get_close_matches(upper.removeprefix("CARVAE_"), names, n=1, cutoff=0.6)
+        lines.append(
+            f"{name} is not a setting (ignored)" + (f"; did you mean CARVAE_{close[0]}?" if close else "")
+        )
+    return lines

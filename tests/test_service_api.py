@@ -27,7 +27,7 @@ from carvae.checkpoint import save_checkpoint
 from carvae.losses import psnr
 from carvae.model import VAE
 from carvae.preprocess import PreprocessPolicy, prepare, to_tensor, to_uint8
-from service.config import Settings
+from service.config import Settings, unknown_variables
 from service.deps import Output, negotiate
 from service.main import STATIC_DIR, create_app
 from service.pipeline import Pipeline
@@ -649,6 +649,25 @@ def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) ->
     assert defaults.KEEP_ALIVE_S == 5 and defaults.SHUTDOWN_DELAY_S == 0
     monkeypatch.setenv("CARVAE_QUEUE_SIZE", "7")
     assert Settings().QUEUE_SIZE == 7
+
+
+def test_unknown_variables_are_named_with_the_closest_setting() -> None:
+    environ = {
+        "CARVAE_MAX_BATCH": "64",
+        "CARVAE_APIKEY": "k",
+        "CARVAE_FOO": "1",
+        "CARVAE_QUEUE_SIZE": "8",  # settings, in any case
+        "carvae_log_level": "debug",
+        "CARVAE_TRAIN_EPOCHS": "3",  # the trainer's, the compose file's and CI's: not typos
+        "CARVAE_PUBLISH_PORT": "8080",
+        "CARVAE_CI_KEEP": "1",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(environ) == [
+        "CARVAE_APIKEY is not a setting (ignored); did you mean CARVAE_API_KEY?",
+        "CARVAE_FOO is not a setting (ignored)",
+        "CARVAE_MAX_BATCH is not a setting (ignored); did you mean CARVAE_MAX_BATCH_SIZE?",
+    ]
 
 
 def test_refusal_and_timeout_counters_exist_at_zero_before_any_event(service_checkpoint: Path) -> None:

@@ -94,6 +94,18 @@ def test_invalid_setting_is_named(service_checkpoint: Path) -> None:
     assert "CARVAE_PORT" in _one_line_error(run_service(CHECKPOINT=service_checkpoint, PORT="eighty"))
 
 
+def test_a_mistyped_variable_is_warned_about(tmp_path: Path) -> None:
+    """extra="ignore" dropped CARVAE_MAX_BATCH=64 without a word: the service ran with 32."""
+    proc = run_service(CHECKPOINT=tmp_path / "missing.safetensors", MAX_BATCH="64")
+    assert proc.returncode == 2, proc.stderr
+    warning, error = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert warning.endswith(
+        "WARNING carvae.service: CARVAE_MAX_BATCH is not a setting (ignored); did you mean "
+        "CARVAE_MAX_BATCH_SIZE?"
+    ), warning
+    assert error.startswith("carvae: error: checkpoint ") and "does not exist" in error
+
+
 def test_a_host_that_does_not_resolve_is_named(service_checkpoint: Path) -> None:
     """It used to load the model, log "ready", then exit 3 with uvicorn's bare "[Errno -2] Name or
     service not known": neither the setting nor the value in sight."""
