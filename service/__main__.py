@@ -36,6 +36,7 @@ import argparse
 import logging
 import math
 import socket
+import textwrap
 from typing import NoReturn
 
 from pydantic import ValidationError
@@ -64,11 +65,31 @@ def _fail(message: str) -> NoReturn:
     sys.exit(EXIT_CONFIG)
 
 
+def _as_typed(default: object) -> str:
+    """A default as one would write it in the variable (and as the README's table has it): true, not
+    Python's True; 5, not 5.0."""
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    if isinstance(default, list):  # comma-separated in the variable
+        return ",".join(map(str, default)) or "empty"
+    return str(default) or "empty"
+
+
 def _settings_help() -> str:
     lines = ["environment variables (defaults in brackets):"]
+    column = max(map(len, Settings.model_fields))
     for name, f in Settings.model_fields.items():
-        default = "unset" if f.default is None or f.default_factory is not None else f.default
-        lines.append(f"  CARVAE_{name:<20} {f.description or ''} [{default}]")
+        default = _as_typed(f.get_default(call_default_factory=True, validated_data={}))
+        lines += textwrap.wrap(
+            f"{f.description or ''} [{default}]",
+            width=100,
+            initial_indent=f"  CARVAE_{name:<{column}}  ",
+            subsequent_indent=" " * (column + 11),
+        )
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import torch
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import (
+    ROOT,
     ServerProcess,
     decode_png,
     free_port,
@@ -31,6 +33,7 @@ from service_fixtures import (
     serving,
 )
 
+from service.__main__ import main
 from service.config import Settings
 from service.main import create_app
 
@@ -92,6 +95,36 @@ def test_cuda_requested_without_cuda(service_checkpoint: Path) -> None:
 
 def test_invalid_setting_is_named(service_checkpoint: Path) -> None:
     assert "CARVAE_PORT" in _one_line_error(run_service(CHECKPOINT=service_checkpoint, PORT="eighty"))
+
+
+def _readme_defaults() -> dict[str, str]:
+    """README's settings table: variable -> its default cell."""
+    defaults = {}
+    for row in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`CARVAE_"):
+            names = cells[0].split(" / ")  # `CARVAE_HOST` / `CARVAE_PORT` share a row
+            values = cells[1].split(" / ") if len(names) > 1 else [cells[1]]
+            for name, value in zip(names, values, strict=True):
+                defaults[name.strip("`")] = value
+    return defaults
+
+
+def test_help_lists_every_setting_with_the_readme_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README says --help "prints the same list": it printed Python's reprs ([True], [5.0], [[]])
+    where the table and the variable say true, 5 and empty."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    entries = re.split(r"\n  (?=CARVAE_)", capsys.readouterr().out.split("(defaults in brackets):")[1])
+    shown = {e.split()[0]: " ".join(e.split()) for e in entries if e.strip()}
+    documented = _readme_defaults()
+    for name in Settings.model_fields:
+        variable = f"CARVAE_{name}"
+        cell = documented[variable]
+        literal = re.fullmatch(r"`([^`]*)`", cell)
+        expected = literal.group(1) if literal else "empty" if cell == "empty" else "unset"
+        assert shown[variable].endswith(f"[{expected}]"), (shown[variable], cell)
 
 
 def test_a_mistyped_variable_is_warned_about(tmp_path: Path) -> None:
