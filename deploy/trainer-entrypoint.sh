@@ -17,6 +17,25 @@ if [ "$#" -gt 0 ]; then
     exec python -m trainer "$@"
 fi
 
+# A value argparse cannot parse would end in a page of usage and "argument --epochs: invalid int value",
+# naming a flag the user never wrote: check the numbers here and name the variable instead. (Ranges,
+# e.g. epochs >= 1, are the trainer's to check; its one-line errors name the setting well enough.)
+check_number() {  # VARIABLE WHAT whole|decimal; empty is fine (the trainer's default)
+    eval "value=\"\${$1:-}\""
+    [ -n "$value" ] || return 0
+    case "${value#-}" in
+        "" | . | *[!0-9.]* | *.*.*) ;;
+        *.*) [ "$3" = decimal ] && return 0 ;;
+        *) return 0 ;;
+    esac
+    echo "trainer: error: $1 must be $2, got '$value'" >&2
+    exit 2
+}
+for var in CARVAE_TRAIN_EPOCHS CARVAE_TRAIN_IMAGE_SIZE CARVAE_TRAIN_LATENT_DIM CARVAE_TRAIN_SEED; do
+    check_number "$var" "a whole number" whole
+done
+check_number CARVAE_TRAIN_MAX_MINUTES "a number of minutes (e.g. 5 or 0.5)" decimal
+
 data="${CARVAE_TRAIN_DATA:-auto}"
 data_dir="${CARVAE_TRAIN_DATA_DIR:-/data}"
 # The container runs as uid 10001: a host folder or photos that only their owner may read (umask 077,

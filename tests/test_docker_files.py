@@ -198,6 +198,35 @@ def test_entrypoint_maps_every_setting_to_its_flag(run_entrypoint) -> None:
     assert argv[-3:] == ["--smoke", "--batch-size", "8"]
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "must_be"),
+    [
+        ("CARVAE_TRAIN_EPOCHS", "abc", "a whole number"),
+        ("CARVAE_TRAIN_IMAGE_SIZE", "64.5", "a whole number"),
+        ("CARVAE_TRAIN_SEED", "-", "a whole number"),
+        ("CARVAE_TRAIN_LATENT_DIM", "1 28", "a whole number"),
+        ("CARVAE_TRAIN_MAX_MINUTES", "5min", "a number of minutes (e.g. 5 or 0.5)"),
+    ],
+)
+def test_a_setting_that_is_not_a_number_is_named_in_one_line(
+    run_entrypoint, variable: str, value: str, must_be: str
+) -> None:
+    """It went through to argparse: 24 lines of usage, then "argument --epochs: invalid int value"."""
+    with pytest.raises(subprocess.CalledProcessError) as failed:
+        run_entrypoint(**{variable: value})
+    assert failed.value.returncode == 2
+    assert failed.value.stderr.splitlines() == [
+        f"trainer: error: {variable} must be {must_be}, got '{value}'"
+    ]
+
+
+@pytest.mark.parametrize("value", ["30", "0.5", ".5"])
+def test_numbers_pass_through_to_the_trainer(run_entrypoint, value: str) -> None:
+    """Whole numbers for the integer settings, decimals only for the minutes; ranges are the trainer's."""
+    argv = run_entrypoint(CARVAE_TRAIN_MAX_MINUTES=value, CARVAE_TRAIN_SEED="-1")
+    assert argv[argv.index("--max-minutes") + 1] == value and argv[argv.index("--seed") + 1] == "-1"
+
+
 def test_empty_settings_leave_the_trainer_defaults(run_entrypoint) -> None:
     argv = run_entrypoint(CARVAE_TRAIN_EPOCHS="", CARVAE_TRAIN_DEVICE="")
     assert "--epochs" not in argv and "--device" not in argv
