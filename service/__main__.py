@@ -45,6 +45,7 @@ from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from service.config import Settings, unknown_variables
 from service.logs import JsonFormatter, configure_logging
+from service.openfiles import ensure_open_files
 from service.threads import use_one_thread
 
 log = logging.getLogger("carvae.service")
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     for line in unknown_variables(os.environ):
         log.warning("%s", line)
+    too_few_files = ensure_open_files(settings.MAX_CONNECTIONS)
+    if too_few_files:
+        log.warning("%s", too_few_files)
     # Again for the `carvae-serve` entry point, which imports this module. uvicorn later handles
     # SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run the lifespan shutdown),
     # restores these handlers and re-raises the signal: status 0 again.

@@ -155,7 +155,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="connections open at once, idle keep-alive ones included; one more is answered 503 (with "
-        "Retry-After) and closed. Each is a file descriptor: keep it under the process's open-file limit",
+        "Retry-After) and closed. Each is a file descriptor: the soft open-file limit is raised to fit "
+        "(up to the hard one; a warning when that is too low)",
     )
     SHUTDOWN_DELAY_S: float = Field(
         default=0.0,

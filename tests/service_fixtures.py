@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -173,7 +173,7 @@ def run_service(timeout: float = 60, **settings: Any) -> subprocess.CompletedPro
 class ServerProcess:
     """`python -m service` on a free loopback port, waited for until /readyz answers 200."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, preexec_fn: Callable[[], object] | None = None, **settings: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -183,6 +183,7 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=preexec_fn,
         )
 
     def wait_ready(self, timeout: float = 90) -> None:

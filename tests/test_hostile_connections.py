@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import resource
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hostile_support import read_response
-from service_fixtures import ServerProcess, serving
+from service_fixtures import ROOT, ServerProcess, service_env, serving
 
 from service.metrics import SERVER_REFUSALS
 
@@ -83,3 +86,56 @@ def test_a_connection_over_the_limit_gets_a_json_503_and_a_freed_slot_is_served(
     assert {k: after[k] - before[k] for k in before} == {
         k: float(k == "too_many_connections") for k in before
     }
+
+
+def _soft_open_files(limit: int, hard: bool = False) -> Callable[[], None]:
+    def lower() -> None:
+        hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit if hard else hard_limit))
+
+    return lower
+
+
+def test_a_low_soft_open_file_limit_is_raised_to_what_max_connections_needs(service_checkpoint: Path) -> None:
+    """Hosts and container runtimes often start processes at a soft limit of 1024 (under a far higher hard
+    one), below the default MAX_CONNECTIONS plus what the process holds anyway. Before, every connection
+    past the soft limit was dropped by accept()'s EMFILE: a reset, not the JSON 503, and nothing logged."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1000:
+        pytest.skip(f"needs a hard open-file limit of 1000 or more (have {hard})")
+    srv = ServerProcess(
+        preexec_fn=_soft_open_files(100),
+        CHECKPOINT=service_checkpoint,
+        DEVICE="cpu",
+        TORCH_THREADS=1,
+        LOG_LEVEL="warning",
+        MAX_CONNECTIONS=300,
+        KEEP_ALIVE_S=60,
+    )
+    held: list[socket.socket] = []
+    try:
+        srv.wait_ready()
+        held = [_connect(srv) for _ in range(150)]
+        with _connect(srv) as sock:
+            assert _get(sock, "/healthz")[0] == 200
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop()
+
+
+def test_a_hard_open_file_limit_below_max_connections_is_warned_about(
+    service_checkpoint: Path, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "service"],
+        cwd=ROOT,
+        env=service_env(CHECKPOINT=tmp_path / "missing.safetensors", MAX_CONNECTIONS=1000),
+        preexec_fn=_soft_open_files(200, hard=True),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    warning = proc.stderr.splitlines()[0]
+    assert "WARNING carvae.service: CARVAE_MAX_CONNECTIONS=1000 needs about 1064 open files" in warning
+    assert "this process may have 200 (ulimit -n)" in warning and "lower CARVAE_MAX_CONNECTIONS" in warning
