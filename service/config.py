@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -200,6 +201,20 @@ class Settings(BaseSettings):
     def _split_origins(cls, v: object) -> object:
         if isinstance(v, str):
             return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("CORS_ORIGINS", mode="after")
+    @classmethod
+    def _origins_only(cls, v: list[str]) -> list[str]:
+        # The browser's Origin header is scheme://host[:port], compared as a string: an entry with a
+        # trailing slash or a path, or without its scheme, would never match and CORS would stay closed
+        # with nothing said.
+        for origin in v:
+            if origin != "*" and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port] with no path or trailing slash "
+                    "(e.g. https://cars.example or http://localhost:3000), or *"
+                )
         return v
 
     @field_validator("LOG_LEVEL", "LOG_FORMAT", mode="before")

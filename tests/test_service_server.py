@@ -394,6 +394,22 @@ def test_a_forwarded_allow_entry_that_can_never_match_is_refused(
     assert f"invalid setting CARVAE_FORWARDED_ALLOW_IPS: {bad!r} is not an IP address or network" in line
 
 
+@pytest.mark.parametrize("origins", ["https://cars.example/", "https://a.example, cars.example"])
+def test_a_cors_origin_that_can_never_match_is_refused(origins: str, service_checkpoint: Path) -> None:
+    """A browser's Origin is scheme://host[:port]; Starlette compares it as a string. An entry with a
+    trailing slash or without its scheme used to start a service whose CORS stayed shut, unexplained."""
+    started = run_service(
+        timeout=30, CHECKPOINT=service_checkpoint, DEVICE="cpu", PORT=free_port(), CORS_ORIGINS=origins
+    )
+    bad = origins.split(", ")[-1]
+    assert f"invalid setting CARVAE_CORS_ORIGINS: {bad!r} is not an origin" in _one_line_error(started)
+
+
+def test_cors_origins_take_origins_and_star() -> None:
+    valid = "https://cars.example, http://localhost:3000,*"
+    assert Settings(CORS_ORIGINS=valid).CORS_ORIGINS == ["https://cars.example", "http://localhost:3000", "*"]
+
+
 def test_forwarded_allow_ips_takes_addresses_networks_and_star() -> None:
     valid = ["*", "127.0.0.1,::1", "192.0.2.1, 10.0.0.0/8, fd00::/8", ""]
     assert [Settings(FORWARDED_ALLOW_IPS=v).FORWARDED_ALLOW_IPS for v in valid] == valid
