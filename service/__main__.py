@@ -100,8 +100,12 @@ def _load_settings() -> Settings:
     except ValidationError as e:
         err = e.errors()[0]
         name = ".".join(str(p) for p in err["loc"])
-        # A validator's own ValueError: its message without pydantic's "Value error, " in front.
-        msg = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        if err["type"] == "value_error":  # a validator's own message, which names the bad part
+            msg = str(err["ctx"]["error"])
+        elif name == "API_KEY":  # never into a log
+            msg = err["msg"]
+        else:  # pydantic's says what was wrong but not with what: "less than or equal to 1000" for nan
+            msg = f"{err['msg']} (got {err['input']!r})"
         _fail(f"invalid setting CARVAE_{name}: {msg}")
 
 

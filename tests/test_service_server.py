@@ -97,6 +97,15 @@ def test_invalid_setting_is_named(service_checkpoint: Path) -> None:
     assert "CARVAE_PORT" in _one_line_error(run_service(CHECKPOINT=service_checkpoint, PORT="eighty"))
 
 
+def test_an_invalid_setting_shows_the_value_it_got(service_checkpoint: Path) -> None:
+    """ "Input should be less than or equal to 1000" alone left CARVAE_MAX_WAIT_MS=nan a riddle."""
+    line = _one_line_error(run_service(CHECKPOINT=service_checkpoint, MAX_WAIT_MS="nan"))
+    assert line == (
+        "carvae: error: invalid setting CARVAE_MAX_WAIT_MS: Input should be less than or equal to 1000 "
+        "(got 'nan')"
+    )
+
+
 def _readme_defaults() -> dict[str, str]:
     """README's settings table: variable -> its default cell."""
     defaults = {}
