@@ -73,6 +73,16 @@ def test_service_and_trainer_threads_follow_the_quota(monkeypatch: pytest.Monkey
     assert default_threads() == 1
 
 
+@pytest.mark.parametrize(("threads", "said"), [(1, "cpu (1 thread, fp32,"), (2, "cpu (2 threads, fp32,")])
+def test_the_trainers_device_line_counts_threads_in_words(
+    monkeypatch: pytest.MonkeyPatch, threads: int, said: str
+) -> None:
+    from trainer.distributed import describe_device
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert describe_device(torch.device("cpu"), amp=False).startswith(said)
+
+
 def test_pick_device() -> None:
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device(" CPU ") == torch.device("cpu")

@@ -140,10 +140,11 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def describe_device(device: torch.device, amp: bool) -> str:
-    """e.g. "cpu (2 threads, channels_last)" or "cuda:0 (NVIDIA H100, bf16 autocast)"."""
+    """e.g. "cpu (2 threads, bf16 autocast, channels_last)" or "cuda:0 (NVIDIA H100, bf16 autocast)"."""
     if device.type == "cuda":
         precision = "bf16 autocast" if amp else "fp32"
         return f"{device} ({torch.cuda.get_device_name(device)}, {precision}, channels_last)"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads, {'bf16 autocast' if amp else 'fp32'}, channels_last)"
+        n = torch.get_num_threads()
+        return f"cpu ({n} thread{'s' if n != 1 else ''}, {'bf16 autocast' if amp else 'fp32'}, channels_last)"
     return str(device)
