@@ -607,6 +607,44 @@ def test_ctrl_c_suggests_resume_only_when_there_is_a_resume_point(
     assert "resuming after epoch 1" in capsys.readouterr().out
 
 
+def test_if_missing_continues_a_stopped_run_of_the_same_configuration(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """`make run` and the compose trainer use --if-missing: a run stopped after an epoch (Ctrl-C,
+    `docker compose down`) goes on from there instead of starting over."""
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "3", "--out", str(out), "--if-missing"]
+    _interrupt_at_epoch(monkeypatch, 1)
+    assert main(args) == 130
+    monkeypatch.setattr(train_mod._Run, "train_epoch", REAL_TRAIN_EPOCH)
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "continuing the unfinished run of this configuration" in said
+    assert "resuming after epoch 1" in said
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    assert load_checkpoint(out / "model.safetensors").training["complete"]
+    assert main(args) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_if_missing_trains_afresh_when_a_stopped_runs_resume_point_is_unusable(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "2", "--out", str(out), "--if-missing"]
+    _interrupt_at_epoch(monkeypatch, 1)
+    assert main(args) == 130
+    monkeypatch.setattr(train_mod._Run, "train_epoch", REAL_TRAIN_EPOCH)
+    (out / "train_state.pt").write_bytes(b"not a state")
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "training afresh" in said
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+    assert load_checkpoint(out / "model.safetensors").training["complete"]
+
+
 def test_evaluate_renders_only_the_synthetic_cars_it_uses(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:

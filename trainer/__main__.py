@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--if-missing",
         action="store_true",
         help="exit 0 at once if RUN_DIR/model.safetensors is valid, complete and trained with this "
-        "configuration; otherwise train into RUN_DIR, replacing what is there",
+        "configuration; continue a stopped run of this configuration from its last completed epoch; "
+        "otherwise train into RUN_DIR, replacing what is there",
     )
     r.add_argument(
         "--overwrite",
@@ -348,21 +349,38 @@ def _config(args: argparse.Namespace, given: set[str]) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-def _matches(cfg: TrainConfig) -> tuple[bool, str]:
-    """Is RUN_DIR/model.safetensors a complete run of exactly this configuration?"""
+def _matches(cfg: TrainConfig) -> tuple[str, str]:
+    """What RUN_DIR holds for this configuration: ("complete", _) a finished run of exactly it,
+    ("unfinished", _) a stopped run of exactly it that can be resumed, ("other", why) anything else."""
     path = cfg.out / CHECKPOINT_FILE
     if not path.is_file():
-        return False, f"no {path}"
+        return "other", f"no {path}"
     try:
         training = load_checkpoint(path).training
     except CheckpointError as e:
-        return False, str(e)
-    if not training.get("complete"):
-        return False, f"the run in {cfg.out} did not finish"
+        return "other", str(e)
     want = cfg.signature(data_fingerprint(cfg.data, cfg.image_size, cfg.synthetic_count))
     have = training.get("signature") or {}
     diff = [k for k in want if want[k] != have.get(k)]
-    return (not diff), (f"configuration differs in {', '.join(diff)}" if diff else "matches")
+    if diff:
+        return "other", f"configuration differs in {', '.join(diff)}"
+    if training.get("complete"):
+        return "complete", "matches"
+    if (cfg.out / STATE_FILE).is_file() and (cfg.out / RUN_FILE).is_file():
+        return "unfinished", f"the run in {cfg.out} did not finish"
+    return "other", f"the run in {cfg.out} did not finish and has no resume point"
+
+
+def _resumed(cfg: TrainConfig, log: logging.Logger) -> bool:
+    """--if-missing on a stopped run of this configuration: resume it. False (train afresh) when its
+    resume point turns out unusable: an unattended run should end with a model, not an error."""
+    log.info("continuing the unfinished run of this configuration in %s (--if-missing)", cfg.out)
+    try:
+        train(cfg, resume=True)
+    except ResumeError as e:
+        log.warning("cannot continue it (%s); training afresh", e)
+        return False
+    return True
 
 
 def _interrupted(out: Path | None) -> str:
@@ -396,9 +414,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # in RUN_DIR is something else (the data changed), replacing it is what it was asked for.
         overwrite = args.overwrite or args.if_missing
         if args.if_missing and args.resume is None:
-            ok, why = _matches(cfg)
-            if ok:
+            found, why = _matches(cfg)
+            if found == "complete":
                 log.info("%s is a complete run of this configuration; nothing to do (--if-missing)", cfg.out)
+                return 0
+            # A stopped run of this configuration (Ctrl-C in `make run`, `docker compose down` while the
+            # trainer ran) goes on from its last completed epoch instead of starting over; the time
+            # budget counts every segment, so the whole run still keeps to --max-minutes.
+            if found == "unfinished" and _resumed(cfg, log):
                 return 0
             log.info("training (--if-missing: %s)", why)
         train(cfg, resume=args.resume is not None, overwrite=overwrite)
