@@ -367,6 +367,24 @@ def test_usable_at_phone_width(page: Any) -> None:
     screenshot(page, "web-375px")
 
 
+def test_a_long_file_name_does_not_widen_the_page_on_a_phone(page: Any, tmp_path: Path) -> None:
+    # The explorer's caption names the uploaded file, and a camera's or a download's name is one long
+    # word: the caption did not wrap, and the whole page scrolled sideways (758 px wide at 375).
+    name = "IMG_20261130_my_favourite_car_at_the_motor_show_front_three_quarter_view_final_v2.png"
+    photo = car_photo(tmp_path / name, (200, 30, 40))
+    page.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 375, "height": 800, "deviceScaleFactor": 1, "mobile": True},
+    )
+    page.refresh()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+    upload(page, "file-input", photo)
+    wait_for(page, lambda d: name in by_id(d, "latent-source").text)
+    upload(page, "file-a", photo)
+    assert page.execute_script("return document.documentElement.scrollWidth") <= 375
+    screenshot(page, "web-375px-long-name")
+
+
 def test_api_key_field_unlocks_a_protected_service(browser: Any, keyed_base_url: str) -> None:
     msg = open_without_a_key(browser, keyed_base_url)
     assert "unauthorized" in msg.text
