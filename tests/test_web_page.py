@@ -559,6 +559,57 @@ def test_a_reload_reuses_the_slider_ranking(page: Any) -> None:
         page.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", counter)
 
 
+def test_a_busy_service_at_start_still_gets_the_sliders_ranked(page: Any) -> None:
+    # The ranking's /decode calls come right after the model card, when a loaded service may answer 503.
+    # One such answer left the sliders unranked (dimensions 0-11) for good, and the message saying so was
+    # wiped by the next decode within a second, while the help text still promised an order.
+    def order(d: Any) -> list[str]:
+        return [s.get_attribute("data-dim") for s in d.find_elements("css selector", "#sliders input")]
+
+    def load_refusing(refusals: int) -> None:
+        """Reload with no saved ranking; its first `refusals` ranking calls get 503 (more than one row, and
+        not the sample grid's 16)."""
+        script = page.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {
+                "source": f"sessionStorage.clear(); window.refuse = {refusals};"
+                + """
+                const real = window.fetch;
+                window.fetch = (url, opts = {}) => {
+                  const rows = String(url).endsWith('decode') ? JSON.parse(opts.body).z.length : 0;
+                  if (rows > 1 && rows !== 16 && window.refuse-- > 0) {
+                    return Promise.resolve(new Response(
+                      JSON.stringify({error: {code: 'overloaded', message: 'queue full', request_id: 'r5'}}),
+                      {status: 503, headers: {'Content-Type': 'application/json', 'Retry-After': '0'}}));
+                  }
+                  return real(url, opts);
+                };
+                """
+            },
+        )
+        try:
+            page.refresh()
+            wait_for(page, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+        finally:
+            page.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
+
+    ranked = order(page)
+    load_refusing(2)
+    wait_for(page, lambda d: order(d) == ranked, timeout=10)
+    assert by_id(page, "explore-msg").text == ""
+
+    # A service that stays busy: the sliders come unranked, and the message saying so stays after the
+    # explorer's own decodes succeed.
+    load_refusing(1000)
+    msg = by_id(page, "explore-msg")
+    wait_for(page, lambda d: "unranked" in msg.text)
+    assert order(page) == [str(d) for d in range(len(ranked))]
+    by_id(page, "latent-zero").click()
+    page.execute_script("return new Promise((r) => setTimeout(r, 1000))")
+    assert "unranked" in msg.text and "reload the page" in msg.text and "overloaded" in msg.text
+    page.execute_script("sessionStorage.clear()")  # the next test's load ranks as usual
+
+
 def test_pressing_sample_or_interpolate_keeps_the_keyboard_focus(page: Any, photos: dict[str, Path]) -> None:
     # The buttons were disabled while their request ran, and Chromium moves the focus off a disabled
     # element to the page itself: a keyboard user pressing Enter lost their place.

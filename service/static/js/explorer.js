@@ -2,13 +2,14 @@
 // the user moves them. Dimensions are ranked once per model by how much a step along each one changes the
 // decoded image around z = 0 (the prior's mean).
 
-import { api, describeError } from "./api.js";
+import { ApiError, api, describeError, retryAfterSeconds } from "./api.js";
 import { dataUrl, meanAbsDiff, pixelsOf, say, setBusy } from "./util.js";
 
 const SLIDERS = 12; // how many dimensions get a slider
 const PROBE = 2; // the step (in prior standard deviations) used to rank dimensions
 const RANGE = 3; // sliders span ±RANGE
 const MAX_ROWS = 64; // the API's limit on rows per /decode call
+const RANK_TRIES = 5; // a busy or briefly unreachable service is asked again, 1 + 2 + 4 + 8 s apart at most
 
 function el(tag, props = {}) {
   return Object.assign(document.createElement(tag), props);
@@ -20,6 +21,9 @@ export function createExplorer(els, model) {
   let z = base.slice();
   let order = []; // [{dim, effect}] most effective first
   let seq = 0; // only the newest decode may update the image
+  // Said once the ranking has failed for good, and kept: a decode that succeeds clears only its own error.
+  let unranked = "";
+  let decodeFailed = false;
 
   async function decode() {
     const mine = ++seq;
@@ -28,9 +32,12 @@ export function createExplorer(els, model) {
       const res = await api("decode", { method: "POST", json: { z: [z] } });
       if (mine !== seq) return; // a newer request is on its way
       els.img.src = dataUrl(res.images[0], res.format);
-      say(els.msg, "");
+      if (decodeFailed) say(els.msg, unranked, "error");
+      decodeFailed = false;
     } catch (e) {
-      if (mine === seq) say(els.msg, describeError(e, "Decoding the latent code"), "error");
+      if (mine !== seq) return;
+      decodeFailed = true;
+      say(els.msg, describeError(e, "Decoding the latent code"), "error");
     } finally {
       if (mine === seq) setBusy(els.busy, false);
     }
@@ -121,6 +128,21 @@ export function createExplorer(els, model) {
     }
   }
 
+  // The ranking is asked for right after the model card, when a service under load may well answer 503 (or
+  // a proxy 502/504, a rate limiter 429): given up at once, the sliders stayed unranked for good.
+  async function decodeForRanking(rows) {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await api("decode", { method: "POST", json: { z: rows } });
+      } catch (e) {
+        const transient = e instanceof ApiError && [0, 429, 502, 503, 504].includes(e.status);
+        if (!transient || attempt >= RANK_TRIES) throw e;
+        const seconds = Math.min(8, retryAfterSeconds(e) ?? 2 ** (attempt - 1));
+        await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+      }
+    }
+  }
+
   // One probe row per dimension (z = PROBE·e_d) plus z = 0, decoded in as few calls as the row limit allows.
   async function rank() {
     const saved = savedOrder();
@@ -138,7 +160,7 @@ export function createExplorer(els, model) {
     }
     const images = [];
     for (let i = 0; i < rows.length; i += MAX_ROWS) {
-      const res = await api("decode", { method: "POST", json: { z: rows.slice(i, i + MAX_ROWS) } });
+      const res = await decodeForRanking(rows.slice(i, i + MAX_ROWS));
       images.push(...res.images.map((b64) => dataUrl(b64, res.format)));
     }
     const pixels = await Promise.all(images.map(pixelsOf));
@@ -180,10 +202,15 @@ export function createExplorer(els, model) {
       try {
         await rank();
       } catch (e) {
-        // Still usable without the ranking: show the first dimensions in their natural order.
+        // Still usable without the ranking: show the first dimensions in their natural order, and say so
+        // for as long as it lasts (the help text above promises an order).
         order = Array.from({ length: dim }, (_, d) => ({ dim: d, effect: 0 }));
         renderSliders();
-        say(els.msg, describeError(e, "Ranking the latent dimensions"), "error");
+        const why = describeError(e, "Ranking the latent dimensions").split("\n");
+        const first = Math.min(SLIDERS, dim);
+        const what = `The sliders below are the first ${first} dimensions, unranked: reload the page to rank them.`;
+        unranked = [why[0], what, ...why.slice(1)].join("\n");
+        say(els.msg, unranked, "error");
       }
       decode();
     },
