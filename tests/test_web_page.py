@@ -505,6 +505,35 @@ def test_a_failed_interpolation_hides_the_previous_frames(page: Any, photos: dic
     screenshot(page, "web-interpolate-error")
 
 
+def test_a_failed_interpolation_names_the_car_the_service_could_not_use(
+    page: Any, photos: dict[str, Path]
+) -> None:
+    # The service names the file by its form field ("file_b: the file is not an image …"), which the page
+    # showed as it was, and the pixel limit was blamed on "car A or car B" although the service said which.
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["text"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "unsupported_media_type" in msg.text)
+    assert "could not use car B (“notes.txt”): the file is not an image" in msg.text
+    assert "file_b" not in msg.text
+
+    error = {
+        "code": "image_too_large",
+        "message": "file_a: image is 9000×9000 = 81000000 pixels",
+        "request_id": "r6",
+    }
+    answer_in_browser(
+        page, "interpolate", 413, json.dumps({"error": error}), {"Content-Type": "application/json"}
+    )
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: "image_too_large" in msg.text)
+    assert msg.text.startswith(
+        "Car A (“red-car.png”) has too many pixels for the service (image is 9000×9000"
+    )
+    assert "file_a" not in msg.text and "car A or car B" not in msg.text
+
+
 def test_the_latent_image_stays_in_sight_while_sliders_are_used_on_a_phone(page: Any) -> None:
     page.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",

@@ -90,13 +90,14 @@ export function retryAfterSeconds(e) {
  * A sentence for a person: what went wrong and what to do, then the details for a bug report.
  * `upload` names what was uploaded, when something was: "that file", or for two files
  * { one: "car A or car B", all: "car A and car B together" }; a size or slowness is then blamed on it.
+ * `culprit` names the one input the service said it could not use (of several), when it said which.
  */
-export function describeError(e, action, { upload = null } = {}) {
+export function describeError(e, action, { upload = null, culprit = null } = {}) {
   if (!(e instanceof ApiError)) {
     return `${action} failed: ${e && e.message ? e.message : String(e)}`;
   }
   const m = String(e.message).trim().replace(/[.\s]+$/, ""); // sentences below add their own full stop
-  const one = upload && typeof upload === "object" ? upload.one : upload;
+  const one = culprit || (upload && typeof upload === "object" ? upload.one : upload);
   const all = upload && typeof upload === "object" ? upload.all : upload;
   const cap = (s) => s.charAt(0).toUpperCase() + s.slice(1);
   const seconds = retryAfterSeconds(e);
@@ -137,7 +138,7 @@ export function describeError(e, action, { upload = null } = {}) {
       text = `${action} failed: the request is too large (${m}).`;
     }
   } else if (e.status >= 400 && e.status < 500) {
-    text = `${action} failed — the service could not use that input: ${m}.`;
+    text = `${action} failed — the service could not use ${culprit || "that input"}: ${m}.`;
   } else {
     text = `${action} failed on the server (HTTP ${e.status}): ${m}.`;
   }

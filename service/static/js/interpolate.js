@@ -1,7 +1,7 @@
 // Two photos → POST /interpolate → a player: the current frame large, every frame in a strip, a play/pause
 // button and a frame slider. Playback bounces A → B → A.
 
-import { api, describeError } from "./api.js";
+import { ApiError, api, describeError } from "./api.js";
 import { dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
 
 const FRAME_MS = 140;
@@ -100,9 +100,16 @@ export function createInterpolator(els) {
       // Stop and hide the previous frames: still playing, they would read as the answer for these files.
       setPlaying(false);
       els.player.hidden = true;
-      // Which of the two is too large (in pixels) the service does not say; a body too large is both.
+      // A body too large is both files; a file it cannot use the service names by its form field
+      // ("file_b: the file is not an image …"), which the visitor knows as car A or car B.
       const upload = { one: "car A or car B", all: `car A (“${a.name}”) and car B (“${b.name}”) together` };
-      say(els.msg, describeError(e, "Interpolating", { upload }), "error");
+      const field = e instanceof ApiError ? /^file_([ab]):\s*/.exec(e.message) : null;
+      let culprit = null;
+      if (field) {
+        culprit = `car ${field[1].toUpperCase()} (“${(field[1] === "a" ? a : b).name}”)`;
+        e.message = e.message.slice(field[0].length);
+      }
+      say(els.msg, describeError(e, "Interpolating", { upload, culprit }), "error");
     } finally {
       if (current()) setBusy(els.busy, false);
     }
