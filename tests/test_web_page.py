@@ -350,6 +350,23 @@ def test_model_card_and_links(page: Any, base_url: str) -> None:
             assert r.status == 200
 
 
+def test_the_model_card_shows_an_empty_list_as_none(page: Any) -> None:
+    # A checkpoint trained without augmentation records augment: [], which the card showed as an empty
+    # cell beside "Augment", as if the value were missing.
+    shown = page.execute_async_script(
+        """
+        const done = arguments[arguments.length - 1];
+        import('./static/js/modelcard.js').then(({ renderModelCard }) => {
+          const card = document.createElement('div');
+          renderModelCard(card, {model_id: 'm', image_size: 32, latent_dim: 8, training: {augment: []}});
+          const dt = [...card.querySelectorAll('dt')].find((t) => t.textContent === 'Augment');
+          done(dt.nextElementSibling.textContent);
+        });
+        """
+    )
+    assert shown == "none"
+
+
 def test_usable_at_phone_width(page: Any) -> None:
     page.execute_cdp_cmd(
         "Emulation.setDeviceMetricsOverride",

@@ -16,6 +16,7 @@ export function formatValue(v) {
   }
   if (typeof v === "boolean") return v ? "yes" : "no";
   if (Array.isArray(v)) {
+    if (!v.length) return "none"; // e.g. augment: [] (the trainer's default); an empty cell read as missing
     if (v.length <= 8 && v.every((x) => typeof x !== "object" || x === null)) return v.map(formatValue).join(", ");
     return `${v.length} items`;
   }
