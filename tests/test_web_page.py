@@ -1033,20 +1033,27 @@ def test_a_page_opened_while_the_service_is_unreachable_starts_when_it_answers(
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
 
 
-def test_an_overloaded_service_at_start_is_called_busy_not_loading(browser: Any, base_url: str) -> None:
-    # Every 503 from /v1/model read "The model is still loading…", an overloaded service's too.
+@pytest.mark.parametrize(("status", "code"), [(503, "overloaded"), (429, "rate_limited")])
+def test_an_overloaded_service_at_start_is_called_busy_not_loading(
+    browser: Any, base_url: str, status: int, code: str
+) -> None:
+    # Every 503 from /v1/model read "The model is still loading…", an overloaded service's too. A rate
+    # limiter's 429 in front of it (overload by another name) stopped the page for good: "Model
+    # unavailable", and "try again in 1 s" with nothing to try but a reload.
     script = browser.execute_cdp_cmd(
         "Page.addScriptToEvaluateOnNewDocument",
         {
-            "source": """
+            "source": f"window.answer = [{status}, '{code}'];"
+            + """
             window.modelCalls = 0;
             window.shown = [];
             const real = window.fetch;
             window.fetch = (url, opts) => {
               if (String(url).endsWith('v1/model') && ++window.modelCalls <= 2) {
                 return Promise.resolve(new Response(
-                  JSON.stringify({error: {code: 'overloaded', message: 'queue full', request_id: 'r4'}}),
-                  {status: 503, headers: {'Content-Type': 'application/json', 'Retry-After': '1'}}));
+                  JSON.stringify({error: {code: window.answer[1], message: 'queue full', request_id: 'r4'}}),
+                  {status: window.answer[0],
+                   headers: {'Content-Type': 'application/json', 'Retry-After': '1'}}));
               }
               return real(url, opts);
             };

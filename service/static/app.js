@@ -34,12 +34,13 @@ const RETRY_FAST = 3; // tries a second apart before backing off
 const RETRY_MAX_S = 30;
 let wake = null; // ends the current wait between tries early (a visitor is waiting for an answer)
 
+// 429: a rate limiter in front of the service, which is overloaded by another name; it says when to come back.
 function retryable(e) {
-  return e instanceof ApiError && (e.status === 0 || e.status === 502 || e.status === 503 || e.status === 504);
+  return e instanceof ApiError && [0, 429, 502, 503, 504].includes(e.status);
 }
 
 function waitingMessage(e) {
-  if (e.status === 503 && e.code === "overloaded") {
+  if ((e.status === 503 && e.code === "overloaded") || e.status === 429) {
     return "The service is busy right now. This page keeps trying and starts by itself as soon as it answers.";
   }
   if (e.status === 503 && e.code !== "unavailable" && e.code !== "http_503") return "The model is still loading…";
