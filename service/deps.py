@@ -153,7 +153,12 @@ async def single_value(
     """A parameter taken from the form or the query: the one value given, or None. Given more than once
     (repeated, or in both places) it is refused rather than one of the values silently winning."""
     form = await request.form()  # already parsed by FastAPI for this request: no second read
-    _given_once(name, [*form.getlist(name), *request.query_params.getlist(name)])
+    in_form = form.getlist(name)
+    _given_once(name, [*in_form, *request.query_params.getlist(name)])
+    if in_form == [""]:
+        # FastAPI takes an empty form field for a missing one (the default, without a word), while an
+        # empty `?steps=` is a 422: the same answer for both.
+        raise ApiError(422, "validation_error", f"body.{name}: empty; give a value or leave the field out")
     return form_value if form_value is not None else query_value
 
 

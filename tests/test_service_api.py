@@ -227,6 +227,16 @@ def test_a_parameter_given_twice_is_refused_not_silently_one_of_them(client: Tes
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
 
 
+def test_an_empty_steps_field_is_refused_as_an_empty_query_value_is(client: TestClient) -> None:
+    files = {
+        "file_a": ("a.png", photo_bytes(seed=1), "image/png"),
+        "file_b": ("b.png", photo_bytes(), "image/png"),
+    }
+    assert_error(client.post("/interpolate?steps=", files=files), 422, "validation_error")
+    err = assert_error(client.post("/interpolate", files=files, data={"steps": ""}), 422, "validation_error")
+    assert err["message"] == "body.steps: empty; give a value or leave the field out"
+
+
 @pytest.mark.parametrize(
     ("path", "kwargs", "said"),
     [
