@@ -1147,3 +1147,31 @@ def test_the_sample_grid_is_one_tab_stop_with_arrow_keys_inside(page: Any) -> No
         page,
         lambda d: d.execute_script("return document.querySelector('#sample-grid button').tabIndex === 0"),
     )
+
+
+def test_every_control_is_named_starting_with_its_visible_text(page: Any, photos: dict[str, Path]) -> None:
+    # WCAG 2.5.3 (label in name): someone using speech input says what they see. "New seed" was named
+    # "Pick a new random seed", so "click New seed" found nothing.
+    upload(page, "file-input", photos["red"])
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: by_id(d, "play").is_displayed() and by_id(d, "download").is_displayed())
+    by_id(page, "api-key-box").click()  # opens it: its buttons are shown
+    wait_for(page, lambda d: by_id(d, "api-key-clear").is_displayed())
+
+    def words(s: str) -> str:
+        return " ".join(s.split()).lower()
+
+    checked = []
+    for element in page.find_elements("css selector", "button, a[href], summary, [role=button]"):
+        text = words(element.text) if element.is_displayed() else ""
+        if not text:
+            continue  # nothing visible to say (a sampled car: its picture's alt text names it)
+        name = words(element.accessible_name)
+        assert name.startswith(text), (element.get_attribute("id") or element.tag_name, text, name)
+        checked.append(text)
+    assert {"new seed", "reset sliders", "go to z = 0", "save", "clear"} <= set(checked)
+    assert {"play", "pause"} & set(checked) and "download the reconstruction" in checked
+    # The longer explanation is still there, as a tooltip.
+    assert "random seed" in (by_id(page, "new-seed").get_attribute("title") or "").lower()
