@@ -1175,3 +1175,36 @@ def test_every_control_is_named_starting_with_its_visible_text(page: Any, photos
     assert {"play", "pause"} & set(checked) and "download the reconstruction" in checked
     # The longer explanation is still there, as a tooltip.
     assert "random seed" in (by_id(page, "new-seed").get_attribute("title") or "").lower()
+
+
+def test_the_explorer_buttons_wait_for_the_model_card(browser: Any, base_url: str) -> None:
+    # Before the page reached the service, "Reset sliders" and "Go to z = 0" looked ready but did nothing
+    # and said nothing.
+    script = browser.execute_cdp_cmd(
+        "Page.addScriptToEvaluateOnNewDocument",
+        {
+            "source": """
+            window.serviceDown = true;
+            const real = window.fetch;
+            window.fetch = (url, opts) =>
+              window.serviceDown ? Promise.reject(new TypeError('Failed to fetch')) : real(url, opts);
+            """
+        },
+    )
+    try:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        browser.get(f"{base_url}/")
+        wait_for(browser, lambda d: "be reached" in by_id(d, "global-msg").text)
+        buttons = [by_id(browser, "latent-reset"), by_id(browser, "latent-zero")]
+        assert [b.is_enabled() for b in buttons] == [False, False]
+
+        browser.execute_script("window.serviceDown = false")
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        wait_for(browser, lambda d: all(b.is_enabled() for b in buttons))
+        wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+        browser.find_element("css selector", "#sample-grid button").click()
+        wait_for(browser, lambda d: "Sample 1" in by_id(d, "latent-source").text)
+        buttons[1].click()  # and they act
+        assert "z = 0" in by_id(browser, "latent-source").text
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)

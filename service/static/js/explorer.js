@@ -196,6 +196,9 @@ export function createExplorer(els, model) {
     decode();
   });
   els.zero.addEventListener("click", () => load(new Array(dim).fill(0), "The prior's mean, z = 0"));
+  // Disabled in the page until now: before the model card, there was no latent code to reset or zero.
+  els.reset.disabled = false;
+  els.zero.disabled = false;
 
   return {
     async start() {
