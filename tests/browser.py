@@ -89,10 +89,11 @@ def _wait_ready(base: str, proc: subprocess.Popen[bytes], log: Any, timeout: flo
 
 @contextlib.contextmanager
 def running_service(
-    checkpoint: Path, extra_env: dict[str, str] | None = None, timeout: float = 90
+    checkpoint: Path, extra_env: dict[str, str] | None = None, timeout: float = 90, port: int | None = None
 ) -> Iterator[str]:
-    """A real uvicorn (`python -m service`) on a free loopback port; yields its base URL."""
-    port = free_port()
+    """A real uvicorn (`python -m service`) on a loopback port (a free one unless given: a service restarted
+    on the same address); yields its base URL."""
+    port = port or free_port()
     # The developer's own CARVAE_* settings (an API key, another checkpoint) must not leak into the test.
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CARVAE_")},

@@ -1,6 +1,6 @@
 // Boots the page: API-key field, model card, then the four sections, which all need the model's sizes.
 
-import { ApiError, api, describeError, getApiKey, retryAfterSeconds, setApiKey } from "./js/api.js";
+import { ApiError, api, describeError, expectModel, getApiKey, retryAfterSeconds, setApiKey } from "./js/api.js";
 import { createExplorer } from "./js/explorer.js";
 import { createInterpolator } from "./js/interpolate.js";
 import { renderModelCard } from "./js/modelcard.js";
@@ -183,6 +183,18 @@ function startInterpolator() {
   });
 }
 
+// The service was restarted with another model while this page was open: the sections' sizes and slider
+// ranking belong to the old one, and only a reload sets them up for the new one.
+function modelChanged(modelId) {
+  $("model-chip").textContent = `Model changed (now ${modelId}): reload the page`;
+  say(
+    $("global-msg"),
+    `The service now runs another model (“${modelId}”) than the one this page was set up for. Reload the page to use it.`,
+    "error",
+  );
+  $("reload-row").hidden = false;
+}
+
 let started = false;
 let booting = null; // the load of the model card in progress
 
@@ -205,6 +217,7 @@ async function bootOnce() {
     document.body.dataset.ready = "true";
     if (!started) {
       started = true;
+      expectModel(model.model_id, modelChanged);
       startSections(model);
     }
   } catch (e) {
@@ -223,6 +236,7 @@ window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());
 
 setupApiKey(() => boot());
+$("reload-btn").addEventListener("click", () => window.location.reload());
 holdEarlyInput();
 startInterpolator(); // it needs nothing from the model card
 boot();

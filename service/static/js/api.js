@@ -20,6 +20,33 @@ export function setApiKey(key) {
   }
 }
 
+// The model this page was set up for (its latent size, its slider ranking), once its card is in. A service
+// restarted with another checkpoint meanwhile answers the page's requests for a model it no longer runs:
+// a decode then failed with "body.z[0] has 2 values; this model's latent_dim is 128", which told the
+// visitor nothing about reloading. Every model answer names its model (model_id), and an answer that
+// rejects the input is checked against a fresh model card.
+let pageModel = null;
+let onModelChange = null;
+const RECHECK = [400, 404, 422]; // answers that may mean "not what this model takes"
+
+/** From now on, answers from any other model than `modelId` fail as `model_changed`, and `onChange(newId)`
+ * is called (once) when that first happens. */
+export function expectModel(modelId, onChange) {
+  pageModel = modelId;
+  onModelChange = onChange;
+}
+
+function modelChanged(servedId, status, requestId) {
+  if (onModelChange) onModelChange(servedId);
+  onModelChange = null;
+  return new ApiError(
+    status,
+    "model_changed",
+    `the service now runs another model (“${servedId}”), not the one this page was set up for (“${pageModel}”)`,
+    requestId,
+  );
+}
+
 export class ApiError extends Error {
   constructor(status, code, message, requestId = null, retryAfter = null) {
     super(message);
@@ -33,9 +60,35 @@ export class ApiError extends Error {
 
 /**
  * Call the service. `json` sends a JSON body, `form` a FormData (multipart) body.
- * Resolves to the parsed JSON body; rejects with ApiError (or AbortError when `signal` fires).
+ * Resolves to the parsed JSON body; rejects with ApiError (or AbortError when `signal` fires), whose code is
+ * `model_changed` once the service runs another model than the one in `expectModel`.
  */
-export async function api(path, { method = "GET", json, form, signal } = {}) {
+export async function api(path, options = {}) {
+  let data;
+  try {
+    data = await request(path, options);
+  } catch (e) {
+    throw await servedModelError(path, e, options.signal);
+  }
+  if (pageModel && typeof data.model_id === "string" && data.model_id !== pageModel) {
+    throw modelChanged(data.model_id, 409, null);
+  }
+  return data;
+}
+
+// `e`, or `model_changed` when `e` rejected the input and the service's card names another model now.
+async function servedModelError(path, e, signal) {
+  if (!pageModel || !(e instanceof ApiError) || !RECHECK.includes(e.status) || path === "v1/model") return e;
+  let served;
+  try {
+    served = (await request("v1/model", { signal })).model_id;
+  } catch {
+    return e; // no card just now: the original error is the best there is
+  }
+  return typeof served === "string" && served !== pageModel ? modelChanged(served, e.status, e.requestId) : e;
+}
+
+async function request(path, { method = "GET", json, form, signal } = {}) {
   const headers = { Accept: "application/json" };
   const key = getApiKey();
   if (key) headers["X-API-Key"] = key;
@@ -110,6 +163,8 @@ export function describeError(e, action, { upload = null, culprit = null } = {})
     text = `${action} needs an API key that the service accepts: the one saved in this tab was refused; check it under “API key” at the top of the page (${m}).`;
   } else if (e.status === 401 || e.status === 403) {
     text = `${action} needs an API key: open “API key” at the top of the page and enter it (${m}).`;
+  } else if (e.code === "model_changed") {
+    text = `${action} failed: ${m}. Reload the page to use the new model.`;
   } else if (e.status === 503 && e.code === "not_ready") {
     text = `The model is still loading (${m}). Please try again${wait}.`;
   } else if (e.status === 503 && e.code === "unavailable") {
