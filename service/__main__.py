@@ -54,7 +54,7 @@ EXIT_CONFIG = 2
 EXIT_NOT_STARTED = 3  # uvicorn's own status for a server that could not start
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = EXIT_CONFIG) -> NoReturn:
     line = f"carvae: error: {message}"
     # Read directly: the settings may be what failed. A collector of JSON logs parses every line.
     if os.environ.get("CARVAE_LOG_FORMAT", "").strip().lower() == "json":
@@ -63,7 +63,7 @@ def _fail(message: str) -> NoReturn:
         )
         line = JsonFormatter().format(record)
     print(line, file=sys.stderr)
-    sys.exit(EXIT_CONFIG)
+    sys.exit(status)
 
 
 def _as_typed(default: object) -> str:
@@ -118,6 +118,27 @@ def _check_host(settings: Settings) -> None:
         _fail(f"invalid setting CARVAE_HOST: {settings.HOST!r} is not an address to listen on ({e.strerror})")
 
 
+def _check_port(settings: Settings) -> None:
+    # uvicorn binds only after the model has loaded and "ready" is logged, and then reports a taken port
+    # among its start-up lines: a second `make run` beside the first looked ready before it exited. The
+    # same bind, tried first (a server taking the port in between still gets uvicorn's own message).
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        settings.HOST, settings.PORT, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio binds: the IPv4 wildcard is a socket of its own
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                _fail(
+                    f"cannot listen on {address[0]} port {settings.PORT} ({(e.strerror or str(e)).lower()}): "
+                    "another server is there; stop it or choose another CARVAE_PORT",
+                    EXIT_NOT_STARTED,
+                )
+
+
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m service",
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
     settings = _load_settings()
     _check_host(settings)
+    _check_port(settings)
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     for line in unknown_variables(os.environ):
         log.warning("%s", line)
