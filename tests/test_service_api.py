@@ -612,6 +612,12 @@ def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
         assert metric_samples(text, name), name
 
 
+def test_openapi_declares_the_metrics_content_type_it_sends(client: TestClient) -> None:
+    declared = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    sent = client.get("/metrics").headers["content-type"]
+    assert list(declared) == [sent]
+
+
 def test_an_unusual_method_is_labelled_other(client: TestClient) -> None:
     for method in ("PROPFIND", "BREW", "PATCH"):
         assert client.request(method, "/healthz").status_code in (400, 405)

@@ -63,7 +63,8 @@ async def readyz(request: Request) -> Response:
     "(README, Metrics).",
     response_class=Response,
     responses={
-        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "text format"},
+        # The exact type, version included: a scraper (and a generated client) learns which text format.
+        200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}, "description": "text format"},
         **errors(401, texts={401: "API key missing or wrong (only when CARVAE_METRICS_REQUIRE_KEY is set)"}),
     },
 )
