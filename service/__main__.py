@@ -109,22 +109,19 @@ def _load_settings() -> Settings:
         _fail(f"invalid setting CARVAE_{name}: {msg}")
 
 
-def _check_host(settings: Settings) -> None:
-    # uvicorn resolves the host only after the model is loaded and "ready" is logged, then fails with
-    # "[Errno -2] Name or service not known", naming neither the setting nor the value.
+def _check_listen_address(settings: Settings) -> None:
+    # uvicorn resolves the host and binds only after the model has loaded and "ready" is logged, then fails
+    # with "[Errno -2] Name or service not known" (naming neither the setting nor the value) or reports a
+    # taken port among its start-up lines: a second `make run` beside the first looked ready before it
+    # exited. The same resolution and bind, tried first (a server taking the port in between still gets
+    # uvicorn's own message).
     try:
-        socket.getaddrinfo(settings.HOST, settings.PORT, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        addresses = socket.getaddrinfo(
+            settings.HOST, settings.PORT, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as e:
         _fail(f"invalid setting CARVAE_HOST: {settings.HOST!r} is not an address to listen on ({e.strerror})")
-
-
-def _check_port(settings: Settings) -> None:
-    # uvicorn binds only after the model has loaded and "ready" is logged, and then reports a taken port
-    # among its start-up lines: a second `make run` beside the first looked ready before it exited. The
-    # same bind, tried first (a server taking the port in between still gets uvicorn's own message).
-    for family, kind, proto, _, address in socket.getaddrinfo(
-        settings.HOST, settings.PORT, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    ):
+    for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:  # as asyncio binds: the IPv4 wildcard is a socket of its own
@@ -147,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     ).parse_args(argv)
     settings = _load_settings()
-    _check_host(settings)
-    _check_port(settings)
+    _check_listen_address(settings)
     configure_logging(settings.LOG_LEVEL, settings.LOG_FORMAT)
     for line in unknown_variables(os.environ):
         log.warning("%s", line)
