@@ -19,7 +19,7 @@ from service.batcher import Batcher, Overloaded
 from service.config import Settings
 from service.errors import ApiError, clip, request_id_of
 from service.pipeline import CallContext, Pipeline, ServedModel
-from service.schemas import ImageFormat, unknown_fields_message
+from service.schemas import ImageFormat, first_unknown, unknown_fields_message
 
 
 async def get_settings(request: Request) -> Settings:
@@ -214,11 +214,11 @@ async def known_query(request: Request) -> None:
     unknown = [name for name in request.query_params if name not in taken]
     if not unknown:
         return
-    name = clip(unknown[0], 40)
-    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
     takes = f"its query parameters are {', '.join(taken)}" if taken else "it takes no query parameters"
-    hint = f"; {name} goes in the request body" if unknown[0] in body else ""
-    raise ApiError(422, "validation_error", f"unknown query parameter {name!r}{more} ({takes}{hint})")
+    hint = f"; {unknown[0]} goes in the request body" if unknown[0] in body else ""
+    raise ApiError(
+        422, "validation_error", f"unknown query parameter {first_unknown(unknown)} ({takes}{hint})"
+    )
 
 
 def _route_inputs(schema: dict[str, Any], path: str, method: str) -> tuple[list[str], set[str]]:

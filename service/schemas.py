@@ -46,12 +46,18 @@ class _ClosedBody(BaseModel):
         return data
 
 
+def first_unknown(unknown: list[str]) -> str:
+    """The first of some unknown names, quoted and clipped (they come from the client), and how many more:
+    "'count' and 2 more"."""
+    name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:39] + "…"
+    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+    return f"{name!r}{more}"
+
+
 def unknown_fields_message(unknown: list[str], fields: Iterable[str], hint: str = "") -> str:
     """One message for all the unknown fields of a body (JSON or multipart), naming the first."""
-    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-    name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:39] + "…"
     return (
-        f"unknown field {name!r}{more} (extra fields are not permitted; "
+        f"unknown field {first_unknown(unknown)} (extra fields are not permitted; "
         f"the fields are {', '.join(fields)}{hint})"
     )
 
