@@ -1,6 +1,6 @@
 // Boots the page: API-key field, model card, then the four sections, which all need the model's sizes.
 
-import { ApiError, api, describeError, expectModel, getApiKey, retryAfterSeconds, setApiKey } from "./js/api.js";
+import { ApiError, api, describeError, expectModel, getApiKey, isTransient, retryAfterSeconds, setApiKey } from "./js/api.js";
 import { createExplorer } from "./js/explorer.js";
 import { createInterpolator } from "./js/interpolate.js";
 import { renderModelCard } from "./js/modelcard.js";
@@ -34,11 +34,6 @@ const RETRY_FAST = 3; // tries a second apart before backing off
 const RETRY_MAX_S = 30;
 let wake = null; // ends the current wait between tries early (a visitor is waiting for an answer)
 
-// 429: a rate limiter in front of the service, which is overloaded by another name; it says when to come back.
-function retryable(e) {
-  return e instanceof ApiError && [0, 429, 502, 503, 504].includes(e.status);
-}
-
 function waitingMessage(e) {
   if ((e.status === 503 && e.code === "overloaded") || e.status === 429) {
     return "The service is busy right now. This page keeps trying and starts by itself as soon as it answers.";
@@ -54,7 +49,7 @@ async function loadModel() {
     try {
       return await api("v1/model");
     } catch (e) {
-      if (!retryable(e)) throw e;
+      if (!isTransient(e)) throw e;
       // Once per cause: say() re-announces even the same text, and this would be read out at every try.
       const text = waitingMessage(e);
       if (text !== shown) {

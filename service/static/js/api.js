@@ -133,6 +133,15 @@ async function request(path, { method = "GET", json, form, signal } = {}) {
   return data;
 }
 
+/**
+ * Whether asking again later may well succeed: no answer at all (0), a busy or starting service (503), a
+ * rate limiter in front of it (429, overloaded by another name), or a proxy that could not reach it (502,
+ * 504).
+ */
+export function isTransient(e) {
+  return e instanceof ApiError && [0, 429, 502, 503, 504].includes(e.status);
+}
+
 /** Whole seconds from a Retry-After value, or null (it may also be an HTTP date). */
 export function retryAfterSeconds(e) {
   const value = e instanceof ApiError ? String(e.retryAfter).trim() : "";

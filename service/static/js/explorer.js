@@ -2,7 +2,7 @@
 // the user moves them. Dimensions are ranked once per model by how much a step along each one changes the
 // decoded image around z = 0 (the prior's mean).
 
-import { ApiError, api, describeError, retryAfterSeconds } from "./api.js";
+import { api, describeError, isTransient, retryAfterSeconds } from "./api.js";
 import { dataUrl, meanAbsDiff, pixelsOf, say, setBusy } from "./util.js";
 
 const SLIDERS = 12; // how many dimensions get a slider
@@ -135,8 +135,7 @@ export function createExplorer(els, model) {
       try {
         return await api("decode", { method: "POST", json: { z: rows } });
       } catch (e) {
-        const transient = e instanceof ApiError && [0, 429, 502, 503, 504].includes(e.status);
-        if (!transient || attempt >= RANK_TRIES) throw e;
+        if (!isTransient(e) || attempt >= RANK_TRIES) throw e;
         const seconds = Math.min(8, retryAfterSeconds(e) ?? 2 ** (attempt - 1));
         await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
       }
