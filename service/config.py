@@ -217,10 +217,12 @@ class Settings(BaseSettings):
                 )
         return v
 
-    @field_validator("LOG_LEVEL", "LOG_FORMAT", mode="before")
+    # Words, not names: CARVAE_DEVICE=CPU or LOG_LEVEL=INFO mean what they say (the trainer's --device
+    # takes any case too, through carvae.device.pick_device).
+    @field_validator("DEVICE", "LOG_LEVEL", "LOG_FORMAT", mode="before")
     @classmethod
-    def _lower_level(cls, v: object) -> object:
-        return v.lower() if isinstance(v, str) else v
+    def _lower_case(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("FORWARDED_ALLOW_IPS", mode="after")
     @classmethod

@@ -41,6 +41,7 @@ from service.middleware import (
     BodyLimitMiddleware,
     HeadAsGetMiddleware,
     RequestContextMiddleware,
+    TrailingSlashMiddleware,
 )
 from service.pipeline import Pipeline, Predictor, ServedModel
 from service.routes import images, latent, meta
@@ -275,8 +276,9 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
     mount_docs(app)
     _openapi_fitted_to_the_model(app)
 
-    # add_middleware wraps: the last added runs first. Order, outermost first: request id + log +
-    # metrics, HEAD as GET, CORS (answers preflights without a key), API key, body limits, admission.
+    # add_middleware wraps: the last added runs first. Order, outermost first: a trailing slash dropped,
+    # request id + log + metrics, HEAD as GET, CORS (answers preflights without a key), API key, body
+    # limits, admission.
     def model_queue_is_full() -> bool:
         pipeline: Pipeline | None = app.state.pipeline
         return pipeline is not None and pipeline.batcher.depth() >= settings.QUEUE_SIZE
@@ -318,6 +320,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         if "GET" in (getattr(route, "methods", None) or ())
         and isinstance(path := getattr(route, "path", None), str)
     }
+    mounts = {route.path for route in app.routes if isinstance(route, Mount)}
     app.add_middleware(HeadAsGetMiddleware, paths=get_paths)
     app.add_middleware(
         RequestContextMiddleware,
@@ -325,7 +328,9 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         known_paths=known_paths,
         quiet_paths=QUIET_PATHS,
         draining=lambda: bool(app.state.draining),
-        mounts=[route.path for route in app.routes if isinstance(route, Mount)],
+        mounts=mounts,
         headers=RESPONSE_HEADERS,
     )
+    # Not the mounts: "/static/" is the folder, and without its slash Starlette redirects back to it.
+    app.add_middleware(TrailingSlashMiddleware, paths=known_paths - mounts)
     return app

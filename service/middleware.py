@@ -209,6 +209,28 @@ class RequestContextMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+class TrailingSlashMiddleware:
+    """/reconstruct/ (or //) is served as /reconstruct, for every route. Starlette's answer was a 307 to the
+    path without the slash, with an empty body: `curl -o out.png` wrote an empty file and exited 0, and a
+    client that does not follow redirects got nothing it could read. The path is rewritten before
+    anything else looks at it, so the API key, body limits, admission, logs and metrics see the route."""
+
+    def __init__(self, app: ASGIApp, paths: Collection[str]) -> None:
+        self.app = app
+        self.paths = frozenset(p for p in paths if p != "/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = app_path(scope)
+            if path.endswith("/") and (route := path.rstrip("/")) in self.paths:
+                extra = len(path) - len(route)
+                scope = {**scope, "path": scope["path"][:-extra]}
+                raw = scope.get("raw_path")
+                if isinstance(raw, bytes) and raw.endswith(b"/" * extra):
+                    scope["raw_path"] = raw[:-extra]
+        await self.app(scope, receive, send)
+
+
 class HeadAsGetMiddleware:
     """HEAD on the GET routes (probes, the page, /metrics, the model card), answered as GET without the
     body: uptime monitors and load balancers probe with HEAD, and FastAPI routes only take the methods

@@ -307,12 +307,12 @@ def test_tls_12_and_13_with_hsts(site: Site) -> None:
 
 
 def test_services_redirects_keep_https_host_and_port(site: Site) -> None:
-    """The service's own redirects (a trailing slash) are absolute: they need X-Forwarded-Proto (believed
-    from 127.0.0.1) and the Host with its port."""
+    """The service's own redirects (the page's file folder without its slash) are absolute: they need
+    X-Forwarded-Proto (believed from 127.0.0.1) and the Host with its port."""
     with site.client() as c:
-        r = c.get("/docs/")
+        r = c.get("/static")
     assert r.status_code == 307
-    assert r.headers["location"] == f"{site.base}/docs"
+    assert r.headers["location"] == f"{site.base}/static/"
 
 
 def _connections_to(port: int) -> int:

@@ -587,6 +587,38 @@ def test_deadline_gives_504(make_client: Any) -> None:
     assert client.post("/reconstruct", files=upload()).status_code == 200
 
 
+# -- paths -------------------------------------------------------------------------------------------
+def test_a_trailing_slash_is_the_same_route_not_an_empty_redirect(make_client: Any) -> None:
+    """`curl -F file=@car.jpg .../reconstruct/ -o out.png` got a 307 with an empty body, which curl wrote
+    to out.png and exited 0."""
+    client = make_client(API_KEY="k")
+    key = {"X-API-Key": "k"}
+    plain = client.post("/reconstruct", files=upload(), headers=key)
+    slashed = client.post("/reconstruct/", files=upload(), headers=key, follow_redirects=False)
+    assert slashed.status_code == 200, slashed.text
+    assert slashed.headers["content-type"] == "image/png" and slashed.content == plain.content
+    assert client.get("/healthz/", follow_redirects=False).status_code == 200  # an open path stays open
+    assert_error(client.post("/reconstruct/", files=upload(), follow_redirects=False), 401, "unauthorized")
+    twice = client.post("/reconstruct//", files=upload(), headers=key, follow_redirects=False)
+    assert twice.status_code == 200 and twice.content == plain.content
+    assert_error(client.post("/no-such-route/", headers=key, follow_redirects=False), 404, "not_found")
+    # the folder of the page's files keeps its slash (without it Starlette redirects back to it: a loop)
+    assert client.get("/static/app.js", follow_redirects=False).status_code == 200
+    assert_error(client.get("/static/", headers=key, follow_redirects=False), 404, "not_found")
+    routes = {s.labels["route"] for s in metric_samples(client.get("/metrics").text, "carvae_requests_total")}
+    assert not any(route.endswith("/") and route != "/" for route in routes), routes
+
+
+def test_device_and_log_level_take_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARVAE_DEVICE", " CPU ")
+    monkeypatch.setenv("CARVAE_LOG_LEVEL", "INFO")
+    settings = Settings()
+    assert settings.DEVICE == "cpu" and settings.LOG_LEVEL == "info"
+    monkeypatch.setenv("CARVAE_DEVICE", "GPU")
+    with pytest.raises(ValueError, match="DEVICE"):
+        Settings()
+
+
 # -- metrics and docs ------------------------------------------------------------------------------
 def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
     client.post("/reconstruct", files=upload())
