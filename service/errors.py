@@ -210,6 +210,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         allowed = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
         if "GET" in allowed and "HEAD" not in allowed:
             headers["Allow"] = ", ".join([*allowed, "HEAD"])
+            allowed.append("HEAD")
+        # Someone opening /reconstruct in a browser learns how to call it, not only that this is wrong.
+        if allowed:
+            docs = f"{request.scope.get('root_path', '')}/docs"
+            detail += f"; use {' or '.join(allowed)} (see {docs})"
     return _error(request, err.status_code, code, detail, headers)
 
 

@@ -446,8 +446,11 @@ def test_405_allow_names_every_method_that_works(client: TestClient) -> None:
         assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "HEAD"}, path
         assert client.head(path).status_code == 200, path
     r = client.get("/sample")
-    assert_error(r, 405, "method_not_allowed")
+    err = assert_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"
+    # a browser opening an API path is told how to call it
+    assert err["message"] == "method GET is not allowed here; use POST (see /docs)"
+    assert client.delete("/healthz").json()["error"]["message"].endswith("; use GET or HEAD (see /docs)")
 
 
 # -- security --------------------------------------------------------------------------------------
