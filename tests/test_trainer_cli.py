@@ -306,26 +306,54 @@ def test_time_budget_counts_the_time_spent_writing_each_epochs_files(tmp_path: P
     assert loop_s < budget_s + 4, loop_s  # was ~30 epochs, ~8 s
 
 
+# A progress bar's name as tqdm draws it ("epoch 1/5: 0%|", "epoch 1 (10 min budget): 0%|").
+BAR_NAME = re.compile(r"epoch \d+(?:/\d+| \([^)]*\))(?=:)")
+
+
+def _bars_and_summaries(captured: pytest.CaptureResult[str]) -> tuple[list[str], list[str]]:
+    """The epoch names the progress bars showed (each once, in order) and the epoch summary lines."""
+    bars = list(dict.fromkeys(BAR_NAME.findall(captured.err)))
+    return bars, [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+
+
 def test_epoch_summary_and_progress_bar_agree_when_the_budget_replans(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """The bar is drawn under the plan an epoch starts with, the summary came after --max-minutes had
-    re-planned: bar "epoch 1/5", summary "epoch 1/4". Each summary now names its epoch as its bar did,
-    and says what the plan became. The re-plans are scripted (5 planned, then 4, 4, 3): real ones follow
-    the clock."""
+    re-planned: bar "epoch 2/5", summary "epoch 2/4". Each summary names its epoch as its bar did, and
+    says what the plan became. Before the first epoch a budget has no pace to plan from: its bar and
+    summary showed the --epochs cap ("epoch 1/5", of a run planned at 4 after it; "epoch 1/100" of a
+    29-minute run of 53) and now show the budget. The plans are scripted (4, 4, 3 after epochs 1, 2, 3):
+    real ones follow the clock."""
     plans = {1: 4, 2: 4, 3: 3}  # epochs done -> the plan made after them
     monkeypatch.setattr(train_mod, "plan_epochs", lambda _max, done, *rest: plans[done])
     args = [*TINY_FLAGS.split(), "--batch-size", "4", "--threads", "1", "--workers", "1"]
     assert main([*args, "--epochs", "5", "--max-minutes", "10", "--out", str(tmp_path / "run")]) == 0
-    captured = capsys.readouterr()
-    bars = list(dict.fromkeys(re.findall(r"epoch \d+/\d+(?=:)", captured.err)))  # tqdm: "epoch 1/5: 0%|"
-    summaries = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
-    assert bars == ["epoch 1/5", "epoch 2/4", "epoch 3/4"]
+    bars, summaries = _bars_and_summaries(capsys.readouterr())
+    assert bars == ["epoch 1 (10 min budget)", "epoch 2/4", "epoch 3/4"]
     assert [line.split("  ")[0] for line in summaries] == bars
-    assert summaries[0].endswith(" | re-planned to 4 epochs for the time budget")
-    assert "re-planned" not in summaries[1]
+    assert summaries[0].endswith(" | planned 4 epochs within the time budget")
+    assert "planned" not in summaries[1]
     assert summaries[2].endswith(" | the time budget ends the run here")
     assert [r["epochs_planned"] for r in read_metrics(tmp_path / "run")] == [4, 4, 3]  # metrics: unchanged
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--epochs", "2"], ["epoch 1/2", "epoch 2/2"]),  # no budget: the plan is --epochs from the start
+        (["--epochs", "1", "--max-minutes", "10"], ["epoch 1/1"]),  # a budget cannot lengthen one epoch
+    ],
+)
+def test_epochs_of_a_known_plan_are_counted_against_it(
+    tmp_path: Path, capsys, flags: list[str], names: list[str]
+) -> None:
+    args = [*TINY_FLAGS.split(), "--batch-size", "4", "--threads", "1", "--workers", "1", *flags]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    bars, summaries = _bars_and_summaries(capsys.readouterr())
+    assert bars == names
+    assert [line.split("  ")[0] for line in summaries] == names
+    assert not any("planned" in line for line in summaries)
 
 
 def test_progress_bar_in_a_log_file_never_shows_a_stale_count(tmp_path: Path, capsys) -> None:

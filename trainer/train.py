@@ -80,19 +80,26 @@ def ema_update(decay: float) -> Any:
     return update
 
 
-def epoch_label(number: int, planned: int) -> str:
+def epoch_label(number: int, planned: int | None, budget_minutes: float | None = None) -> str:
     """The progress bar's and the epoch summary's name ("epoch 3/12") for epoch `number` (1-based) of a
-    run planned at `planned` epochs while it ran. One function for both, so they cannot disagree."""
+    run planned at `planned` epochs while it ran. One function for both, so they cannot disagree.
+    `planned` is None while a time budget has no pace to plan from yet: the --epochs cap it would show
+    ("epoch 1/100" of a 29-minute run that ends after 53) told the user a length the run never had."""
+    if planned is None:
+        return f"epoch {number} ({budget_minutes:g} min budget)"
     return f"epoch {number}/{planned}"
 
 
-def replan_note(number: int, before: int, after: int) -> str:
-    """The end of epoch `number`'s summary when --max-minutes re-planned the run after it ("" when it did
-    not): the summary keeps the plan its bar showed, and says what the next bar will count to."""
+def replan_note(number: int, before: int | None, after: int) -> str:
+    """The end of epoch `number`'s summary when --max-minutes planned or re-planned the run after it (""
+    when the plan did not change): the summary keeps the name its bar showed, and says what the next bar
+    will count to. `before` is None when the epoch ran before any plan (see epoch_label)."""
     if after == before:
         return ""
     if after <= number:
         return " | the time budget ends the run here"
+    if before is None:
+        return f" | planned {after} epochs within the time budget"
     return f" | re-planned to {after} epochs for the time budget"
 
 
@@ -446,7 +453,7 @@ class _Run:
         self.net.train()
         bar = tqdm(
             batches,
-            desc=epoch_label(epoch + 1, p.planned_epochs),
+            desc=epoch_label(epoch + 1, self._shown_plan(), cfg.max_minutes),
             unit="batch",
             leave=False,
             dynamic_ncols=True,
@@ -639,6 +646,15 @@ class _Run:
         p.lr_anchor = self.sched.replan(p.step, p.planned_epochs, epochs, p.lr_anchor)
         p.planned_epochs = epochs
 
+    def _shown_plan(self) -> int | None:
+        """The run's length as the next epoch's bar and summary name it: None while a time budget has
+        not measured a pace (the plan is then the --epochs cap, which the budget will likely cut), unless
+        only one epoch can be left anyway."""
+        p = self.progress
+        if self.cfg.max_minutes is None or p.epoch_seconds or p.planned_epochs <= p.epochs_done + 1:
+            return p.planned_epochs
+        return None
+
     def run(self) -> dict[str, Any]:
         cfg, p = self.cfg, self.progress
         # The budget counts the training time of every segment, so a resumed run whose --max-minutes is
@@ -661,7 +677,7 @@ class _Run:
         self.write_run_json("running")
         while p.epochs_done < p.planned_epochs:
             t0 = time.perf_counter()
-            epoch, planned = p.epochs_done, p.planned_epochs  # the plan this epoch runs under
+            epoch, planned = p.epochs_done, self._shown_plan()  # the plan its bar names (None: none yet)
             train, n_images = self.train_epoch(epoch)
             train_s = time.perf_counter() - t0
             # Calibrated decoder σ on the training set, so the checkpoint can report an ELBO in nats.
@@ -721,7 +737,7 @@ class _Run:
         )
         return row
 
-    def _log_epoch(self, r: dict[str, Any], planned: int) -> None:
+    def _log_epoch(self, r: dict[str, Any], planned: int | None) -> None:
         """One line per epoch, named as its progress bar was (under the plan it ran with; the row's
         epochs_planned is the plan after it), then the new plan if the budget changed it."""
         if not self.info.is_main:
@@ -733,7 +749,7 @@ class _Run:
         )
         log.info(
             "%s  train loss %.1f (recon %.1f, kl %.1f) psnr %.2f%s | lr %.2e | %.1f s, %.0f img/s%s%s",
-            epoch_label(r["epoch"], planned),
+            epoch_label(r["epoch"], planned, self.cfg.max_minutes),
             r["train_loss"],
             r["train_recon"],
             r["train_kl"],
