@@ -422,6 +422,35 @@ def test_scan_skips_training_run_folders_inside_the_data(tmp_path: Path) -> None
     assert data_fingerprint(str(tmp_path), 16, 0) == fingerprint
 
 
+def test_scan_leaves_out_the_runs_own_folder_before_it_holds_a_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A --out inside --data that holds no run yet (a first run, or a folder of photos picked as --out)
+    was scanned as photos, and skipped once it held a run: the data changed between two runs."""
+    rgb = _halves(24, 24, RED, BLUE)
+    root = tmp_path / "photos"
+    _save(root / "a.png", rgb, "PNG")
+    _save(root / "sedans" / "b.png", rgb, "PNG")
+    _save(root / "sedans-2" / "c.png", rgb, "PNG")  # a neighbour whose name starts the same: still photos
+    alone = data_fingerprint(str(root), 16, 0, root / "sedans")
+    assert [p.name for p in scan_images(root, root / "sedans")] == ["a.png", "c.png"]
+    everything = [p.name for p in scan_images(root)]
+    (root / "sedans" / "run.json").write_text("{}")  # once it holds a run, the data is still the same
+    assert data_fingerprint(str(root), 16, 0) == alone
+    (root / "sedans" / "run.json").unlink()
+    # however --out is typed: relative to the current directory, or through a link from outside the data
+    (tmp_path / "runs").symlink_to(root)
+    monkeypatch.chdir(tmp_path)
+    for typed in (Path("photos/sedans"), tmp_path / "runs" / "sedans", root / "sedans" / ".." / "sedans"):
+        assert data_fingerprint(str(root), 16, 0, typed) == alone
+    assert [p.name for p in scan_images(root, tmp_path / "elsewhere")] == everything
+    assert len(everything) == 3
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        assert len(load_folder(root, POLICY, run_dir=root / "sedans")) == 2
+    said = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert said == [f"data: skipping {root / 'sedans'} (this run's --out folder, not photos)"]
+
+
 def _worker_is_quiet() -> bool:
     return (
         signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -583,6 +583,38 @@ def test_a_run_folder_inside_the_data_folder_is_not_training_data(tmp_path: Path
     assert t["epochs_done"] == 2 and t["data"]["count"] == 12
 
 
+def test_the_runs_own_folder_inside_the_data_is_never_training_data(tmp_path: Path, capsys) -> None:
+    """`--data photos --out photos/sedans`, sedans already holding photos: the first run trained on them
+    (they were no run's folder yet), every later scan skipped them as one. So the data changed under the
+    run: --if-missing retrained (a different fingerprint), --resume refused ("different data") and
+    evaluate did not recognise the training data. The run's own folder is now never scanned."""
+    photos = tmp_path / "photos"
+    tiny = _photos(photos, 12)
+    out = photos / "sedans"
+    _photos(out, 4)
+    args = [*tiny, "--out", str(out)]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert said.count(f"data: skipping {out} (this run's --out folder, not photos)") == 1
+    assert load_checkpoint(out / "model.safetensors").training["data"]["count"] == 12
+    assert main([*args, "--if-missing"]) == 0
+    assert "nothing to do (--if-missing)" in capsys.readouterr().out
+    assert main(["--resume", str(out), "--epochs", "2", *FAST]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert said.count(f"data: skipping {out} (this run's --out folder, not photos)") == 1
+    t = load_checkpoint(out / "model.safetensors").training
+    assert t["epochs_done"] == 2 and t["data"]["count"] == 12
+    assert evaluate_mod.main(["--checkpoint", str(out / "model.safetensors"), "--data", str(photos)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"]["matches_training"] and result["split"] == "val"
+    # evaluate leaves out the checkpoint's own folder too, also where no run file marks it as a run's
+    kept = photos / "kept"
+    _photos(kept, 3)
+    (out / "model.safetensors").rename(kept / "best.safetensors")
+    assert evaluate_mod.main(["--checkpoint", str(kept / "best.safetensors"), "--data", str(photos)]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["matches_training"]
+
+
 def test_evaluate_refuses_a_batch_size_below_1(tiny_checkpoint: Path, capsys) -> None:
     for bad in ("0", "-1"):
         args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--batch-size", bad]

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         metavar="RUN_DIR",
-        help="run folder, created if needed (default: none; required unless --resume)",
+        help="run folder, created if needed; inside --data it is left out of the photos, and it cannot be "
+        "--data itself (default: none; required unless --resume)",
     )
     io.add_argument(
         "--synthetic-count",
@@ -359,7 +360,7 @@ def _matches(cfg: TrainConfig) -> tuple[str, str]:
         training = load_checkpoint(path).training
     except CheckpointError as e:
         return "other", str(e)
-    want = cfg.signature(data_fingerprint(cfg.data, cfg.image_size, cfg.synthetic_count))
+    want = cfg.signature(data_fingerprint(cfg.data, cfg.image_size, cfg.synthetic_count, cfg.out))
     have = training.get("signature") or {}
     diff = [k for k in want if want[k] != have.get(k)]
     if diff:

@@ -107,10 +107,31 @@ def _counts_as_ignored(name: str) -> bool:
     return name.lower() not in OS_LITTER and not CACHE_ENTRY.fullmatch(name)
 
 
-def _scan(root: Path) -> tuple[list[Path], Counter[str]]:
-    """The image files under root (see scan_images) and, by lower-case extension, the other files left out."""
+def _walk_name(root: Path, run_dir: Path | None) -> Path | None:
+    """run_dir as the walk under root names it (root / relative path, however either was typed or linked),
+    or None when the walk never reaches it. run_dir == root is refused before any scan (TrainConfig)."""
+    if run_dir is None:
+        return None
+    try:
+        inside = run_dir.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    return root / inside if inside.parts else None
+
+
+@dataclass
+class _Scan:
+    files: list[Path]
+    ignored: Counter[str]  # by lower-case extension, the files left out that are worth a word
+    skipped: list[str]  # one log line's text for each folder left out as not photos
+
+
+def _scan(root: Path, run_dir: Path | None = None) -> _Scan:
+    """The image files under root (see scan_images), the other files and the folders left out."""
     found: list[Path] = []
     ignored: Counter[str] = Counter()
+    skipped: list[str] = []
+    own = _walk_name(root, run_dir)
 
     def unreadable(e: OSError) -> None:
         # os.walk skips a folder it cannot list without a word: the photos in a chmod 700 folder of
@@ -119,14 +140,25 @@ def _scan(root: Path) -> tuple[list[Path], Counter[str]]:
             raise DataError(f"cannot read data folder {root}: {e.strerror or e}")
         log.warning("data: cannot read folder %s (%s); its photos are skipped", e.filename, e.strerror or e)
 
+    def not_photos(folder: Path) -> str | None:
+        # This run's own folder before it holds a run (a first run, or an existing folder of photos):
+        # scanned, its photos were trained on once and gone from the data of the next run, whose
+        # fingerprint then no longer matched for --resume and --if-missing.
+        if folder == own:
+            return "this run's --out folder, not photos"
+        return "a training run's folder, not photos" if _is_run_folder(folder) else None
+
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         # Hidden folders are not the user's photos: thumbnails a photo manager keeps (.thumbnails) would
         # train as duplicates of the photos, across the validation split; .git, the default .cache.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        skipped = [d for d in dirnames if _is_run_folder(Path(dirpath, d))]
-        for d in skipped:
-            log.info("data: skipping %s (a training run's folder, not photos)", Path(dirpath, d))
-        dirnames[:] = sorted(d for d in dirnames if d not in skipped)
+        kept = []
+        for d in (d for d in dirnames if not d.startswith(".")):
+            why = not_photos(Path(dirpath, d))
+            if why is None:
+                kept.append(d)
+            else:
+                skipped.append(f"{Path(dirpath, d)} ({why})")
+        dirnames[:] = sorted(kept)
         for f in filenames:
             suffix = Path(f).suffix.lower()
             if f.startswith("."):
@@ -136,16 +168,17 @@ def _scan(root: Path) -> tuple[list[Path], Counter[str]]:
                     found.append(Path(dirpath, f))
             elif _counts_as_ignored(f):
                 ignored[suffix or "(no extension)"] += 1
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix()), ignored
+    return _Scan(sorted(found, key=lambda p: p.relative_to(root).as_posix()), ignored, skipped)
 
 
-def scan_images(root: Path) -> list[Path]:
+def scan_images(root: Path, run_dir: Path | None = None) -> list[Path]:
     """Every image file under root, recursively, sorted by relative path so the order (and so the split)
     is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
     followed (no cycles); hidden files and folders (a name starting with ".") are not photos. Run folders
     below root (a --out inside --data) are skipped: their loss curves and sample grids are not photos, and
-    would change the data's fingerprint after every epoch."""
-    return _scan(root)[0]
+    would change the data's fingerprint after every epoch. So is `run_dir`, the run's own --out, from its
+    first run on, whether or not it holds a run yet."""
+    return _scan(root, run_dir).files
 
 
 def describe_ignored(ignored: Counter[str]) -> str:
@@ -189,14 +222,15 @@ def synthetic_fingerprint(count: int, image_size: int) -> str:
     return _sha256_json({"source": "synthetic", "count": count, "size": image_size, "seed": SYNTHETIC_SEED})
 
 
-def data_fingerprint(data: str, image_size: int, synthetic_count: int) -> str:
-    """The fingerprint `load_data` would record, without decoding anything (used by --if-missing)."""
+def data_fingerprint(data: str, image_size: int, synthetic_count: int, run_dir: Path | None = None) -> str:
+    """The fingerprint `load_data` would record, without decoding anything (used by --if-missing). Silent
+    about the folders it leaves out: the load that follows names them."""
     if data == "synthetic":
         return synthetic_fingerprint(synthetic_count, image_size)
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    return folder_fingerprint(_file_stats(root, scan_images(root)))
+    return folder_fingerprint(_file_stats(root, scan_images(root, run_dir)))
 
 
 # ---------------------------------------------------------------- decoding and cache
@@ -409,10 +443,14 @@ def load_folder(
     workers: int = 1,
     cache_dir: Path | None = None,
     progress: bool = False,
+    run_dir: Path | None = None,
 ) -> Dataset:
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    files, ignored = _scan(root)
+    scan = _scan(root, run_dir)
+    files, ignored = scan.files, scan.ignored
+    for folder in scan.skipped:
+        log.info("data: skipping %s", folder)
     if not files:
         held = f"; it holds {describe_ignored(ignored)}" if ignored else ""
         raise DataError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}){held}")
@@ -508,10 +546,12 @@ def load_data(
     workers: int = 1,
     cache_dir: Path | None = None,
     progress: bool = False,
+    run_dir: Path | None = None,
 ) -> Dataset:
+    """The data set `data` names; `run_dir`, the training run's own folder, is never part of it."""
     if data == "synthetic":
         return load_synthetic(synthetic_count, policy.image_size, cache_dir, workers)
-    return load_folder(Path(data), policy, workers, cache_dir, progress)
+    return load_folder(Path(data), policy, workers, cache_dir, progress, run_dir)
 
 
 # ---------------------------------------------------------------- split

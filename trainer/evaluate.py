@@ -212,7 +212,8 @@ def evaluate(
         used = np.concatenate([chosen[0], chosen[1]]) if pca and len(chosen[0]) else chosen[0]
         ds: Dataset = load_synthetic_rows(count, size, used, cache, workers)
     else:
-        ds = load_data(data, ck.policy, synthetic_count=count, workers=workers, cache_dir=cache)
+        # The checkpoint's folder is its run's --out, which training left out of the photos.
+        ds = load_data(data, ck.policy, count, workers, cache, run_dir=checkpoint.parent)
         chosen = _choose(len(ds), ds.fingerprint, training, split, limit)
     eval_idx, fit_idx, fit_on, split, matches = chosen
 

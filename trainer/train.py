@@ -333,7 +333,13 @@ class _Run:
 
         t0 = time.perf_counter()
         load = lambda progress: load_data(  # noqa: E731
-            cfg.data, cfg.policy(), cfg.synthetic_count, cfg.workers, cfg.resolved_cache_dir(), progress
+            cfg.data,
+            cfg.policy(),
+            cfg.synthetic_count,
+            cfg.workers,
+            cfg.resolved_cache_dir(),
+            progress,
+            run_dir=cfg.out,
         )
         # Rank 0 decodes and fills the cache first; the others then read the cache instead of decoding too.
         data: Dataset | None = self._on_main(load, cfg.progress)
