@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -336,6 +337,26 @@ def test_epoch_summary_and_progress_bar_agree_when_the_budget_replans(
     assert "planned" not in summaries[1]
     assert summaries[2].endswith(" | the time budget ends the run here")
     assert [r["epochs_planned"] for r in read_metrics(tmp_path / "run")] == [4, 4, 3]  # metrics: unchanged
+
+
+def test_the_best_epochs_checkpoint_names_the_plan_made_after_it(tmp_path: Path, monkeypatch) -> None:
+    """The checkpoint saved as a run goes (what a killed run leaves, and what the service and evaluate
+    call "weights of epoch 1 of N planned") was written before the budget's re-plan: N was the --epochs
+    cap."""
+    plans = {1: 4, 2: 4, 3: 3}
+    monkeypatch.setattr(train_mod, "plan_epochs", lambda _max, done, *rest: plans[done])
+    saved: list[tuple[int, int]] = []
+    save = train_mod._Run._save_checkpoint
+
+    def recording(run: Any, model: Any, meta: dict[str, Any]) -> None:
+        saved.append((meta["epochs_done"], meta["lr_schedule"]["planned_epochs"]))
+        save(run, model, meta)
+
+    monkeypatch.setattr(train_mod._Run, "_save_checkpoint", recording)
+    args = [*TINY_FLAGS.split(), "--batch-size", "4", "--threads", "1", "--workers", "1", "--no-progress"]
+    assert main([*args, "--epochs", "5", "--max-minutes", "10", "--out", str(tmp_path / "run")]) == 0
+    during = [s for s in saved if s[0] < 3]  # the last epoch's is the finished run's, saved again at the end
+    assert during and all(planned == plans[done] for done, planned in during), saved
 
 
 @pytest.mark.parametrize(

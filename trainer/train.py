@@ -557,8 +557,6 @@ class _Run:
         self.best_weights = {
             k: v.detach().cpu().clone().contiguous() for k, v in self.eval_model.state_dict().items()
         }
-        if self.info.is_main:
-            self._save_checkpoint(self.eval_model, self.training_meta(False))
         return True
 
     def _save_checkpoint(self, model: VAE, meta: dict[str, Any]) -> None:
@@ -701,6 +699,10 @@ class _Run:
             if val is None and p.epochs_done >= p.planned_epochs:
                 val = self.validate()  # the budget ended the run here: the last epoch must be scored
                 is_best = self._keep_if_best(val)
+            if is_best and self.info.is_main:
+                # After the re-plan, so a run killed later says "epoch 1 of 53 planned", not of the
+                # --epochs cap that the first epoch started with.
+                self._save_checkpoint(self.eval_model, self.training_meta(False))
             self.rows.append(self._row(train, val, n_images, train_s, epoch_s, is_best))
             self.save_epoch_files()
             self._log_epoch(self.rows[-1], planned)
