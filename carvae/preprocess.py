@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from carvae import png_integrity
+
 # Formats we accept; restricting PIL's plugins means PDF/EPS/SVG-like inputs are never handed to a decoder.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Transparent pixels are composited onto this colour (documented in the README).
@@ -175,15 +177,26 @@ def decode_image(
             f"image is {w}×{h}; the aspect ratio must be at most {limits.max_aspect:g}:1",
             422,
         )
+    if img.format == "PNG" and (problem := png_integrity.missing_end(data)):
+        raise ImageError("corrupt_image", f"the PNG file is truncated: {problem}", 422)
     if max_footprint is not None and (footprint := _footprint(img, draft_size)) > max_footprint:
         raise FootprintExceeded(footprint)
     try:
         if draft_size and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        # The cheap may_be_short first: short_pixel_data inflates the data again.
+        if (
+            img.format == "PNG"
+            and png_integrity.may_be_short(img)
+            and (problem := png_integrity.short_pixel_data(data))
+        ):
+            raise ImageError("corrupt_image", f"the PNG file is truncated: {problem}", 422)
         # exif_transpose after load: it needs the decoded pixels and the EXIF block.
         oriented: Image.Image = ImageOps.exif_transpose(img) or img
         return _to_rgb(oriented, BACKGROUND)
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, MemoryError) as e:
         raise ImageError("image_too_large", f"the image is too large to decode ({e})", 413) from None
     except Exception as e:  # see _DECODE_ERRORS

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from carvae.png_integrity import ADAM7
+
 
 def assert_error(r: Any, status: int, code: str | tuple[str, ...]) -> dict[str, Any]:
     """The shared error shape, with the request id of the X-Request-ID header, as strict JSON (no NaN)."""
@@ -57,11 +59,24 @@ def png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
 
-def raw_png(width: int, height: int, idat: bytes, bit_depth: int = 8, color_type: int = 2) -> bytes:
+def raw_png(
+    width: int,
+    height: int,
+    idat: bytes,
+    bit_depth: int = 8,
+    color_type: int = 2,
+    interlace: int = 0,
+    palette: bytes = b"",
+) -> bytes:
     """A PNG with the given header and compressed image data, whatever they hold."""
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, interlace)
+    plte = png_chunk(b"PLTE", palette) if palette else b""
     return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + plte
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -71,6 +86,59 @@ def png_rgb16(pixels: np.ndarray) -> bytes:
     rows = pixels.astype(">u2").reshape(h, w * 3).view(np.uint8)
     raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter byte 0 per row
     return raw_png(w, h, zlib.compress(raw), bit_depth=16, color_type=2)
+
+
+def png_rows(pixels: np.ndarray, interlace: bool = False) -> list[bytes]:
+    """The rows a PNG encoder compresses, in order, each behind filter byte 0: those of the image, or of
+    the seven Adam7 sub-images. (H, W) or (H, W, C) uint8, or uint16 for 16 bits a sample."""
+    if pixels.dtype == np.uint16:
+        pixels = pixels.astype(">u2")
+    images = [pixels[y0::dy, x0::dx] for x0, y0, dx, dy in ADAM7] if interlace else [pixels]
+    return [b"\0" + row.tobytes() for sub in images if sub.shape[1] for row in sub]
+
+
+# Test PNGs for the truncation tests: (pixels, bit depth, colour type, palette)
+def truncation_sources() -> dict[str, tuple[np.ndarray, int, int, bytes]]:
+    rgb = noise(64, 48)
+    grey16 = np.random.default_rng(1).integers(0, 65536, size=(48, 64), dtype=np.uint16)
+    indices = np.random.default_rng(2).integers(0, 256, size=(48, 64), dtype=np.uint8)
+    palette = noise(256, 1, seed=3).tobytes()
+    return {
+        "rgb8": (rgb, 8, 2, b""),
+        "palette": (indices, 8, 3, palette),
+        "grey16": (grey16, 16, 0, b""),
+        "interlaced": (rgb, 8, 2, b""),
+    }
+
+
+def png_of_rows(kind: str, keep: int | None = None) -> bytes:
+    """A `truncation_sources` PNG whose compressed data ends cleanly after its first `keep` rows (all of
+    them when None): framing, checksums and IEND all valid, only the pixel data short."""
+    pixels, bit_depth, color_type, palette = truncation_sources()[kind]
+    interlace = kind == "interlaced"
+    rows = png_rows(pixels, interlace)[:keep]
+    h, w = pixels.shape[:2]
+    return raw_png(w, h, zlib.compress(b"".join(rows)), bit_depth, color_type, int(interlace), palette)
+
+
+def truncated_pngs() -> dict[str, bytes]:
+    """PNGs cut short in each way that matters, by name: a file cut off after its image data (before
+    IEND, inside IEND), image data that ends cleanly at a row boundary (with and without the rest of the
+    file), and cuts Pillow already refused (inside IDAT, right after IHDR)."""
+    cases: dict[str, bytes] = {}
+    for kind in truncation_sources():
+        whole = png_of_rows(kind)
+        rows = len(png_rows(truncation_sources()[kind][0], kind == "interlaced"))
+        half = png_of_rows(kind, rows // 2)
+        cases[f"{kind}-cut-before-IEND"] = whole[:-12]
+        cases[f"{kind}-half-the-rows"] = half
+        cases[f"{kind}-half-the-rows-then-cut"] = half[:-12]
+    whole = png_of_rows("rgb8")
+    cases["rgb8-cut-inside-IEND"] = whole[:-4]
+    cases["rgb8-all-but-the-last-row"] = png_of_rows("rgb8", 47)
+    cases["rgb8-cut-inside-IDAT"] = whole[: len(whole) // 2]
+    cases["rgb8-cut-after-IHDR"] = whole[:33]
+    return cases
 
 
 def zero_png(width: int, height: int, level: int = 9) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hostile_support import truncated_pngs
 from PIL import Image
 
 import trainer.data as data_mod
@@ -145,6 +146,20 @@ def test_folder_without_usable_images_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "bad" / "x.jpg").write_bytes(b"garbage")
     with pytest.raises(DataError, match="none of the 1 image files"):
         load_folder(tmp_path / "bad", POLICY)
+
+
+def test_truncated_pngs_are_skipped_and_counted_as_corrupt(tmp_path: Path) -> None:
+    """Pillow decodes these without an error (the missing rows black); training on them would teach the
+    model blank photos, so they are skipped like any other unreadable file."""
+    _save(tmp_path / "whole.png", _halves(40, 30, RED, BLUE), "PNG")
+    cases = truncated_pngs()
+    for name, data in cases.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    ds = load_folder(tmp_path, POLICY)
+    assert len(ds.images) == 1
+    assert ds.source["skipped"] == len(cases) and ds.source["skipped_reasons"] == {
+        "corrupt_image": len(cases)
+    }
 
 
 def test_second_load_comes_from_the_cache_without_decoding(

@@ -9,10 +9,18 @@ import struct
 
 import numpy as np
 import pytest
-from hostile_support import encode, header_only_png
+from hostile_support import (
+    encode,
+    header_only_png,
+    png_chunk,
+    png_of_rows,
+    truncated_pngs,
+    truncation_sources,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from carvae.preprocess import DecodeLimits, ImageError, PreprocessPolicy, decode_image, prepare
 
@@ -214,3 +222,46 @@ def test_a_tiff_bomb_is_refused_from_its_header() -> None:
     assert Image.open(io.BytesIO(bomb)).size == (50_000, 50_000)
     result = prepare_or_image_error(bomb, POLICIES[0])
     assert isinstance(result, ImageError) and result.code == "image_too_large"
+
+
+# -- incomplete files ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", sorted(truncation_sources()))
+def test_the_whole_files_the_truncation_cases_are_cut_from_decode_exactly(kind: str) -> None:
+    pixels, *_ = truncation_sources()[kind]
+    decoded = Image.open(io.BytesIO(png_of_rows(kind)))
+    decoded.load()
+    np.testing.assert_array_equal(np.asarray(decoded), pixels)
+    assert isinstance(prepare_or_image_error(png_of_rows(kind), POLICIES[0]), np.ndarray)
+
+
+@pytest.mark.parametrize("case", sorted(truncated_pngs()))
+def test_a_truncated_png_is_refused_not_decoded_with_blank_rows(case: str) -> None:
+    """Pillow decodes a PNG cut after its image data, or whose data ends at a row boundary, filling the
+    missing rows with black; the decode path refuses them like any other truncated file."""
+    result = prepare_or_image_error(truncated_pngs()[case], POLICIES[0])
+    assert isinstance(result, ImageError), "decoded"
+    assert result.code == "corrupt_image" and "truncated" in result.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [b"", b"trailing garbage after IEND" * 4, png_chunk(b"tEXt", b"Comment\0after IEND")],
+    ids=["plain", "garbage-after-IEND", "chunk-after-IEND"],
+)
+@pytest.mark.parametrize("bottom", ["black", "transparent"])
+def test_whole_pngs_with_a_blank_bottom_or_bytes_after_iend_are_accepted(extra: bytes, bottom: str) -> None:
+    """The rows Pillow leaves blank look like a black (or fully transparent) bottom row, which real photos
+    have: those are told apart by the data, not refused."""
+    mode, fill = ("RGB", (0, 0, 0)) if bottom == "black" else ("RGBA", (0, 0, 0, 0))
+    img = Image.new(mode, (40, 30), fill)
+    img.paste(Image.new(mode, (40, 20), (200, 100, 50, 255)[: len(mode)]))
+    data = encode(img, "PNG", pnginfo=_ancillary()) + extra
+    out = decode_image(data)
+    assert out.size == (40, 30) and out.getpixel((0, 0)) == (200, 100, 50)
+
+
+def _ancillary() -> PngInfo:
+    info = PngInfo()
+    info.add_text("Software", "a camera")
+    info.add_text("Comment", "zTXt chunk", zip=True)
+    return info

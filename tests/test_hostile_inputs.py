@@ -21,6 +21,7 @@ from hostile_support import (
     jpeg_claiming,
     noise,
     raw_png,
+    truncated_pngs,
     zero_png,
 )
 from PIL import Image, ImageFile
@@ -215,6 +216,14 @@ def test_truncated_images(client: TestClient, fmt: str, keep: float) -> None:
     # the magic bytes survive the cut, so it is a broken file of a known format, not an unknown one
     err = assert_error(post_file(client, _cut(data, keep)), 422, "corrupt_image")
     assert any(word in err["message"] for word in ("truncated", "corrupt", "header"))
+
+
+@pytest.mark.parametrize("case", sorted(truncated_pngs()))
+def test_a_png_cut_off_in_transit_is_refused_not_reconstructed_with_blank_rows(
+    client: TestClient, case: str
+) -> None:
+    err = assert_error(post_file(client, truncated_pngs()[case]), 422, "corrupt_image")
+    assert "truncated" in err["message"]
 
 
 @pytest.mark.parametrize("cut", [8, 12, 20, 30])
