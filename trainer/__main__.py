@@ -23,7 +23,7 @@ from carvae.losses import RECIPES
 from carvae.preprocess import RESIZE_POLICIES
 from trainer.cli import HelpFormatter, setup_logging
 from trainer.data import AUGMENTATIONS, CACHE_IDLE_S, CACHE_KEEP, DataError, data_fingerprint
-from trainer.distributed import PRECISIONS
+from trainer.distributed import PRECISIONS, exit_process
 from trainer.schedule import LR_SCHEDULES
 from trainer.state import CHECKPOINT_FILE, RUN_FILE, STATE_FILE, OutputError, ResumeError, read_json
 from trainer.train import PRIORS, TrainConfig, TrainingDiverged, train
@@ -442,4 +442,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

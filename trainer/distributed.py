@@ -6,10 +6,12 @@ branches on "distributed or not" beyond what is here.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import NoReturn, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,24 @@ def setup(device_spec: str) -> DistInfo:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`; a torchrun worker (WORLD_SIZE > 1) skips the interpreter's finalization.
+
+    DistributedDataParallel keeps gloo's process group, and with it its worker threads, alive past
+    destroy_process_group (torch 2.13). The final barrier's work holds the broadcasts queued before it,
+    whose tensors Python has already let go of, and a worker frees it after the barrier returns: that needs
+    the GIL. When a busy machine delays that worker until the interpreter is finalizing, CPython ends the
+    thread inside a C++ destructor and the rank aborts ("terminate called without an active exception"),
+    so torchrun reports a finished run as failed. Without finalization the worker never meets a dying
+    interpreter. Logs and output are flushed first; nothing else the trainer needs runs at exit."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
