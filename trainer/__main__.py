@@ -441,5 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """`python -m trainer` and the `carvae-train` script: main(), then the exit torchrun workers need."""
     exit_process(main())
+
+
+if __name__ == "__main__":
+    run()
