@@ -109,8 +109,6 @@ function startSections(model) {
     {
       busy: [$("latent-img").closest("figure")],
       img: $("latent-img"),
-      figure: $("latent-img").closest("figure"),
-      stale: $("latent-stale"),
       source: $("latent-source"),
       sliders: $("sliders"),
       msg: $("explore-msg"),
@@ -180,8 +178,6 @@ function startInterpolator() {
   });
 }
 
-const chipText = (model) => `${model.model_id} · ${model.image_size} px · z ${model.latent_dim} · ${model.device}`;
-
 // The service was restarted with another model while this page was open: the sections' sizes and slider
 // ranking belong to the old one, and only a reload sets them up for the new one.
 function modelChanged(modelId) {
@@ -192,14 +188,6 @@ function modelChanged(modelId) {
     "error",
   );
   $("reload-row").hidden = false;
-}
-
-// ...and then with this page's model again (a rollback): its requests work as before, and the banner asking
-// for a reload would now be wrong.
-function modelRestored(model) {
-  $("model-chip").textContent = chipText(model);
-  say($("global-msg"), "");
-  $("reload-row").hidden = true;
 }
 
 let started = false;
@@ -219,12 +207,12 @@ async function bootOnce() {
   try {
     const model = await loadModel();
     say($("global-msg"), "");
-    $("model-chip").textContent = chipText(model);
+    $("model-chip").textContent = `${model.model_id} · ${model.image_size} px · z ${model.latent_dim} · ${model.device}`;
     renderModelCard($("model-card"), model);
     document.body.dataset.ready = "true";
     if (!started) {
       started = true;
-      expectModel(model.model_id, { changed: modelChanged, restored: () => modelRestored(model) });
+      expectModel(model.model_id, modelChanged);
       startSections(model);
     }
   } catch (e) {

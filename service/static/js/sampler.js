@@ -56,18 +56,12 @@ export function createSampler(els, model, explorer) {
     });
   }
 
-  // The grid of an earlier seed goes with a failure: beside "Sampling failed", it read as this seed's cars.
-  function fail(text) {
-    els.grid.textContent = "";
-    say(els.msg, text, "error");
-  }
-
   async function sample() {
     let seed;
     try {
       seed = readSeed();
     } catch (e) {
-      fail(`Sampling failed: ${e.message}.`);
+      say(els.msg, `Sampling failed: ${e.message}.`, "error");
       return;
     }
     // The button stays enabled while a grid is on its way: disabling it moved the keyboard focus off it,
@@ -83,7 +77,7 @@ export function createSampler(els, model, explorer) {
       render(res.images, res.format, rows, seed, temperature.toFixed(1));
       say(els.msg, `${COUNT} cars from seed ${seed}, temperature ${temperature.toFixed(1)}. Select one to explore its latent code.`, "ok");
     } catch (e) {
-      if (current()) fail(describeError(e, "Sampling"));
+      if (current()) say(els.msg, describeError(e, "Sampling"), "error");
     } finally {
       if (current()) setBusy(els.busy, false);
     }
