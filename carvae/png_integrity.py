@@ -32,16 +32,12 @@ def missing_end(data: bytes) -> str | None:
 
     Bytes after IEND are ignored, as Pillow ignores them. Cheap: a few header reads per chunk, no CRCs.
     """
-    pos = _SIGNATURE_LEN
-    while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        tag = data[pos + 4 : pos + 8]
+    for tag, pos, length in _chunks(data):
         if pos + length + _CHUNK_OVERHEAD > len(data):
             name = tag.decode("latin-1")
             return f"it ends inside its {name} chunk, {len(data) - pos} of {length + _CHUNK_OVERHEAD} bytes"
         if tag == b"IEND":
             return None
-        pos += length + _CHUNK_OVERHEAD
     return "it ends before the IEND chunk that closes every PNG"
 
 
@@ -79,16 +75,23 @@ def short_pixel_data(data: bytes) -> str | None:
     return None
 
 
-def _idat_chunks(data: bytes) -> Iterator[memoryview]:
-    view, pos = memoryview(data), _SIGNATURE_LEN
+def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, offset, data length) of each chunk whose header is in the file, up to IEND included."""
+    pos = _SIGNATURE_LEN
     while pos + 8 <= len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
         tag = data[pos + 4 : pos + 8]
+        yield tag, pos, length
         if tag == b"IEND":
             return
+        pos += length + _CHUNK_OVERHEAD
+
+
+def _idat_chunks(data: bytes) -> Iterator[memoryview]:
+    view = memoryview(data)
+    for tag, pos, length in _chunks(data):
         if tag == b"IDAT":
             yield view[pos + 8 : pos + 8 + length]
-        pos += length + _CHUNK_OVERHEAD
 
 
 def _ceil_div(a: int, b: int) -> int:
