@@ -1209,10 +1209,15 @@ def test_the_explorer_buttons_wait_for_the_model_card(browser: Any, base_url: st
         wait_for(browser, lambda d: "be reached" in by_id(d, "global-msg").text)
         buttons = [by_id(browser, "latent-reset"), by_id(browser, "latent-zero")]
         assert [b.is_enabled() for b in buttons] == [False, False]
+        # Saying why, to a pointer (the tooltip) and to a screen reader (the description).
+        for element_id in ("latent-reset", "latent-zero"):
+            title, description = disabled_reason(browser, element_id)
+            assert "once the page has loaded the model" in title and description == title
 
         browser.execute_script("window.serviceDown = false")
         wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
         wait_for(browser, lambda d: all(b.is_enabled() for b in buttons))
+        assert [disabled_reason(browser, b.get_attribute("id")) for b in buttons] == [("", "")] * 2
         wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
         browser.find_element("css selector", "#sample-grid button").click()
         wait_for(browser, lambda d: "Sample 1" in by_id(d, "latent-source").text)
@@ -1222,6 +1227,16 @@ def test_the_explorer_buttons_wait_for_the_model_card(browser: Any, base_url: st
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", script)
 
 
+def another_model(folder: Path) -> Path:
+    """A checkpoint of another model than tiny_checkpoint (z 4, not 8), to restart a service with."""
+    torch.manual_seed(1)
+    path = folder / "other.safetensors"
+    save_checkpoint(
+        path, VAE(VAEConfig(image_size=32, latent_dim=4, channels=(8, 16, 16))), PreprocessPolicy(32)
+    )
+    return path
+
+
 def test_a_service_restarted_with_another_model_asks_for_a_reload(
     browser: Any, tiny_checkpoint: Path, photos: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -1229,11 +1244,7 @@ def test_a_service_restarted_with_another_model_asks_for_a_reload(
     # has 8 values; this model's latent_dim is 4", and nothing said that the page must be reloaded.
     if os.environ.get("CARVAE_WEB_TEST_URL"):
         pytest.skip("restarts its own service")
-    torch.manual_seed(1)
-    other = tmp_path / "other.safetensors"
-    save_checkpoint(
-        other, VAE(VAEConfig(image_size=32, latent_dim=4, channels=(8, 16, 16))), PreprocessPolicy(32)
-    )
+    other = another_model(tmp_path)
     port = free_port()
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     browser.get_log("browser")
@@ -1266,3 +1277,107 @@ def test_a_service_restarted_with_another_model_asks_for_a_reload(
         assert not by_id(browser, "reload-btn").is_displayed()
         assert by_id(browser, "global-msg").text == ""
     assert not [e["message"] for e in browser.get_log("browser") if e.get("source") == "javascript"]
+
+
+def test_the_reload_banner_goes_when_the_service_runs_the_pages_model_again(
+    browser: Any, tiny_checkpoint: Path, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    # A service restarted with another model and then rolled back: the banner asking for a reload stayed
+    # (and the chip still said "Model changed") although the page's requests worked again.
+    if os.environ.get("CARVAE_WEB_TEST_URL"):
+        pytest.skip("restarts its own service")
+    other = another_model(tmp_path)
+    port = free_port()
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get_log("browser")
+    with running_service(tiny_checkpoint, port=port) as url:
+        browser.get(f"{url}/")
+        reload_row = by_id(browser, "reload-row")
+        wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+        chip = by_id(browser, "model-chip").text
+    with running_service(other, port=port):
+        by_id(browser, "latent-zero").click()
+        wait_for(browser, lambda d: by_id(d, "reload-btn").is_displayed())
+    with running_service(tiny_checkpoint, port=port):
+        by_id(browser, "latent-zero").click()
+        wait_for(browser, lambda d: not reload_row.is_displayed())
+        assert by_id(browser, "global-msg").text == ""
+        assert by_id(browser, "model-chip").text == chip
+        wait_for(browser, lambda d: by_id(d, "explore-msg").text == "")
+        # And the page works as before: a photo is reconstructed, and the banner does not come back.
+        upload(browser, "file-input", photos["red"])
+        wait_for(browser, lambda d: "Reconstructed “red-car.png”" in by_id(d, "reconstruct-msg").text)
+        assert not reload_row.is_displayed()
+    # Restarted with another model once more: the banner is back.
+    with running_service(other, port=port):
+        by_id(browser, "latent-zero").click()
+        wait_for(browser, lambda d: by_id(d, "reload-btn").is_displayed())
+        assert "another model" in by_id(browser, "global-msg").text
+    assert not [e["message"] for e in browser.get_log("browser") if e.get("source") == "javascript"]
+
+
+def test_a_failed_request_does_not_leave_the_previous_result_as_its_answer(
+    page: Any, photos: dict[str, Path]
+) -> None:
+    # A sample grid or a decoded latent image from an earlier request stayed on screen, as it was, beside
+    # the new request's error, and read as its answer. A reconstruction and interpolation frames are removed
+    # (test_a_failed_interpolation_hides_the_previous_frames); so is a grid now. The explorer keeps its
+    # image, dimmed and labelled as the previous result, until a decode succeeds.
+    upload(page, "file-input", photos["red"])
+    wait_for(page, lambda d: "Reconstructed “red-car.png”" in by_id(d, "reconstruct-msg").text)
+    wait_for(page, lambda d: "red-car.png" in by_id(d, "latent-source").text)
+    wait_for(page, lambda d: same_picture(src_of(d, "latent-img"), src_of(d, "recon-img")))
+    figure = page.find_element("css selector", "#explore figure")
+    stale_note = by_id(page, "latent-stale")
+    assert not stale_note.is_displayed() and "stale" not in figure.get_attribute("class")
+    alt = by_id(page, "latent-img").get_attribute("alt")
+
+    page.execute_script("window.realFetch = window.fetch")
+    busy = json.dumps({"error": {"code": "overloaded", "message": "queue full", "request_id": "r7"}})
+    for path_end in ("reconstruct", "decode"):
+        answer_in_browser(page, path_end, 503, busy, {"Content-Type": "application/json"})
+    upload(page, "file-input", photos["blue"])
+    wait_for(page, lambda d: "overloaded" in by_id(d, "reconstruct-msg").text)
+    assert not by_id(page, "compare").is_displayed() and not by_id(page, "result-bar").is_displayed()
+
+    by_id(page, "sample-btn").click()
+    wait_for(page, lambda d: "overloaded" in by_id(d, "sample-msg").text)
+    assert page.find_elements("css selector", "#sample-grid img") == []
+
+    shown = src_of(page, "latent-img")
+    by_id(page, "latent-zero").click()
+    wait_for(page, lambda d: "overloaded" in by_id(d, "explore-msg").text)
+    assert stale_note.is_displayed() and "Previous result" in stale_note.text
+    assert "stale" in figure.get_attribute("class")
+    assert src_of(page, "latent-img") == shown
+    assert "Previous result" in by_id(page, "latent-img").get_attribute("alt")
+    screenshot(page, "web-previous-result")
+
+    page.execute_script("window.fetch = window.realFetch")  # the service answers again
+    by_id(page, "latent-zero").click()
+    wait_for(page, lambda d: not stale_note.is_displayed())
+    assert not same_picture(src_of(page, "latent-img"), shown)  # z = 0's image, not the red car's
+    assert "stale" not in figure.get_attribute("class")
+    assert by_id(page, "latent-img").get_attribute("alt") == alt
+    by_id(page, "sample-btn").click()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+
+
+def disabled_reason(page: Any, element_id: str) -> tuple[str, str]:
+    """(tooltip, what Chromium gives a screen reader as the description) of a control."""
+    node = ax_node(page, element_id)
+    title = by_id(page, element_id).get_attribute("title") or ""
+    return title, str(node.get("description", {}).get("value", ""))
+
+
+def test_the_interpolate_button_says_which_car_it_waits_for(page: Any, photos: dict[str, Path]) -> None:
+    # Disabled until both cars are chosen, it said nothing about why, to a pointer or a screen reader.
+    button = by_id(page, "interp-btn")
+    assert not button.is_enabled()
+    assert disabled_reason(page, "interp-btn") == ("Choose car A and car B first",) * 2
+    upload(page, "file-a", photos["red"])
+    assert not button.is_enabled()
+    assert disabled_reason(page, "interp-btn") == ("Choose car B first",) * 2
+    upload(page, "file-b", photos["blue"])
+    assert button.is_enabled()
+    assert disabled_reason(page, "interp-btn") == ("", "")

@@ -109,6 +109,8 @@ function startSections(model) {
     {
       busy: [$("latent-img").closest("figure")],
       img: $("latent-img"),
+      figure: $("latent-img").closest("figure"),
+      stale: $("latent-stale"),
       source: $("latent-source"),
       sliders: $("sliders"),
       msg: $("explore-msg"),
@@ -178,6 +180,8 @@ function startInterpolator() {
   });
 }
 
+const chipText = (model) => `${model.model_id} · ${model.image_size} px · z ${model.latent_dim} · ${model.device}`;
+
 // The service was restarted with another model while this page was open: the sections' sizes and slider
 // ranking belong to the old one, and only a reload sets them up for the new one.
 function modelChanged(modelId) {
@@ -188,6 +192,14 @@ function modelChanged(modelId) {
     "error",
   );
   $("reload-row").hidden = false;
+}
+
+// ...and then with this page's model again (a rollback): its requests work as before, and the banner asking
+// for a reload would now be wrong.
+function modelRestored(model) {
+  $("model-chip").textContent = chipText(model);
+  say($("global-msg"), "");
+  $("reload-row").hidden = true;
 }
 
 let started = false;
@@ -207,12 +219,12 @@ async function bootOnce() {
   try {
     const model = await loadModel();
     say($("global-msg"), "");
-    $("model-chip").textContent = `${model.model_id} · ${model.image_size} px · z ${model.latent_dim} · ${model.device}`;
+    $("model-chip").textContent = chipText(model);
     renderModelCard($("model-card"), model);
     document.body.dataset.ready = "true";
     if (!started) {
       started = true;
-      expectModel(model.model_id, modelChanged);
+      expectModel(model.model_id, { changed: modelChanged, restored: () => modelRestored(model) });
       startSections(model);
     }
   } catch (e) {

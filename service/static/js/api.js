@@ -27,24 +27,35 @@ export function setApiKey(key) {
 // rejects the input is checked against a fresh model card.
 let pageModel = null;
 let onModelChange = null;
+let onModelBack = null;
+let servedElsewhere = null; // the other model the service was last seen running, while it runs one
 const RECHECK = [400, 404, 422]; // answers that may mean "not what this model takes"
 
-/** From now on, answers from any other model than `modelId` fail as `model_changed`, and `onChange(newId)`
- * is called (once) when that first happens. */
-export function expectModel(modelId, onChange) {
+/** From now on, answers from any other model than `modelId` fail as `model_changed`. `changed(newId)` is
+ * called when the service is first seen running another model (again when yet another one), and
+ * `restored()` when it is seen running `modelId` again (a rollback): its answers are then used as before. */
+export function expectModel(modelId, { changed, restored }) {
   pageModel = modelId;
-  onModelChange = onChange;
+  onModelChange = changed;
+  onModelBack = restored;
 }
 
 function modelChanged(servedId, status, requestId) {
-  if (onModelChange) onModelChange(servedId);
-  onModelChange = null;
+  if (servedId !== servedElsewhere && onModelChange) onModelChange(servedId);
+  servedElsewhere = servedId;
   return new ApiError(
     status,
     "model_changed",
     `the service now runs another model (“${servedId}”), not the one this page was set up for (“${pageModel}”)`,
     requestId,
   );
+}
+
+// An answer named the page's own model: a banner saying otherwise would now be wrong.
+function modelServed() {
+  if (servedElsewhere === null) return;
+  servedElsewhere = null;
+  if (onModelBack) onModelBack();
 }
 
 export class ApiError extends Error {
@@ -70,8 +81,9 @@ export async function api(path, options = {}) {
   } catch (e) {
     throw await servedModelError(path, e, options.signal);
   }
-  if (pageModel && typeof data.model_id === "string" && data.model_id !== pageModel) {
-    throw modelChanged(data.model_id, 409, null);
+  if (pageModel && typeof data.model_id === "string") {
+    if (data.model_id !== pageModel) throw modelChanged(data.model_id, 409, null);
+    modelServed();
   }
   return data;
 }
@@ -85,7 +97,10 @@ async function servedModelError(path, e, signal) {
   } catch {
     return e; // no card just now: the original error is the best there is
   }
-  return typeof served === "string" && served !== pageModel ? modelChanged(served, e.status, e.requestId) : e;
+  if (typeof served !== "string") return e;
+  if (served !== pageModel) return modelChanged(served, e.status, e.requestId);
+  modelServed(); // the input itself was refused, by the page's own model
+  return e;
 }
 
 async function request(path, { method = "GET", json, form, signal } = {}) {

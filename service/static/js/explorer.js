@@ -3,7 +3,7 @@
 // decoded image around z = 0 (the prior's mean).
 
 import { api, describeError, isTransient, retryAfterSeconds } from "./api.js";
-import { dataUrl, meanAbsDiff, pixelsOf, say, setBusy } from "./util.js";
+import { allowButton, dataUrl, meanAbsDiff, pixelsOf, say, setBusy } from "./util.js";
 
 const SLIDERS = 12; // how many dimensions get a slider
 const PROBE = 2; // the step (in prior standard deviations) used to rank dimensions
@@ -25,6 +25,17 @@ export function createExplorer(els, model) {
   let unranked = "";
   let decodeFailed = false;
 
+  // After a failed decode the image is that of an earlier code, not of the sliders. It stays, as the
+  // nearest thing to what was asked and a place to go on from, but dimmed and labelled as the previous
+  // result (to a screen reader too, by its text alternative) until a decode succeeds.
+  const currentAlt = els.img.alt;
+  function markStale(on) {
+    const stale = on && els.img.hasAttribute("src"); // nothing decoded yet: no earlier image to mark
+    els.figure.classList.toggle("stale", stale);
+    els.stale.hidden = !stale;
+    els.img.alt = stale ? "Previous result, not the current latent code" : currentAlt;
+  }
+
   async function decode() {
     const mine = ++seq;
     setBusy(els.busy, true);
@@ -32,11 +43,13 @@ export function createExplorer(els, model) {
       const res = await api("decode", { method: "POST", json: { z: [z] } });
       if (mine !== seq) return; // a newer request is on its way
       els.img.src = dataUrl(res.images[0], res.format);
+      markStale(false);
       if (decodeFailed) say(els.msg, unranked, "error");
       decodeFailed = false;
     } catch (e) {
       if (mine !== seq) return;
       decodeFailed = true;
+      markStale(true);
       say(els.msg, describeError(e, "Decoding the latent code"), "error");
     } finally {
       if (mine === seq) setBusy(els.busy, false);
@@ -195,9 +208,10 @@ export function createExplorer(els, model) {
     decode();
   });
   els.zero.addEventListener("click", () => load(new Array(dim).fill(0), "The prior's mean, z = 0"));
-  // Disabled in the page until now: before the model card, there was no latent code to reset or zero.
-  els.reset.disabled = false;
-  els.zero.disabled = false;
+  // Disabled in the page until now (saying why): before the model card, there was no latent code to reset
+  // or zero.
+  allowButton(els.reset);
+  allowButton(els.zero);
 
   return {
     async start() {

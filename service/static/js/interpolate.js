@@ -2,7 +2,7 @@
 // button and a frame slider. Playback bounces A → B → A.
 
 import { ApiError, api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
+import { allowButton, dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
 
 const FRAME_MS = 140;
 
@@ -24,7 +24,12 @@ export function createInterpolator(els) {
     // Shown once it loads (see below): the browser cannot draw every file the service reads (TIFF) nor,
     // of course, a file that is no image, and a broken-image icon with a clipped alt text helps no one.
     els[`name_${which}`].textContent = file.name;
-    els.button.disabled = !(files.a && files.b);
+    allowButton(els.button, missingReason());
+  }
+
+  function missingReason() {
+    const missing = ["a", "b"].filter((which) => !files[which]).map((which) => `car ${which.toUpperCase()}`);
+    return missing.length ? `Choose ${missing.join(" and ")} first` : "";
   }
 
   function show(i) {
@@ -115,6 +120,7 @@ export function createInterpolator(els) {
     }
   }
 
+  allowButton(els.button, missingReason()); // the page disables it; this says why
   for (const thumb of [els.thumb_a, els.thumb_b]) {
     thumb.addEventListener("load", () => (thumb.hidden = false));
     thumb.addEventListener("error", () => (thumb.hidden = true));

@@ -56,12 +56,18 @@ export function createSampler(els, model, explorer) {
     });
   }
 
+  // The grid of an earlier seed goes with a failure: beside "Sampling failed", it read as this seed's cars.
+  function fail(text) {
+    els.grid.textContent = "";
+    say(els.msg, text, "error");
+  }
+
   async function sample() {
     let seed;
     try {
       seed = readSeed();
     } catch (e) {
-      say(els.msg, `Sampling failed: ${e.message}.`, "error");
+      fail(`Sampling failed: ${e.message}.`);
       return;
     }
     // The button stays enabled while a grid is on its way: disabling it moved the keyboard focus off it,
@@ -77,7 +83,7 @@ export function createSampler(els, model, explorer) {
       render(res.images, res.format, rows, seed, temperature.toFixed(1));
       say(els.msg, `${COUNT} cars from seed ${seed}, temperature ${temperature.toFixed(1)}. Select one to explore its latent code.`, "ok");
     } catch (e) {
-      if (current()) say(els.msg, describeError(e, "Sampling"), "error");
+      if (current()) fail(describeError(e, "Sampling"));
     } finally {
       if (current()) setBusy(els.busy, false);
     }

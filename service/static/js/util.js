@@ -39,6 +39,17 @@ export function setBusy(nodes, on) {
 }
 
 /**
+ * Enable a button, or disable it saying why: a disabled button gave no reason of its own, to a pointer
+ * hovering it or to a screen reader (which reads the title as its description). For buttons without a
+ * title of their own; an enabled one has none.
+ */
+export function allowButton(button, reason = "") {
+  button.disabled = Boolean(reason);
+  if (reason) button.title = reason;
+  else button.removeAttribute("title");
+}
+
+/**
  * A section's requests, of which only the newest counts: `next()` cancels the one still in flight (its
  * fetch aborts) and returns the new one's `signal` and `current()`, false once a newer one has started, so
  * a slow answer never overwrites a newer one. `started()`: whether there has been any.
