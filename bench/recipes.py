@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out = Path(args.out)
+    # The logs go beside --out, in its parent: on a fresh clone not even runs/ exists yet.
+    out.mkdir(parents=True, exist_ok=True)
     procs = {}
     started = time.time()
     for i, (name, flags) in enumerate(RECIPES.items()):
@@ -52,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--overwrite"]
         cmd += ["--max-minutes", str(args.minutes), "--no-progress", "--workers", "1", *flags]
         log = open(out.parent / f"{out.name}-r{i}.log", "w")  # noqa: SIM115 (closed after the wait below)
-        out.mkdir(parents=True, exist_ok=True)
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), run_dir, log)
     rows = []
     for name, (proc, run_dir, log) in procs.items():

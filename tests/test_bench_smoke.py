@@ -177,3 +177,30 @@ def test_micro_levers_run_and_the_multipart_bound_parses_the_same_file(tmp_path:
     assert result["per_image_us"]["total"] > result["per_image_us"]["forward"] > 0
     table = (tmp_path / "micro.md").read_text()
     assert table.count("\n| ") == 1 + len(figures)  # the header and one row per variant
+
+
+def test_recipes_starts_its_runs_where_no_runs_folder_exists_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `python -m bench.recipes --data DIR` on a fresh clone: its logs go beside --out
+    (runs/recipes-r0.log), in a runs/ folder nothing has made yet. The trainers are stand-ins that exit 1,
+    so no training runs: what counts is that every recipe was started, with its log in place."""
+    from bench import recipes
+
+    started: list[list[str]] = []
+
+    class FailedTrainer:
+        def __init__(self, cmd: list[str], **kwargs: Any) -> None:
+            started.append(cmd)
+
+        def wait(self) -> int:
+            return 1
+
+    monkeypatch.setattr(recipes.subprocess, "Popen", FailedTrainer)
+    out = tmp_path / "runs" / "recipes"
+    rc = recipes.main(["--data", "synthetic", "--out", str(out), "--results", str(tmp_path / "results")])
+    assert rc == 0
+    assert len(started) == len(recipes.RECIPES)
+    logs = sorted(p.name for p in out.parent.glob("*.log"))
+    assert logs == [f"recipes-r{i}.log" for i in range(len(started))]
+    assert json.loads((tmp_path / "results" / "recipes.json").read_text())["rows"] == []
