@@ -176,7 +176,7 @@ async def run_closed_loop(
                 t0 = time.perf_counter()
                 status, body = await asyncio.wait_for(conn.send(request), timeout_s)
                 t1 = time.perf_counter()
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 if conn is not None and conn.transport is not None:
                     conn.transport.close()
                 conn = None

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,7 @@ class OpenLoop:
                 self.idle.append(conn)
             else:
                 self.opened -= 1
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             self.outcomes.append(Outcome(due, sent, time.perf_counter(), 0, error=type(e).__name__))
             if conn is not None:
                 if conn.transport is not None:
@@ -462,7 +462,7 @@ def run(plan: Plan, checkpoint: Path, model: str, out: Path) -> dict[str, Any]:
     baseline, overload = phases[0], phases[1]
     rss_base = baseline["rss_max_mib"]
     result = {
-        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine.describe(),
         "config": {
             "model": model,

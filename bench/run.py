@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = parse_args(argv)
     # A stopped benchmark must still stop its servers (the `finally` in run_rounds).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     cache = assets.CACHE
     cache.mkdir(parents=True, exist_ok=True)
     log = cache / "servers.log"

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 from http import HTTPStatus
@@ -297,10 +296,8 @@ class _BodyRefused(Exception):
 
 async def _receive_by(receive: Receive, deadline: float) -> Message:
     """receive(), or TimeoutError at `deadline` (loop time)."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout_at(deadline):
-            return await receive()
-    return await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+    async with asyncio.timeout_at(deadline):
+        return await receive()
 
 
 class BodyLimitMiddleware:
@@ -371,7 +368,7 @@ class BodyLimitMiddleware:
             else:
                 try:
                     message = await _receive_by(receive, deadline)
-                except (TimeoutError, asyncio.TimeoutError):  # the same class from Python 3.11 on
+                except TimeoutError:  # the same class from Python 3.11 on
                     if refused:
                         raise _BodyRefused from None
                     await refuse(self._too_slow(scope))

@@ -375,6 +375,7 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
     pyproject.toml: a range changed without `make lock` would otherwise make pip fail, or install an
     untested version for users without the lock."""
     import tomllib
+
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

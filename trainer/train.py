@@ -16,7 +16,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -599,7 +599,7 @@ class _Run:
             "lr_schedule": {**self.sched.describe(), "planned_epochs": p.planned_epochs},
             "device": str(self.device),
             "torch_version": torch.__version__,
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
     def save_epoch_files(self) -> None:
