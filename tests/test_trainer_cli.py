@@ -214,7 +214,13 @@ def test_evaluate_on_foreign_data_and_bad_input(smoke_run: tuple[Path, str], tmp
     photos(20)
     assert evaluate_mod.main(["--checkpoint", str(out / "model.safetensors"), "--data", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["pca"]["fit_on"].startswith("evaluated images") and result["pca"]["psnr"]["mean"] < 60
+    assert result["pca"]["fit_on"].startswith("all images given") and result["pca"]["psnr"]["mean"] < 60
+    # --limit scores fewer; the PCA is still fitted on every image given, and says so
+    args = ["--checkpoint", str(out / "model.safetensors"), "--data", str(tmp_path), "--limit", "10"]
+    assert evaluate_mod.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 10 and result["pca"]["fit_images"] == 20
+    assert result["pca"]["fit_on"].startswith("all images given")
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"junk")

@@ -161,7 +161,11 @@ def _choose(
     else:
         if split == "val":
             log.warning("the data is not this checkpoint's training data: evaluating all %d images", n)
-        eval_idx, fit_idx, fit_on = everything, everything, "evaluated images (training data not given)"
+        eval_idx, fit_idx, fit_on = (
+            everything,
+            everything,
+            "all images given (not the checkpoint's training data)",
+        )
         split = "all"
     if limit is not None:
         eval_idx = eval_idx[:limit]
