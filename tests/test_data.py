@@ -421,6 +421,32 @@ def test_scan_keeps_regular_files_and_dangling_links_only(tmp_path: Path) -> Non
     assert len(ds) == 2 and ds.source["skipped_reasons"] == {"unreadable": 1}
 
 
+def test_scan_follows_linked_folders_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A data set assembled from links to other folders (`ln -s /data/sedans photos/sedans`) lost every
+    photo behind a link without a word. They are followed; a folder reached a second time (a loop back
+    up, two links to one folder) is scanned once, so nothing recurses or trains twice across the split."""
+    rgb = _halves(24, 24, RED, BLUE)
+    root, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    _save(root / "own" / "a.png", rgb, "PNG")
+    _save(elsewhere / "b.png", rgb, "PNG")
+    (root / "cars-link").symlink_to(elsewhere)
+    (root / "same-cars-link").symlink_to(elsewhere)
+    (root / "own" / "loop").symlink_to(root)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        ds = load_folder(root, POLICY)
+    names = [p.relative_to(root).as_posix() for p in scan_images(root)]
+    assert names == ["cars-link/b.png", "own/a.png"]
+    assert len(ds) == 2
+    said = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert said == [
+        f"data: skipping {root / 'same-cars-link'} (the same folder as {root / 'cars-link'}, scanned once)",
+        f"data: skipping {root / 'own' / 'loop'} (the same folder as {root}, scanned once)",
+    ]
+    # The run's own --out reached through a link is left out as it is when typed inside the data.
+    _save(elsewhere / "run" / "c.png", rgb, "PNG")
+    assert [p.name for p in scan_images(root, elsewhere / "run")] == ["b.png", "a.png"]
+
+
 def test_scan_skips_training_run_folders_inside_the_data(tmp_path: Path) -> None:
     rgb = _halves(24, 24, RED, BLUE)
     _save(tmp_path / "cars" / "a.png", rgb, "PNG")

@@ -74,10 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         metavar="DIR|synthetic",
-        help="folder of images (searched recursively: jpg, jpeg, jfif, jpe, png, webp, bmp, gif, tif, "
-        "tiff; hidden files and folders are skipped; other files, e.g. heic or avif, are counted in one "
-        "log line and left out), or 'synthetic' "
-        "for the procedural left-facing cars (default: none; required unless --resume)",
+        help="folder of images (searched recursively, linked folders too: jpg, jpeg, jfif, jpe, png, webp, "
+        "bmp, gif, tif, tiff; hidden files and folders are skipped; other files, e.g. heic or avif, are "
+        "counted in one log line and left out), or 'synthetic' for the procedural left-facing cars "
+        "(default: none; required unless --resume)",
     )
     io.add_argument(
         "--out",

@@ -107,16 +107,14 @@ def _counts_as_ignored(name: str) -> bool:
     return name.lower() not in OS_LITTER and not CACHE_ENTRY.fullmatch(name)
 
 
-def _walk_name(root: Path, run_dir: Path | None) -> Path | None:
-    """run_dir as the walk under root names it (root / relative path, however either was typed or linked),
-    or None when the walk never reaches it. run_dir == root is refused before any scan (TrainConfig)."""
-    if run_dir is None:
-        return None
+def _folder_id(path: Path) -> tuple[int, int] | None:
+    """What a folder is, however it is reached (typed, relative, through a link): its device and inode.
+    None when it cannot be looked at (gone, or not there yet)."""
     try:
-        inside = run_dir.resolve().relative_to(root.resolve())
-    except ValueError:
+        st = path.stat()
+    except OSError:
         return None
-    return root / inside if inside.parts else None
+    return st.st_dev, st.st_ino
 
 
 @dataclass
@@ -131,7 +129,14 @@ def _scan(root: Path, run_dir: Path | None = None) -> _Scan:
     found: list[Path] = []
     ignored: Counter[str] = Counter()
     skipped: list[str] = []
-    own = _walk_name(root, run_dir)
+    own = _folder_id(run_dir) if run_dir is not None else None
+    # Linked folders are followed (a data set is often assembled from links to folders elsewhere); each
+    # folder is scanned once, by the first name the sorted walk reaches it under, so a link back up is
+    # no endless loop and two links to one folder put no photo on both sides of the split.
+    scanned: dict[tuple[int, int], Path] = {}
+    root_id = _folder_id(root)
+    if root_id is not None:
+        scanned[root_id] = root
 
     def unreadable(e: OSError) -> None:
         # os.walk skips a folder it cannot list without a word: the photos in a chmod 700 folder of
@@ -141,24 +146,31 @@ def _scan(root: Path, run_dir: Path | None = None) -> _Scan:
         log.warning("data: cannot read folder %s (%s); its photos are skipped", e.filename, e.strerror or e)
 
     def not_photos(folder: Path) -> str | None:
+        folder_id = _folder_id(folder)
         # This run's own folder before it holds a run (a first run, or an existing folder of photos):
         # scanned, its photos were trained on once and gone from the data of the next run, whose
         # fingerprint then no longer matched for --resume and --if-missing.
-        if folder == own:
+        if folder_id is not None and folder_id == own:
             return "this run's --out folder, not photos"
-        return "a training run's folder, not photos" if _is_run_folder(folder) else None
+        if _is_run_folder(folder):
+            return "a training run's folder, not photos"
+        if folder_id is not None:
+            if folder_id in scanned:
+                return f"the same folder as {scanned[folder_id]}, scanned once"
+            scanned[folder_id] = folder
+        return None
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         # Hidden folders are not the user's photos: thumbnails a photo manager keeps (.thumbnails) would
         # train as duplicates of the photos, across the validation split; .git, the default .cache.
         kept = []
-        for d in (d for d in dirnames if not d.startswith(".")):
+        for d in sorted(d for d in dirnames if not d.startswith(".")):  # sorted: which name claims a folder
             why = not_photos(Path(dirpath, d))
             if why is None:
                 kept.append(d)
             else:
                 skipped.append(f"{Path(dirpath, d)} ({why})")
-        dirnames[:] = sorted(kept)
+        dirnames[:] = kept
         for f in filenames:
             suffix = Path(f).suffix.lower()
             if f.startswith("."):
@@ -173,11 +185,11 @@ def _scan(root: Path, run_dir: Path | None = None) -> _Scan:
 
 def scan_images(root: Path, run_dir: Path | None = None) -> list[Path]:
     """Every image file under root, recursively, sorted by relative path so the order (and so the split)
-    is the same on every machine. Extensions are matched case-insensitively; symlinked folders are not
-    followed (no cycles); hidden files and folders (a name starting with ".") are not photos. Run folders
-    below root (a --out inside --data) are skipped: their loss curves and sample grids are not photos, and
-    would change the data's fingerprint after every epoch. So is `run_dir`, the run's own --out, from its
-    first run on, whether or not it holds a run yet."""
+    is the same on every machine. Extensions are matched case-insensitively; linked folders are followed,
+    each folder once (no cycles, no duplicates); hidden files and folders (a name starting with ".") are
+    not photos. Run folders below root (a --out inside --data) are skipped: their loss curves and sample
+    grids are not photos, and would change the data's fingerprint after every epoch. So is `run_dir`, the
+    run's own --out, from its first run on, whether or not it holds a run yet."""
     return _scan(root, run_dir).files
 
 
