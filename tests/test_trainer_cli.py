@@ -715,6 +715,34 @@ def test_if_missing_continues_a_stopped_run_of_the_same_configuration(
     assert "nothing to do" in capsys.readouterr().out
 
 
+def test_if_missing_continues_a_stopped_run_that_has_not_validated_yet(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """With --eval-every N the first model.safetensors comes with epoch N. A run stopped before it was
+    judged by its missing model ("other"), and --if-missing threw its completed epochs away."""
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "3", "--eval-every", "3", "--out", str(out), "--if-missing"]
+    _interrupt_at_epoch(monkeypatch, 2)
+    assert main(args) == 130
+    assert not (out / "model.safetensors").exists() and (out / "train_state.pt").is_file()
+    monkeypatch.setattr(train_mod._Run, "train_epoch", REAL_TRAIN_EPOCH)
+    capsys.readouterr()
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "continuing the unfinished run of this configuration" in said
+    assert "resuming after epoch 2" in said
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+    # Another configuration is still not continued: it trains afresh, replacing the resume point.
+    _interrupt_at_epoch(monkeypatch, 2)
+    assert main(args) == 0  # complete now: nothing to do
+    assert main([*args[:-1], "--overwrite", "--seed", "1"]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(train_mod._Run, "train_epoch", REAL_TRAIN_EPOCH)
+    assert main([*args, "--seed", "2"]) == 0
+    said = capsys.readouterr().out
+    assert "configuration differs in seed" in said and "fresh start" in said
+
+
 def test_if_missing_trains_afresh_when_a_stopped_runs_resume_point_is_unusable(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:

@@ -350,26 +350,48 @@ def _config(args: argparse.Namespace, given: set[str]) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def _differs(want: dict[str, Any], have: dict[str, Any]) -> str | None:
+    diff = [k for k in want if want[k] != have.get(k)]
+    return f"configuration differs in {', '.join(diff)}" if diff else None
+
+
+def _recorded_signature(run_dir: Path) -> dict[str, Any] | None:
+    """The signature of the run run_dir/run.json describes (None when it describes none): the record
+    of the run that the resume point belongs to."""
+    try:
+        record = read_json(run_dir / RUN_FILE)
+        return TrainConfig.from_dict({**record["config"], "out": run_dir}).signature(
+            record["data"]["fingerprint"]
+        )
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def _matches(cfg: TrainConfig) -> tuple[str, str]:
     """What RUN_DIR holds for this configuration: ("complete", _) a finished run of exactly it,
     ("unfinished", _) a stopped run of exactly it that can be resumed, ("other", why) anything else."""
-    path = cfg.out / CHECKPOINT_FILE
-    if not path.is_file():
-        return "other", f"no {path}"
-    try:
-        training = load_checkpoint(path).training
-    except CheckpointError as e:
-        return "other", str(e)
     want = cfg.signature(data_fingerprint(cfg.data, cfg.image_size, cfg.synthetic_count, cfg.out))
-    have = training.get("signature") or {}
-    diff = [k for k in want if want[k] != have.get(k)]
-    if diff:
-        return "other", f"configuration differs in {', '.join(diff)}"
-    if training.get("complete"):
-        return "complete", "matches"
-    if (cfg.out / STATE_FILE).is_file() and (cfg.out / RUN_FILE).is_file():
-        return "unfinished", f"the run in {cfg.out} did not finish"
-    return "other", f"the run in {cfg.out} did not finish and has no resume point"
+    path = cfg.out / CHECKPOINT_FILE
+    why = f"no {path}"
+    if path.is_file():
+        try:
+            training = load_checkpoint(path).training
+        except CheckpointError as e:
+            why = str(e)
+        else:
+            differs = _differs(want, training.get("signature") or {})
+            if differs is None and training.get("complete"):
+                return "complete", "matches"
+            why = differs or f"the run in {cfg.out} did not finish and has no resume point"
+    # The resume point is judged by the run's own record, not by model.safetensors: that appears only
+    # with the first validated epoch (epoch N under --eval-every N), and may still be an older run's.
+    if (cfg.out / STATE_FILE).is_file():
+        recorded = _recorded_signature(cfg.out)
+        if recorded == want:
+            return "unfinished", f"the run in {cfg.out} did not finish"
+        if recorded is not None and not path.is_file():
+            why = _differs(want, recorded) or why
+    return "other", why
 
 
 def _resumed(cfg: TrainConfig, log: logging.Logger) -> bool:
