@@ -649,6 +649,26 @@ def test_evaluate_refuses_a_batch_size_below_1(tiny_checkpoint: Path, capsys) ->
         assert capsys.readouterr().err == "error: --batch-size must be >= 1\n"
 
 
+@pytest.mark.parametrize("flag", ["--data", "--cache-dir", "--checkpoint"])
+def test_evaluate_refuses_an_empty_path_as_the_trainer_does(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch, capsys, flag: str
+) -> None:
+    """Path('') is the current directory: an unset variable in `--data "$PHOTOS"` scored whatever folder
+    the command ran in, and `--cache-dir "$CACHE"` wrote the decode cache's .npy files into it."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(here / "a.png")
+    Image.fromarray(np.ones((24, 24, 3), np.uint8)).save(here / "b.png")
+    monkeypatch.chdir(here)
+    paths = {"--checkpoint": str(tiny_checkpoint), "--data": str(here), "--cache-dir": str(tmp_path / "c")}
+    paths[flag] = ""
+    args = [arg for item in paths.items() for arg in item]
+    assert evaluate_mod.main([*args, "--workers", "1", "--no-pca"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {flag} must not be empty\n" and captured.out == ""
+    assert sorted(p.name for p in here.iterdir()) == ["a.png", "b.png"]
+
+
 def test_evaluate_ctrl_c_is_one_line_and_status_130(tiny_checkpoint: Path, monkeypatch, capsys) -> None:
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt

@@ -21,7 +21,7 @@ from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError
 from carvae.losses import RECIPES
 from carvae.preprocess import RESIZE_POLICIES
-from trainer.cli import HelpFormatter, setup_logging
+from trainer.cli import HelpFormatter, refuse_empty_paths, setup_logging
 from trainer.data import AUGMENTATIONS, CACHE_IDLE_S, CACHE_KEEP, DataError, data_fingerprint
 from trainer.distributed import PRECISIONS, exit_process
 from trainer.schedule import LR_SCHEDULES
@@ -277,14 +277,11 @@ def _explicit(argv: Sequence[str] | None) -> set[str]:
 
 
 def _paths(args: argparse.Namespace) -> None:
-    """The path flags as Paths. Refused when empty: Path('') is the current directory, and a run (or its
-    training data) silently landing there is never what an empty variable in a script meant."""
-    for name in ("data", "out", "resume", "cache_dir"):
-        value = getattr(args, name)
-        if value is not None and not value.strip():
-            raise ValueError(f"--{name.replace('_', '-')} must not be empty")
-        if value is not None and name != "data":
-            setattr(args, name, Path(value))
+    """The path flags as Paths, refused when empty."""
+    refuse_empty_paths(args, ("data", "out", "resume", "cache_dir"))
+    for name in ("out", "resume", "cache_dir"):
+        if getattr(args, name) is not None:
+            setattr(args, name, Path(getattr(args, name)))
     # run.json records the data and cache folders for --resume, which may be typed in another directory:
     # recorded as typed (relative), the data folder was then looked for there and not found.
     if args.data is not None and args.data != "synthetic":

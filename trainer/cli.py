@@ -11,6 +11,16 @@ import sys
 from tqdm import tqdm
 
 
+def refuse_empty_paths(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of the path flags `names` given as an empty string. Path('') is the
+    current directory, and a run, its data or a cache silently landing there is never what an empty
+    variable in a script (`--data "$PHOTOS"`) meant."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value.strip():
+            raise ValueError(f"--{name.replace('_', '-')} must not be empty")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to every optional flag, unless its help already states a computed default."""
 

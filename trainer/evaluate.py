@@ -34,7 +34,7 @@ from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from carvae.losses import psnr, ssim
 from carvae.model import VAE
-from trainer.cli import HelpFormatter, setup_logging
+from trainer.cli import HelpFormatter, refuse_empty_paths, setup_logging
 from trainer.data import (
     DataError,
     Dataset,
@@ -287,9 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and SSIM (mean, median), ELBO in nats per image, and a PCA baseline with k = latent size.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "--checkpoint", type=Path, required=True, help="a model.safetensors written by the trainer"
-    )
+    p.add_argument("--checkpoint", required=True, help="a model.safetensors written by the trainer")
     p.add_argument("--data", required=True, metavar="DIR|synthetic", help="images to score")
     p.add_argument(
         "--split",
@@ -308,7 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-dir",
-        type=Path,
         default=None,
         help="decoded-image cache (default: the checkpoint's folder/../.cache, where the trainer puts it)",
     )
@@ -344,6 +341,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        refuse_empty_paths(args, ("checkpoint", "data", "cache_dir"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be >= 1", file=sys.stderr)
         return 2
@@ -356,14 +358,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging("stderr")  # stdout carries only the JSON
     try:
         result = evaluate(
-            args.checkpoint,
+            Path(args.checkpoint),
             args.data,
             args.split,
             args.limit,
             args.device,
             args.batch_size,
             args.workers,
-            args.cache_dir,
+            Path(args.cache_dir) if args.cache_dir is not None else None,
             pca=not args.no_pca,
             pca_k=args.pca_k,
             refine_steps=args.refine_steps,
