@@ -669,6 +669,23 @@ def test_evaluate_refuses_an_empty_path_as_the_trainer_does(
     assert sorted(p.name for p in here.iterdir()) == ["a.png", "b.png"]
 
 
+def test_evaluate_into_a_reader_that_stops_early_is_no_traceback(
+    tiny_checkpoint: Path, cli_env: dict[str, str]
+) -> None:
+    """`python -m trainer.evaluate ... | head`: the reader closes the pipe before the JSON is written.
+    That ended in a BrokenPipeError traceback, and another one while Python flushed stdout at exit."""
+    cmd = [sys.executable, "-m", "trainer.evaluate", "--checkpoint", str(tiny_checkpoint)]
+    cmd += ["--data", "synthetic", "--limit", "2", "--no-pca", "--workers", "1", "--device", "cpu"]
+    read, write = os.pipe()
+    os.close(read)  # a reader that has already gone
+    try:
+        proc = subprocess.run(cmd, env=cli_env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
 def test_evaluate_ctrl_c_is_one_line_and_status_130(tiny_checkpoint: Path, monkeypatch, capsys) -> None:
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -376,7 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C in a long scoring (--refine-steps, a big folder): no traceback
         print("interrupted", file=sys.stderr)
         return 130
-    print(json.dumps(result, indent=2))
+    try:
+        print(json.dumps(result, indent=2), flush=True)
+    except BrokenPipeError:
+        # The reader left early (`| head`). Python would print a traceback here and, flushing stdout at
+        # exit, another one; stdout goes to /dev/null instead, and the status says the output is cut.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 
