@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: request ids, logging and metrics; API key; body limits; admission control.
+"""Pure-ASGI middleware: request ids, logging and metrics; API key; content codings; body limits; admission
+control.
 
 Pure ASGI (not BaseHTTPMiddleware) so each check runs before the body is read and nothing buffers a
 response. Refusals are sent from here, in the shared error shape, without calling the app.
@@ -18,7 +19,14 @@ from typing import NoReturn
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body, error_response, new_request_id, request_id_of, status_code_name
+from service.errors import (
+    clip,
+    error_body,
+    error_response,
+    new_request_id,
+    request_id_of,
+    status_code_name,
+)
 from service.headers import API_CSP, OWN_POLICY, HeaderList
 from service.metrics import Metrics
 
@@ -288,6 +296,46 @@ class ApiKeyMiddleware:
 
     def _is_open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(self.open_prefixes)
+
+
+def content_codings(headers: Headers) -> list[str]:
+    """The content codings a request body was sent with (`Content-Encoding: gzip`), `identity` left out:
+    every Content-Encoding line, each a comma-separated list."""
+    return [
+        coding
+        for line in headers.getlist("content-encoding")
+        for item in line.split(",")
+        if (coding := item.strip().lower()) and coding != "identity"
+    ]
+
+
+class ContentEncodingMiddleware:
+    """Refuses a POST body sent with a content coding (gzip, br, deflate, ...) with 415 before reading it.
+
+    The service decodes no content coding, and nothing else looks at the header: a gzipped JSON body was
+    answered "not valid JSON (not UTF-8 text)", a gzipped form "Missing boundary" or "Invalid multipart
+    data", neither of which says what to change. RFC 9110 §15.5.16: 415, with Accept-Encoding naming what
+    would be taken."""
+
+    def __init__(self, app: ASGIApp, paths: Collection[str]) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and app_path(scope) in self.paths:
+            codings = content_codings(Headers(scope=scope))
+            if codings:
+                response = error_response(
+                    415,
+                    "unsupported_content_encoding",
+                    f"Content-Encoding {clip(', '.join(codings), 80)} is not supported; send the body "
+                    "uncompressed",
+                    request_id_of(scope),
+                    {"Accept-Encoding": "identity"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _BodyRefused(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gzip
 import io
 import json
 import logging
@@ -331,6 +332,40 @@ def test_upload_errors(client: TestClient) -> None:
     assert_error(client.post("/interpolate?steps=33", files=files), 422, "validation_error")
     # the service is still healthy after all that
     assert client.post("/reconstruct", files=upload()).status_code == 200
+
+
+def test_a_compressed_body_is_refused_with_415_not_parsed_as_if_it_were_plain(client: TestClient) -> None:
+    """The service decodes no Content-Encoding, and nothing looked at the header: a gzipped JSON body was
+    answered "not valid JSON (not UTF-8 text)", a gzipped form "Missing boundary in multipart." and a
+    plain body labelled `br` was used as if the label were not there. RFC 9110 §15.5.16: 415, naming the
+    coding, with Accept-Encoding saying what is taken."""
+    json_headers = {"Content-Type": "application/json"}
+    sample = client.post(
+        "/sample",
+        content=gzip.compress(b'{"n": 1, "seed": 1}'),
+        headers={**json_headers, "Content-Encoding": "gzip"},
+    )
+    assert "gzip" in assert_error(sample, 415, "unsupported_content_encoding")["message"]
+    assert sample.headers["accept-encoding"] == "identity"
+    form = client.build_request("POST", "/reconstruct", files=upload())
+    compressed_form = client.post(
+        "/reconstruct",
+        content=gzip.compress(form.read()),
+        headers={"Content-Type": form.headers["content-type"], "Content-Encoding": "GZIP"},
+    )
+    assert "gzip" in assert_error(compressed_form, 415, "unsupported_content_encoding")["message"]
+    decode = {"z": [[0.0] * TINY.latent_dim]}
+    labelled = client.post(
+        "/decode", content=json.dumps(decode), headers={**json_headers, "Content-Encoding": "br"}
+    )
+    assert_error(labelled, 415, "unsupported_content_encoding")
+    # identity is no coding at all, and a GET has no body to decode
+    identity = {**json_headers, "Content-Encoding": "identity"}
+    assert client.post("/decode", content=json.dumps(decode), headers=identity).status_code == 200
+    assert client.get("/v1/model", headers={"Content-Encoding": "gzip"}).status_code == 200
+    spec = client.get("/openapi.json").json()
+    for path in ("/reconstruct", "/encode", "/interpolate", "/sample", "/decode"):
+        assert "Content-Encoding" in spec["paths"][path]["post"]["responses"]["415"]["description"], path
 
 
 def test_image_pixel_limit_comes_from_settings(make_client: Any) -> None:

@@ -22,17 +22,19 @@ _ERROR_TEXT = {
     408: "the request body did not arrive within CARVAE_BODY_TIMEOUT_S",
     413: f"body over CARVAE_MAX_UPLOAD_BYTES ({_DEFAULTS['MAX_UPLOAD_BYTES'] // 2**20} MiB by default), or "
     f"image over CARVAE_MAX_IMAGE_PIXELS ({_DEFAULTS['MAX_IMAGE_PIXELS']:,} by default)",
-    415: "not an image in a supported format",
+    415: "not an image in a supported format, or a body sent compressed (Content-Encoding): send it "
+    "uncompressed",
     422: "invalid parameters, a part the route does not take, corrupt image, image under "
     f"{_LIMITS.min_side} px a side or more elongated than {_LIMITS.max_aspect:g}:1",
     500: "the model failed; the message carries the request id",
     503: "overloaded or not ready (see Retry-After)",
     504: "the request's deadline passed (CARVAE_REQUEST_TIMEOUT_S)",
 }
-# /sample and /decode take a JSON body, not photos: their 400, 413 and 422 have other causes.
+# /sample and /decode take a JSON body, not photos: their 400, 413, 415 and 422 have other causes.
 JSON_BODY_ERROR_TEXT = {
     400: "unreadable body",
     413: f"body over CARVAE_MAX_JSON_BYTES ({_DEFAULTS['MAX_JSON_BYTES'] // 2**20} MiB by default)",
+    415: "body sent compressed (Content-Encoding): send it uncompressed",
     422: "not JSON, an unknown field, or a value of the wrong type or out of range",
 }
 PHOTO_RULES = (
@@ -106,7 +108,7 @@ def image_responses(
 
 
 MODEL_ERRORS = (400, 401, 408, 413, 415, 422, 500, 503, 504)
-LATENT_ERRORS = (400, 401, 408, 413, 422, 500, 503, 504)
+LATENT_ERRORS = (400, 401, 408, 413, 415, 422, 500, 503, 504)
 
 
 def to_response(rendered: Rendered) -> Response:
