@@ -17,7 +17,7 @@ from starlette.types import Receive
 
 from service.batcher import Batcher, Overloaded
 from service.config import Settings
-from service.errors import ApiError, clip, request_id_of
+from service.errors import ApiError, request_id_of
 from service.pipeline import CallContext, Pipeline, ServedModel
 from service.schemas import ImageFormat, first_unknown, unknown_fields_message
 
@@ -164,32 +164,13 @@ async def single_value(
 
 def form_fields(*required: str, optional: tuple[str, ...] = ()) -> Any:
     """A route dependency for a multipart body of the parts `required` (+ `optional`). It runs before
-    FastAPI validates the body, whose words for a body that is not a form, or a part under another name,
-    are only "body.file: Field required". Such a body is refused saying what to send instead, and any
-    part the route does not take (`-F image=@car.jpg`, `-F format=jpeg`) is refused rather than ignored,
-    as unknown JSON fields are."""
+    FastAPI validates the body, whose words for a part under another name are only "body.file: Field
+    required". Any part the route does not take (`-F image=@car.jpg`, `-F format=jpeg`) is refused rather
+    than ignored, as unknown JSON fields are. (A body that is no form at all never gets here:
+    service.middleware.FormBodyMiddleware refuses it before it is read.)"""
     fields = (*required, *optional)
 
     async def check(request: Request) -> None:
-        ctype = request.headers.get("content-type")
-        # Not even application/x-www-form-urlencoded, which can carry no file: curl's --data-binary
-        # @car.jpg sends the photo so, and its bytes would be named back as unknown field names.
-        if (ctype or "").split(";")[0].strip().lower() != "multipart/form-data":
-            headers = request.headers
-            if (
-                ctype is None
-                and headers.get("content-length", "0") == "0"
-                and "transfer-encoding" not in headers
-            ):
-                return  # nothing sent at all: FastAPI names the missing parts
-            what = f"Content-Type {clip(ctype, 80)}" if ctype else "no Content-Type"
-            parts = " ".join(f"-F '{name}=@car.jpg'" for name in required)
-            raise ApiError(
-                422,
-                "validation_error",
-                f"the body must be multipart/form-data with the part(s) {', '.join(required)} "
-                f"(curl {parts}); got {what}",
-            )
         form = await request.form()  # already parsed by FastAPI for this request: no second read
         unknown = [name for name in form if name not in fields]
         if not unknown:

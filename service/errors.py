@@ -13,7 +13,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
@@ -108,6 +108,14 @@ def _error(
 
 def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def not_a_form_message(parts: Sequence[str], ctype: str | None) -> str:
+    """What to send instead of a body that is not multipart/form-data, to a route taking the file `parts`."""
+    what = f"Content-Type {clip(ctype, 80)}" if ctype else "no Content-Type"
+    curl = " ".join(f"-F '{name}=@car.jpg'" for name in parts)
+    wanted = ", ".join(parts)
+    return f"the body must be multipart/form-data with the part(s) {wanted} (curl {curl}); got {what}"
 
 
 def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[str, str]:

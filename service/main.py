@@ -40,6 +40,7 @@ from service.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
     ContentEncodingMiddleware,
+    FormBodyMiddleware,
     HeadAsGetMiddleware,
     RequestContextMiddleware,
     TrailingSlashMiddleware,
@@ -279,7 +280,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
 
     # add_middleware wraps: the last added runs first. Order, outermost first: a trailing slash dropped,
     # request id + log + metrics, HEAD as GET, CORS (answers preflights without a key), API key, content
-    # codings, body limits, admission.
+    # codings, form bodies, body limits, admission.
     def model_queue_is_full() -> bool:
         pipeline: Pipeline | None = app.state.pipeline
         return pipeline is not None and pipeline.batcher.depth() >= settings.QUEUE_SIZE
@@ -297,6 +298,7 @@ def create_app(settings: Settings | None = None, *, checkpoint: Checkpoint | Non
         limits=dict.fromkeys(JSON_PATHS, settings.MAX_JSON_BYTES),
         timeout_s=settings.BODY_TIMEOUT_S,
     )
+    app.add_middleware(FormBodyMiddleware, file_parts=images.FILE_PARTS)
     app.add_middleware(ContentEncodingMiddleware, paths=MODEL_PATHS)
     if settings.API_KEY is not None:
         open_paths = OPEN_PATHS if settings.METRICS_REQUIRE_KEY else (*OPEN_PATHS, "/metrics")

@@ -130,6 +130,27 @@ def test_a_body_that_is_not_a_form_says_to_send_multipart(
     assert err["message"].endswith(f"got {f'Content-Type {ctype}' if ctype else 'no Content-Type'}"), err
 
 
+@pytest.mark.parametrize("route", ["/reconstruct", "/encode", "/interpolate"])
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "image/jpeg"])
+def test_a_photo_of_a_real_size_posted_as_the_raw_body_gets_the_same_advice(
+    client: TestClient, route: str, ctype: str
+) -> None:
+    """The advice above reached only small photos. FastAPI parses an urlencoded body (curl's
+    `--data-binary @car.jpg`) into fields before any check of the route runs, and a photo of a real size
+    ended there in a 400 "Too many fields. Maximum number of fields is 1000." (its bytes hold `&`s) or
+    "Field exceeded maximum size of 1024KB." (they do not): words about sizes, not about the form."""
+    with_ampersands = photo_bytes(600, 400)  # ~720 KB of noise: thousands of `&`
+    assert with_ampersands.count(b"&") > 1000
+    without = with_ampersands.replace(b"&", b"x") + b"x" * 2**20  # one field over 1 MiB
+    parts = "file_a, file_b" if route == "/interpolate" else "file"
+    for body in (with_ampersands, without):
+        r = client.post(route, content=body, headers={"content-type": ctype})
+        err = assert_error(r, 422, "validation_error")
+        assert err["message"].startswith(f"the body must be multipart/form-data with the part(s) {parts}"), (
+            err
+        )
+
+
 def test_interpolate_names_the_missing_part(client: TestClient) -> None:
     r = client.post("/interpolate", files={"file_a": ("a.png", photo_bytes(), "image/png")})
     assert "file_b" in assert_error(r, 422, "missing_field")["message"]

@@ -21,6 +21,9 @@ from service.schemas import EncodeResponse, ImagesResponse, ReconstructResponse
 
 router = APIRouter(tags=["images"], dependencies=[Depends(known_query)])
 
+# The file parts each route's multipart body must have: its dependency refuses any other part (but
+# `steps`), and service.middleware.FormBodyMiddleware a body that is no form, before FastAPI parses it.
+FILE_PARTS = {"/reconstruct": ("file",), "/encode": ("file",), "/interpolate": ("file_a", "file_b")}
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 2, 32, 8
 STEPS = (
     f"number of frames, {MIN_STEPS} to {MAX_STEPS} (default {DEFAULT_STEPS}): a form field or a query "
@@ -35,7 +38,7 @@ STEPS = (
     "`Accept: application/json` returns the reconstruction, the input as the model saw it, μ and the PSNR.",
     response_model=ReconstructResponse,
     responses=image_responses("the reconstruction (default PNG)", *MODEL_ERRORS),
-    dependencies=[form_fields("file")],
+    dependencies=[form_fields(*FILE_PARTS["/reconstruct"])],
 )
 async def reconstruct(
     request: Request,
@@ -56,7 +59,7 @@ async def reconstruct(
     response_model=EncodeResponse,
     response_description="the posterior's mean and log-variance",
     responses=errors(*MODEL_ERRORS),
-    dependencies=[form_fields("file")],
+    dependencies=[form_fields(*FILE_PARTS["/encode"])],
 )
 async def encode(
     request: Request,
@@ -75,7 +78,7 @@ async def encode(
     "ends included: one PNG strip (one row), or JSON with one image per frame.",
     response_model=ImagesResponse,
     responses=image_responses("the frames as one strip (default PNG)", *MODEL_ERRORS),
-    dependencies=[form_fields("file_a", "file_b", optional=("steps",))],
+    dependencies=[form_fields(*FILE_PARTS["/interpolate"], optional=("steps",))],
 )
 async def interpolate(
     request: Request,
