@@ -19,6 +19,7 @@ from typing import Any, cast
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Scope
@@ -110,6 +111,13 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+NOT_A_FILE_PART = "must be a file: a multipart part with a filename (curl -F 'file=@car.jpg')"
+NOT_A_FILE_PART_OVER_LIMIT = (
+    "a form part without a filename is over 1 MiB: a photo sent without one is a text field, not a file; "
+    "send it as a multipart part with a filename (curl -F 'file=@car.jpg')"
+)
+
+
 def not_a_form_message(parts: Sequence[str], ctype: str | None) -> str:
     """What to send instead of a body that is not multipart/form-data, to a route taking the file `parts`."""
     what = f"Content-Type {clip(ctype, 80)}" if ctype else "no Content-Type"
@@ -133,7 +141,7 @@ def describe_validation_errors(errors: list[Any], max_items: int = 5) -> tuple[s
             where = f" at character {offset[0]}" if offset and isinstance(offset[0], int) else ""
             loc, msg = "", f"body is not valid JSON ({detail}{where})"
         elif "Expected UploadFile" in msg:  # FastAPI's words for a form value where a file belongs
-            msg = "must be a file: a multipart part with a filename (curl -F 'file=@car.jpg')"
+            msg = NOT_A_FILE_PART
         elif err.get("type") == "value_error":  # our validators' words, without pydantic's prefix
             msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
@@ -198,6 +206,20 @@ def _unparsable_json(request: Request, exc: StarletteHTTPException) -> str | Non
     return f"body is not valid JSON ({clip(str(cause), 200)})"
 
 
+def _is_oversized_form_field(exc: StarletteHTTPException) -> bool:
+    """Whether Starlette refused a part without a filename (a text field to it, held in memory) for its
+    size. A photo sent without a filename (OkHttp's `createFormData(name, null, body)`, curl's
+    `-F 'file=<car.jpg'`) is that part: under the limit FastAPI calls it "Expected UploadFile", over it it
+    got a bare 400 "Part exceeded maximum size of 1024KB.", which reads as the upload limit. Starlette
+    raises the 400 while handling its MultiPartException, which only its message tells apart."""
+    cause = exc.__context__
+    return (
+        exc.status_code == 400
+        and isinstance(cause, MultiPartException)
+        and cause.message.startswith("Part exceeded maximum size")
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     err = cast(StarletteHTTPException, exc)
     if isinstance(err.__cause__, ClientDisconnect):
@@ -206,6 +228,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         return await _abandoned(request, exc)
     if (problem := _unparsable_json(request, err)) is not None:
         return _error(request, 422, "validation_error", problem)
+    if _is_oversized_form_field(err):
+        return _error(request, 422, "validation_error", NOT_A_FILE_PART_OVER_LIMIT)
     code = status_code_name(err.status_code)
     detail = err.detail if isinstance(err.detail, str) else code.replace("_", " ")
     if err.status_code == 404:

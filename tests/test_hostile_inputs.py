@@ -151,6 +151,22 @@ def test_a_photo_of_a_real_size_posted_as_the_raw_body_gets_the_same_advice(
         )
 
 
+@pytest.mark.parametrize("route", ["/reconstruct", "/encode", "/interpolate"])
+def test_a_photo_part_without_a_filename_is_told_so_whatever_its_size(client: TestClient, route: str) -> None:
+    """A part without a filename is a text field to the form parser, not a file (OkHttp's
+    `createFormData(name, null, body)`, curl's `-F 'file=<car.jpg'`, requests' `(None, data)`). A small
+    photo sent so was told "must be a file: a multipart part with a filename"; one over 1 MiB, as most
+    photos are, got Starlette's 400 "Part exceeded maximum size of 1024KB.", which reads as an upload
+    limit ten times below the documented one."""
+    names = ("file_a", "file_b") if route == "/interpolate" else ("file",)
+    small, large = photo_bytes(), photo_bytes(800, 600)
+    assert len(small) < 2**20 < len(large)
+    for photo in (small, large):
+        files = {name: (None, photo, "image/png") for name in names}
+        err = assert_error(client.post(route, files=files), 422, "validation_error")
+        assert "with a filename (curl -F 'file=@car.jpg')" in err["message"], err
+
+
 def test_interpolate_names_the_missing_part(client: TestClient) -> None:
     r = client.post("/interpolate", files={"file_a": ("a.png", photo_bytes(), "image/png")})
     assert "file_b" in assert_error(r, 422, "missing_field")["message"]
