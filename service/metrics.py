@@ -14,8 +14,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
@@ -56,6 +58,11 @@ class Metrics:
         r = self.registry = registry or CollectorRegistry()
         # Resident memory, CPU and open fds of the process: what the overload test watches.
         ProcessCollector(registry=r)
+        # The default registry has these two; a registry of our own must add them. The service tunes the
+        # cyclic GC (gc.freeze after warm-up, service.main): python_gc_* shows whether full collections
+        # come back, python_info which interpreter a deployment runs.
+        GCCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter(
             "carvae_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
         )

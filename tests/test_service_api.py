@@ -682,6 +682,17 @@ def test_metrics_parse_with_bounded_labels(client: TestClient) -> None:
         assert metric_samples(text, name), name
 
 
+def test_metrics_include_the_python_runtime_gc_and_version(client: TestClient) -> None:
+    """The service tunes the cyclic GC (gc.freeze after warm-up: its full collections were the slowest 1 %
+    of requests); without the GC collector a regression there shows up only as latency."""
+    text = client.get("/metrics").text
+    collections = {s.labels["generation"] for s in metric_samples(text, "python_gc_collections_total")}
+    assert collections == {"0", "1", "2"}
+    assert metric_samples(text, "python_gc_objects_collected_total")
+    (info,) = metric_samples(text, "python_info")
+    assert info.labels["implementation"] and info.value == 1
+
+
 def test_openapi_declares_the_metrics_content_type_it_sends(client: TestClient) -> None:
     declared = client.get("/openapi.json").json()["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     sent = client.get("/metrics").headers["content-type"]
