@@ -337,7 +337,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _answer(self, status: int, code: str, message: str, extra_headers: bytes = b"") -> bytes:
         rid = new_request_id()
-        log.warning("request_id=%s refused by the server: %d %s", rid, status, message)
+        # No request line follows (the app never sees this request): the id and status as fields here.
+        log.warning(
+            "request_id=%s refused by the server: %d %s",
+            rid,
+            status,
+            message,
+            extra={"request_id": rid, "status": status},
+        )
         body = error_body(code, message, rid)
         head = [STATUS_LINE[status]]
         head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]

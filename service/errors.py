@@ -266,7 +266,7 @@ async def _abandoned(request: Request, exc: Exception) -> Response:
 async def _batch_failed(request: Request, exc: Exception) -> Response:
     rid = request_id_of(request.scope)
     # The batcher logged the traceback once for the whole batch; this line ties the request to it.
-    log.error("request_id=%s failed in the model: %s", rid, exc)
+    log.error("request_id=%s failed in the model: %s", rid, exc, extra={"request_id": rid})
     return _error(request, 500, "internal_error", f"the model failed on this request; quote request id {rid}")
 
 

@@ -4,7 +4,9 @@ and so do Python warnings (torch's, Pillow's, ours): printed raw, they would be 
 JSON logs cannot parse.
 
 Request lines carry their fields as record attributes (`extra=`), so the JSON form has them as keys
-(`request_id`, `method`, `route`, `status`, `ms`) instead of inside the message.
+(`request_id`, `method`, `route`, `status`, `ms`) instead of inside the message. So do the lines about
+one request's failure (an unhandled error, a model fault, a server refusal): `request_id`, the id the
+client got in X-Request-ID and the error body, finds them as it finds the request line.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ class RequestContextMiddleware:
             # uvicorn cancels the requests still running when its graceful stop runs out of time. Answer
             # them in the one error shape rather than with its plain-text 500 and a traceback each; this is
             # the request's outermost layer, so the cancellation ends here.
-            log.warning("request_id=%s cancelled by the server's stop", rid)
+            log.warning("request_id=%s cancelled by the server's stop", rid, extra={"request_id": rid})
             if not started:
                 response = error_response(
                     503, "unavailable", "the service stopped before this request was answered", rid
@@ -169,6 +169,7 @@ class RequestContextMiddleware:
                 rid,
                 scope["method"],
                 route_label(scope, path, self.known_paths, self.mounts),
+                extra={"request_id": rid},
             )
             if not started:
                 response = error_response(
