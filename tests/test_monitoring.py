@@ -138,3 +138,11 @@ def test_dashboard_queries_are_rates_of_counters_and_quantiles_of_buckets() -> N
                 assert re.search(rf"rate\(\s*{name}\b", expr), f"{name} not under rate() in {expr!r}"
         if "histogram_quantile" in expr:
             assert "_bucket" in expr and re.search(r"by \([^)]*\ble\b", expr), expr
+
+
+def test_every_counter_of_the_service_is_on_the_dashboard(exported: dict[str, set[str]]) -> None:
+    """A counter the README tells operators to watch (carvae_server_refusals_total: a rise is a scanner, a
+    slowloris or a connection limit reached) was on no panel, and those refusals are in no other series."""
+    graphed = {name for expr, _ in _panel_queries() for name in _METRIC.findall(expr)}
+    counters = {name for name in exported if name.startswith("carvae_") and name.endswith("_total")}
+    assert counters - graphed == set()
