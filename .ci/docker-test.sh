@@ -121,6 +121,9 @@ echo "hadolint: Dockerfile clean"
 "${compose[@]}" --profile monitoring config --quiet
 echo "compose: docker-compose.yml valid"
 promtool check config deploy/prometheus.yml
+# The alert rules' unit tests (tests/test_monitoring.py runs them too, but pytest runs before this script
+# has installed promtool on a fresh machine).
+promtool test rules deploy/prometheus-rules.test.yml
 # Every dashboard query must be valid PromQL: promtool parses them as recording rules.
 dash_rules="$(mktemp --suffix .yml)"
 python3 - deploy/grafana/dashboards/*.json >"$dash_rules" <<'PY'
