@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The Docker part of CI, end to end with a real engine:
 #   tools -> dockerd -> base image -> wheelhouse -> lint -> offline image builds -> compose up (short
-#   training) -> the README's curl line -> API checks -> second `up` is instant -> Prometheus scrape
-#   -> teardown (always, also on failure or Ctrl-C).
+#   training) -> the README's curl line -> API checks -> second `up` is instant -> a changed training
+#   setting reaches the service -> Prometheus scrape -> teardown (always, also on failure or Ctrl-C).
 # Run as root on a Debian host (it apt-installs what is missing) or with the tools already there.
 #
 # Environment:
@@ -209,6 +209,19 @@ after="$(checksum)"
 echo "second trainer run: ${elapsed}s, checkpoint ${before:0:12} -> ${after:0:12}"
 [[ "$before" == "$after" ]] || die "the second trainer run rewrote the checkpoint"
 [[ $elapsed -le 30 ]] || die "the second trainer run took ${elapsed}s (expected an immediate exit)"
+
+# --- 8b. a changed training setting retrains, and the running service then serves the new model ----------
+phase "changed training setting"
+model_latent() {
+    curl -fsS http://127.0.0.1:8000/v1/model | python3 -c 'import json, sys; print(json.load(sys.stdin)["latent_dim"])'
+}
+before="$(model_latent)"
+new_latent=$((before == 64 ? 32 : 64))
+CARVAE_TRAIN_LATENT_DIM=$new_latent "${compose[@]}" up -d --no-build --wait --wait-timeout 300
+after="$(model_latent)"
+echo "CARVAE_TRAIN_LATENT_DIM=$new_latent: the service's model went from latent_dim $before to $after"
+[[ "$after" == "$new_latent" ]] ||
+    die "after a retrain with CARVAE_TRAIN_LATENT_DIM=$new_latent the service still serves latent_dim $after"
 
 # --- 9. Prometheus scrapes the service with the repo's config ----------------------------------------------
 phase "prometheus scrape"

@@ -315,6 +315,13 @@ def test_service_reads_the_checkpoint_the_trainer_writes() -> None:
     assert "models:/models:ro" in compose["service"]["volumes"]
 
 
+def test_service_restarts_when_the_trainer_is_recreated() -> None:
+    """A changed CARVAE_TRAIN_* setting recreates the trainer, which retrains; the service must then load
+    the new model instead of serving the one it had loaded (.ci/docker-test.sh checks it on the stack)."""
+    trainer = _compose()["services"]["service"]["depends_on"]["trainer"]
+    assert trainer == {"condition": "service_completed_successfully", "restart": True}
+
+
 def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     allowed = [
