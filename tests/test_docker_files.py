@@ -322,6 +322,19 @@ def test_service_restarts_when_the_trainer_is_recreated() -> None:
     assert trainer == {"condition": "service_completed_successfully", "restart": True}
 
 
+def test_git_ignores_the_compose_env_file(tmp_path: Path) -> None:
+    """The README keeps the stack's settings in .env next to docker-compose.yml, CARVAE_API_KEY and
+    GRAFANA_ADMIN_PASSWORD among them: a `git add -A` must not commit it."""
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("needs git")
+    subprocess.run([git, "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / ".env").write_text("CARVAE_API_KEY=secret\n")
+    ignored = subprocess.run([git, "-C", str(tmp_path), "check-ignore", "-q", ".env"], check=False)
+    assert ignored.returncode == 0, ".env is not ignored by .gitignore"
+
+
 def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     allowed = [
