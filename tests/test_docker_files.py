@@ -335,6 +335,18 @@ def test_git_ignores_the_compose_env_file(tmp_path: Path) -> None:
     assert ignored.returncode == 0, ".env is not ignored by .gitignore"
 
 
+def test_docker_ci_does_not_read_the_developers_env_file() -> None:
+    """.ci/docker-test.sh checks the stack on 127.0.0.1:8000 without an API key: a .env with
+    CARVAE_PUBLISH_PORT or CARVAE_API_KEY (as README "Docker" suggests keeping settings) made `make test`
+    fail with "Failed to connect to localhost port 8000". Every compose call goes through one array."""
+    script = (ROOT / ".ci" / "docker-test.sh").read_text()
+    arrays = re.findall(r"^compose=\((.*)\)$", script, re.MULTILINE)
+    assert len(arrays) == 1, "the compose command is defined once"
+    words = shlex.split(arrays[0])
+    assert words[words.index("--env-file") + 1] == "/dev/null"
+    assert words.index("--env-file") < words.index("-f")
+
+
 def test_dockerignore_lets_in_everything_the_dockerfile_copies() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     allowed = [
