@@ -47,14 +47,19 @@ def require_chromium() -> tuple[str, str]:
 
 
 def make_driver(
-    browser: str, driver_path: str, profile_dir: Path, width: int = 1280, height: int = 900
+    browser: str,
+    driver_path: str,
+    profile_dir: Path,
+    width: int = 1280,
+    height: int = 900,
+    extra_flags: tuple[str, ...] = (),
 ) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for flag in CHROME_FLAGS:
+    for flag in (*CHROME_FLAGS, *extra_flags):
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={profile_dir}")
     opts.add_argument(f"--window-size={width},{height}")

@@ -1381,3 +1381,29 @@ def test_the_interpolate_button_says_which_car_it_waits_for(page: Any, photos: d
     upload(page, "file-b", photos["blue"])
     assert button.is_enabled()
     assert disabled_reason(page, "interp-btn") == ("", "")
+
+
+def test_the_temperature_readout_matches_a_slider_the_browser_restored(
+    chromium: tuple[str, str], base_url: str, tmp_path: Path
+) -> None:
+    # Back at the page after leaving it, the browser restores the form's last values before any script runs
+    # (unless it kept the whole page in its back/forward cache, which it often cannot; switched off here).
+    # The readout still said the markup's "1.0" beside a slider at 1.7, over a grid sampled at 1.7.
+    from selenium.webdriver.common.keys import Keys
+
+    driver = make_driver(
+        *chromium, profile_dir=tmp_path / "profile", extra_flags=("--disable-features=BackForwardCache",)
+    )
+    try:
+        driver.get(f"{base_url}/")
+        wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        by_id(driver, "temperature").send_keys(Keys.ARROW_RIGHT * 7)
+        assert by_id(driver, "temperature-out").text == "1.7"
+        driver.get(f"{base_url}/openapi.json")
+        driver.back()
+        wait_for(driver, lambda d: "temperature 1.7." in by_id(d, "sample-msg").text)
+        assert by_id(driver, "temperature").get_attribute("value") == "1.7"  # as the visitor left it
+        assert by_id(driver, "temperature-out").text == "1.7"
+        screenshot(driver, "web-temperature-restored")
+    finally:
+        driver.quit()

@@ -103,6 +103,15 @@ function holdEarlyInput() {
   );
 }
 
+// The temperature's readout follows its slider from the start, not from when the sampler starts (it did
+// not move while the page still waited for the service), and again at "pageshow": coming back to the page
+// (back/forward, without the page kept in memory) Chromium restores the slider's last position just before
+// that event, with no "input" event, and the markup's "1.0" stood beside a slider at 1.7 and a grid sampled
+// at 1.7.
+function showTemperature() {
+  $("temperature-out").textContent = Number($("temperature").value).toFixed(1);
+}
+
 function startSections(model) {
   early.abort(); // the sections' own handlers take over from here
   const explorer = createExplorer(
@@ -142,7 +151,6 @@ function startSections(model) {
       seed: $("seed"),
       newSeed: $("new-seed"),
       temperature: $("temperature"),
-      tempOut: $("temperature-out"),
       button: $("sample-btn"),
       msg: $("sample-msg"),
       grid: $("sample-grid"),
@@ -243,6 +251,9 @@ window.addEventListener("dragover", (e) => e.preventDefault());
 window.addEventListener("drop", (e) => e.preventDefault());
 
 setupApiKey(() => boot());
+showTemperature();
+$("temperature").addEventListener("input", showTemperature);
+window.addEventListener("pageshow", showTemperature);
 $("reload-btn").addEventListener("click", () => window.location.reload());
 holdEarlyInput();
 startInterpolator(); // it needs nothing from the model card

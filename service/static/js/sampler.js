@@ -121,9 +121,6 @@ export function createSampler(els, model, explorer) {
     newSeed();
     sample();
   });
-  els.temperature.addEventListener("input", () => {
-    els.tempOut.textContent = Number(els.temperature.value).toFixed(1);
-  });
 
   // "Pressed" means "this car's code is in the explorer": once anything is loaded there, no longer.
   const unpress = () => {
