@@ -1407,3 +1407,64 @@ def test_the_temperature_readout_matches_a_slider_the_browser_restored(
         screenshot(driver, "web-temperature-restored")
     finally:
         driver.quit()
+
+
+def hold_in_browser(page: Any, path_end: str) -> None:
+    """Hold the page's fetches of URLs ending in `path_end` until release_in_browser(): a service as slow as
+    the test needs, with no timing in it."""
+    page.execute_script(
+        """
+        const end = arguments[0];
+        const real = window.fetch;
+        window.heldGate = new Promise((r) => { window.releaseHeld = r; });
+        window.fetch = (url, opts) =>
+          String(url).endsWith(end) ? window.heldGate.then(() => real(url, opts)) : real(url, opts);
+        """,
+        path_end,
+    )
+
+
+def release_in_browser(page: Any) -> None:
+    page.execute_script("window.releaseHeld()")
+
+
+def test_a_result_being_replaced_is_dimmed_until_the_new_one_comes(
+    page: Any, photos: dict[str, Path]
+) -> None:
+    # While the next photo's reconstruction (or the next grid) was on its way, the previous one stayed at
+    # full strength with nothing moving on screen: beside "Reconstructing “blue-car.png”…" it read as that
+    # photo's answer, and its download link as that photo's reconstruction.
+    def opacity(element_id: str) -> float:
+        return float(
+            page.execute_script("return getComputedStyle(arguments[0]).opacity", by_id(page, element_id))
+        )
+
+    def spinner(section_id: str) -> bool:
+        return bool(
+            page.execute_script(
+                "const s = getComputedStyle(document.querySelector(`#${arguments[0]} h2`), '::after');"
+                "return s.content !== 'none' && s.visibility === 'visible'",
+                section_id,
+            )
+        )
+
+    assert opacity("sample-grid") == 1 and not spinner("sample")
+    upload(page, "file-input", photos["red"])
+    wait_for(page, lambda d: "Reconstructed “red-car.png”" in by_id(d, "reconstruct-msg").text)
+    assert opacity("compare") == 1 and opacity("result-bar") == 1 and not spinner("reconstruct")
+    hold_in_browser(page, "reconstruct")
+    upload(page, "file-input", photos["blue"])
+    wait_for(
+        page, lambda d: opacity("compare") < 0.5 and opacity("result-bar") < 0.5 and spinner("reconstruct")
+    )
+    screenshot(page, "web-result-on-its-way")
+    release_in_browser(page)
+    wait_for(page, lambda d: "Reconstructed “blue-car.png”" in by_id(d, "reconstruct-msg").text)
+    assert opacity("compare") == 1 and opacity("result-bar") == 1 and not spinner("reconstruct")
+
+    hold_in_browser(page, "decode")
+    by_id(page, "new-seed").click()
+    wait_for(page, lambda d: opacity("sample-grid") < 0.5 and spinner("sample"))
+    release_in_browser(page)
+    wait_for(page, lambda d: "16 cars from seed" in by_id(d, "sample-msg").text)
+    assert opacity("sample-grid") == 1 and not spinner("sample")
