@@ -1468,3 +1468,35 @@ def test_a_result_being_replaced_is_dimmed_until_the_new_one_comes(
     release_in_browser(page)
     wait_for(page, lambda d: "16 cars from seed" in by_id(d, "sample-msg").text)
     assert opacity("sample-grid") == 1 and not spinner("sample")
+
+
+def test_a_file_the_browser_cannot_read_is_not_blamed_on_the_connection(
+    page: Any, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    # A folder dropped or picked, or a file moved, deleted or changed since it was chosen, cannot be read:
+    # fetch failed as if the network had, and the page said the service could not be reached, to check
+    # the connection and try again, which failed the same way for ever.
+    folder = tmp_path / "holiday-photos"
+    folder.mkdir()
+    upload(page, "file-input", folder)
+    msg = by_id(page, "reconstruct-msg")
+    wait_for(page, lambda d: "failed" in msg.text)
+    assert msg.text == (
+        "Reconstructing “holiday-photos” failed: the file could not be read from this device (it may be a "
+        "folder, or a file moved, deleted or changed since it was chosen). Choose it again."
+    )
+
+    upload(page, "file-a", folder)
+    upload(page, "file-b", photos["red"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "failed" in msg.text)
+    assert msg.text.startswith(
+        "Interpolating failed: car A (“holiday-photos”) could not be read from this device"
+    )
+    screenshot(page, "web-unreadable-file")
+
+    # Picked again as a readable file, it is sent as before.
+    upload(page, "file-a", photos["blue"])
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: "8 frames from “blue-car.png” to “red-car.png”" in msg.text)

@@ -2,7 +2,7 @@
 // button and a frame slider. Playback bounces A → B → A.
 
 import { ApiError, api, describeError } from "./api.js";
-import { allowButton, dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
+import { allowButton, dataUrl, fileDropTarget, newestRequest, readFile, say, setBusy } from "./util.js";
 
 const FRAME_MS = 140;
 
@@ -89,13 +89,15 @@ export function createInterpolator(els) {
     const { signal, current } = requests.next();
     // The files as sent: the visitor may pick others while these are interpolated.
     const [a, b] = [files.a, files.b];
-    const form = new FormData();
-    form.append("file_a", a, a.name);
-    form.append("file_b", b, b.name);
-    form.append("steps", els.steps.value);
+    const steps = els.steps.value;
     say(els.msg, "Interpolating…");
     setBusy(els.busy, true);
     try {
+      const form = new FormData();
+      form.append("file_a", await readFile(a, `car A (“${a.name}”)`), a.name);
+      form.append("file_b", await readFile(b, `car B (“${b.name}”)`), b.name);
+      form.append("steps", steps);
+      if (!current()) return;
       const res = await api("interpolate", { method: "POST", form, signal });
       if (!current()) return;
       render(res.images, res.format);

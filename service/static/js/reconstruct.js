@@ -2,7 +2,7 @@
 // between them and a download link, then hands the photo's latent mean to the explorer.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, newestRequest, say, setBusy } from "./util.js";
+import { dataUrl, fileDropTarget, newestRequest, readFile, say, setBusy } from "./util.js";
 
 export function createReconstructor(els, model, explorer) {
   const size = `${model.image_size}×${model.image_size}`;
@@ -12,11 +12,12 @@ export function createReconstructor(els, model, explorer) {
     // A newer photo supersedes the one still uploading or waiting for its answer: that request is cancelled.
     const { signal, current } = requests.next();
     const loadsBefore = explorer.loads();
-    const form = new FormData();
-    form.append("file", file, file.name);
     say(els.msg, `Reconstructing “${file.name}”…`);
     setBusy(els.busy, true);
     try {
+      const form = new FormData();
+      form.append("file", await readFile(file, "the file"), file.name);
+      if (!current()) return;
       const res = await api("reconstruct", { method: "POST", form, signal });
       if (!current()) return;
       const recon = dataUrl(res.image, res.format);

@@ -128,6 +128,30 @@ export function meanAbsDiff(a, b) {
   return n ? sum / n : 0;
 }
 
+/** A picked or dropped file that the browser could not read; its message is a sentence for the visitor. */
+export class UnreadableFile extends Error {
+  constructor(what) {
+    super(
+      `${what} could not be read from this device (it may be a folder, or a file moved, deleted or changed ` +
+        "since it was chosen). Choose it again.",
+    );
+    this.name = "UnreadableFile";
+  }
+}
+
+/**
+ * A picked or dropped file's bytes, read now, as a File to upload. Left to fetch, a file that cannot be
+ * read failed the upload like a lost connection, and the page told the visitor that the service could not
+ * be reached. `what` names the file in the error (UnreadableFile).
+ */
+export async function readFile(file, what) {
+  try {
+    return new File([await file.arrayBuffer()], file.name, { type: file.type });
+  } catch {
+    throw new UnreadableFile(what);
+  }
+}
+
 /**
  * Wire a label-wrapped file input as a drop target; `onFile` gets the first dropped or picked file.
  * `signal` (an AbortSignal) removes the listeners again.
