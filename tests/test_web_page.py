@@ -6,6 +6,7 @@ service that is already running (e.g. the Docker one) instead of starting one.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -1500,3 +1501,57 @@ def test_a_file_the_browser_cannot_read_is_not_blamed_on_the_connection(
     upload(page, "file-a", photos["blue"])
     by_id(page, "interp-btn").click()
     wait_for(page, lambda d: "8 frames from “blue-car.png” to “red-car.png”" in msg.text)
+
+
+def drop_on(page: Any, element_id: str, text: str = "", png: Path | None = None) -> None:
+    """Drop onto an element what a drag from elsewhere would bring: some text (a link, a selection) and/or
+    a PNG file, through the same drag events as a real drag."""
+    page.execute_script(
+        """
+        const [id, text, name, b64] = arguments;
+        const dt = new DataTransfer();
+        if (text) dt.setData('text/plain', text);
+        if (b64) {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          dt.items.add(new File([bytes], name, {type: 'image/png'}));
+        }
+        const zone = document.getElementById(id);
+        for (const type of ['dragenter', 'dragover', 'drop']) {
+          zone.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
+        }
+        """,
+        element_id,
+        text,
+        png.name if png else "",
+        base64.b64encode(png.read_bytes()).decode() if png else "",
+    )
+
+
+def test_dropping_something_that_is_not_a_file_says_so(page: Any, photos: dict[str, Path]) -> None:
+    # Text or a link dragged onto a drop target (from another page, say) did nothing at all: no photo, no
+    # message, as if the page had not noticed.
+    drop_on(page, "dropzone", png=photos["red"])
+    msg = by_id(page, "reconstruct-msg")
+    wait_for(page, lambda d: "Reconstructed “red-car.png”" in msg.text)
+    drop_on(page, "dropzone", text="https://example.com/car.jpg")
+    wait_for(
+        page,
+        lambda d: (
+            msg.text
+            == "Nothing to reconstruct: what was dropped is not a file (a link or some text, perhaps). "
+            "Drop a photo file, or choose one."
+        ),
+    )
+    assert "error" in (msg.get_attribute("class") or "")
+    assert by_id(page, "compare").is_displayed()  # nothing was sent: the result shown is still current
+
+    interp_msg = by_id(page, "interp-msg")
+    for element_id, car in (("drop-a", "Car A"), ("drop-b", "Car B")):
+        drop_on(page, element_id, text="a few words")
+        wait_for(
+            page, lambda d, car=car: interp_msg.text.startswith(f"{car}: what was dropped is not a file")
+        )
+    drop_on(page, "drop-a", png=photos["red"])
+    drop_on(page, "drop-b", png=photos["blue"])
+    assert by_id(page, "name-a").text == "red-car.png" and by_id(page, "name-b").text == "blue-car.png"
+    screenshot(page, "web-dropped-not-a-file")

@@ -6,7 +6,7 @@ import { createInterpolator } from "./js/interpolate.js";
 import { renderModelCard } from "./js/modelcard.js";
 import { createReconstructor } from "./js/reconstruct.js";
 import { createSampler, randomSeed } from "./js/sampler.js";
-import { fileDropTarget, say } from "./js/util.js";
+import { fileDropTarget, notAFile, say } from "./js/util.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -88,7 +88,7 @@ function holdEarlyInput() {
       );
       if (wake) wake();
     },
-    { signal },
+    { signal, onNoFile: () => say($("reconstruct-msg"), notAFile("Nothing to reconstruct"), "error") },
   );
   // A seed now, so that the form (whose seed is required) can be sent and the press answered.
   if (!$("seed").value) $("seed").value = randomSeed();

@@ -2,7 +2,7 @@
 // button and a frame slider. Playback bounces A → B → A.
 
 import { ApiError, api, describeError } from "./api.js";
-import { allowButton, dataUrl, fileDropTarget, newestRequest, readFile, say, setBusy } from "./util.js";
+import { allowButton, dataUrl, fileDropTarget, newestRequest, notAFile, readFile, say, setBusy } from "./util.js";
 
 const FRAME_MS = 140;
 
@@ -127,8 +127,12 @@ export function createInterpolator(els) {
     thumb.addEventListener("load", () => (thumb.hidden = false));
     thumb.addEventListener("error", () => (thumb.hidden = true));
   }
-  fileDropTarget(els.zoneA, els.inputA, (f) => pick("a", f));
-  fileDropTarget(els.zoneB, els.inputB, (f) => pick("b", f));
+  fileDropTarget(els.zoneA, els.inputA, (f) => pick("a", f), {
+    onNoFile: () => say(els.msg, notAFile("Car A"), "error"),
+  });
+  fileDropTarget(els.zoneB, els.inputB, (f) => pick("b", f), {
+    onNoFile: () => say(els.msg, notAFile("Car B"), "error"),
+  });
   els.form.addEventListener("submit", (e) => {
     e.preventDefault();
     if (files.a && files.b) interpolate();

@@ -2,7 +2,7 @@
 // between them and a download link, then hands the photo's latent mean to the explorer.
 
 import { api, describeError } from "./api.js";
-import { dataUrl, fileDropTarget, newestRequest, readFile, say, setBusy } from "./util.js";
+import { dataUrl, fileDropTarget, newestRequest, notAFile, readFile, say, setBusy } from "./util.js";
 
 export function createReconstructor(els, model, explorer) {
   const size = `${model.image_size}×${model.image_size}`;
@@ -46,6 +46,9 @@ export function createReconstructor(els, model, explorer) {
     }
   }
 
-  fileDropTarget(els.zone, els.input, reconstruct);
+  // Nothing is sent, so the result shown (if any) stays what it was.
+  fileDropTarget(els.zone, els.input, reconstruct, {
+    onNoFile: () => say(els.msg, notAFile("Nothing to reconstruct"), "error"),
+  });
   return { reconstruct };
 }

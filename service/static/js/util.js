@@ -152,11 +152,17 @@ export async function readFile(file, what) {
   }
 }
 
+/** What to tell a visitor who dropped something that is not a file; `what` starts the sentence. */
+export function notAFile(what) {
+  return `${what}: what was dropped is not a file (a link or some text, perhaps). Drop a photo file, or choose one.`;
+}
+
 /**
- * Wire a label-wrapped file input as a drop target; `onFile` gets the first dropped or picked file.
+ * Wire a label-wrapped file input as a drop target; `onFile` gets the first dropped or picked file, and
+ * `onNoFile` is called for a drop that holds no file (dragged text or a link), which did nothing at all.
  * `signal` (an AbortSignal) removes the listeners again.
  */
-export function fileDropTarget(zone, input, onFile, { signal } = {}) {
+export function fileDropTarget(zone, input, onFile, { signal, onNoFile } = {}) {
   const opts = signal ? { signal } : undefined;
   input.addEventListener(
     "change",
@@ -182,6 +188,7 @@ export function fileDropTarget(zone, input, onFile, { signal } = {}) {
       zone.classList.remove("dragging");
       const file = e.dataTransfer && e.dataTransfer.files && e.dataTransfer.files[0];
       if (file) onFile(file);
+      else if (onNoFile) onNoFile();
     },
     opts,
   );
