@@ -53,6 +53,7 @@ def make_driver(
     width: int = 1280,
     height: int = 900,
     extra_flags: tuple[str, ...] = (),
+    prefs: dict[str, Any] | None = None,
 ) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -63,6 +64,8 @@ def make_driver(
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={profile_dir}")
     opts.add_argument(f"--window-size={width},{height}")
+    if prefs:
+        opts.add_experimental_option("prefs", prefs)
     return webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
 
 

@@ -1555,3 +1555,40 @@ def test_dropping_something_that_is_not_a_file_says_so(page: Any, photos: dict[s
     drop_on(page, "drop-b", png=photos["blue"])
     assert by_id(page, "name-a").text == "red-car.png" and by_id(page, "name-b").text == "blue-car.png"
     screenshot(page, "web-dropped-not-a-file")
+
+
+def test_a_larger_default_text_size_scales_the_whole_page(
+    chromium: tuple[str, str], base_url: str, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    # Chromium's "Font size: Very large" (24 px) grew the headings and small print, sized in rem, but not
+    # the body text, fixed at 16 px: the hint under "Drop a car photo here" came out larger than that line,
+    # and the two-column layout kept its pixel breakpoints, squeezing the explorer's image.
+    driver = make_driver(
+        *chromium, profile_dir=tmp_path / "profile", prefs={"webkit": {"webprefs": {"default_font_size": 24}}}
+    )
+    try:
+        driver.get(f"{base_url}/")
+        wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        upload(driver, "file-input", photos["red"])
+        wait_for(driver, lambda d: "Reconstructed" in by_id(d, "reconstruct-msg").text)
+
+        def font_px(selector: str) -> float:
+            return float(
+                driver.execute_script(
+                    "return parseFloat(getComputedStyle(document.querySelector(arguments[0])).fontSize)",
+                    selector,
+                )
+            )
+
+        assert font_px("body") == 24
+        assert font_px(".dz-main") == 24
+        assert font_px(".dz-hint") < font_px(".dz-main")
+        # 1280 px is 53 lines of 24 px text across: the layout of a narrower screen, one card under the other.
+        reconstruct, explore = (by_id(driver, i).rect for i in ("reconstruct", "explore"))
+        assert explore["y"] >= reconstruct["y"] + reconstruct["height"]
+        assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        skip = driver.find_element("css selector", ".skip-link").rect
+        assert skip["y"] + skip["height"] <= 0  # out of sight until focused, however tall the text makes it
+        screenshot(driver, "web-large-text")
+    finally:
+        driver.quit()
