@@ -7,6 +7,7 @@ service that is already running (e.g. the Docker one) instead of starting one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -1238,11 +1239,11 @@ def another_model(folder: Path) -> Path:
     return path
 
 
-def test_a_service_restarted_with_another_model_asks_for_a_reload(
-    browser: Any, tiny_checkpoint: Path, photos: dict[str, Path], tmp_path: Path
-) -> None:
-    # The service restarted with another checkpoint while the page was open: decodes failed with "body.z[0]
-    # has 8 values; this model's latent_dim is 4", and nothing said that the page must be reloaded.
+@contextlib.contextmanager
+def page_of_the_tiny_model(browser: Any, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """The page opened on a service of tiny_checkpoint, ready, while that service runs; yields another
+    model's checkpoint and the port, for the test to restart the service on the same address with it (the
+    open page keeps talking to that address)."""
     if os.environ.get("CARVAE_WEB_TEST_URL"):
         pytest.skip("restarts its own service")
     other = another_model(tmp_path)
@@ -1252,6 +1253,15 @@ def test_a_service_restarted_with_another_model_asks_for_a_reload(
     with running_service(tiny_checkpoint, port=port) as url:
         browser.get(f"{url}/")
         wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
+        yield other, port
+
+
+def test_a_service_restarted_with_another_model_asks_for_a_reload(
+    browser: Any, tiny_checkpoint: Path, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    # The service restarted with another checkpoint while the page was open: decodes failed with "body.z[0]
+    # has 8 values; this model's latent_dim is 4", and nothing said that the page must be reloaded.
+    with page_of_the_tiny_model(browser, tiny_checkpoint, tmp_path) as (other, port):
         assert not [b for b in browser.find_elements("id", "reload-btn") if b.is_displayed()]
     with running_service(other, port=port) as url:
         new_id = model_info(url)["model_id"]
@@ -1285,16 +1295,8 @@ def test_the_reload_banner_goes_when_the_service_runs_the_pages_model_again(
 ) -> None:
     # A service restarted with another model and then rolled back: the banner asking for a reload stayed
     # (and the chip still said "Model changed") although the page's requests worked again.
-    if os.environ.get("CARVAE_WEB_TEST_URL"):
-        pytest.skip("restarts its own service")
-    other = another_model(tmp_path)
-    port = free_port()
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    browser.get_log("browser")
-    with running_service(tiny_checkpoint, port=port) as url:
-        browser.get(f"{url}/")
+    with page_of_the_tiny_model(browser, tiny_checkpoint, tmp_path) as (other, port):
         reload_row = by_id(browser, "reload-row")
-        wait_for(browser, lambda d: len(d.find_elements("css selector", "#sample-grid img")) == 16)
         chip = by_id(browser, "model-chip").text
     with running_service(other, port=port):
         by_id(browser, "latent-zero").click()
