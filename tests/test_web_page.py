@@ -375,12 +375,89 @@ def test_the_model_card_shows_an_empty_list_as_none(page: Any) -> None:
         import('./static/js/modelcard.js').then(({ renderModelCard }) => {
           const card = document.createElement('div');
           renderModelCard(card, {model_id: 'm', image_size: 32, latent_dim: 8, training: {augment: []}});
-          const dt = [...card.querySelectorAll('dt')].find((t) => t.textContent === 'Augment');
+          const dt = [...card.querySelectorAll('dt')].find((t) => t.textContent === 'Augmentation');
           done(dt.nextElementSibling.textContent);
         });
         """
     )
     assert shown == "none"
+
+
+def test_the_model_card_labels_the_training_record_and_shows_each_fact_once(
+    browser: Any, tmp_path: Path
+) -> None:
+    # The card read "Lr", "Ema", "Kl", "Psnr" (its keys capitalised), gave the PSNR without its unit, and
+    # listed the run's settings twice: at the record's top level and again in its signature.
+    if os.environ.get("CARVAE_WEB_TEST_URL"):
+        pytest.skip("needs a checkpoint with a full training record")
+    settings = {"recipe": "sigma-vae", "beta": 1.0, "kl_warmup_epochs": 5, "batch_size": 16, "seed": 0}
+    training = {
+        "complete": True,
+        "signature": {
+            **settings,
+            **{"data_fingerprint": "abc123", "image_size": 32, "latent_dim": 8, "channels": [8, 16, 16]},
+            **{"epochs": 40, "lr": 0.002, "lr_schedule": "cosine", "warmup_steps": 100, "ema": 0.999},
+            **{"val_fraction": 0.1, "resize_policy": "stretch", "augment": ["hflip"], "prior": "fitted"},
+        },
+        "data": {"source": "folder", "files": 120, "count": 118, "skipped": 2, "fingerprint": "abc123"},
+        "split": {"seed": 0, "val_fraction": 0.1, "train": 106, "val": 12, "val_hash": "def456"},
+        **settings,
+        "prior": "fitted",
+        "augment": ["hflip"],
+        "epochs_requested": 40,
+        "epochs_done": 40,
+        "best_val": {"psnr": 24.1234, "ssim": 0.7123, "loss": 0.5, "recon": 0.4, "kl": 12.5, "mse": 0.0039},
+        "lr_schedule": {
+            "kind": "cosine",
+            "lr": 0.002,
+            "warmup_steps": 100,
+            "min_lr": 2e-5,
+            "planned_epochs": 40,
+        },
+        "train_seconds": 812.4,
+        "val_lpips": 0.21,  # a key the page has no label for
+    }
+    checkpoint = tmp_path / "trained.safetensors"
+    torch.manual_seed(0)
+    save_checkpoint(
+        checkpoint,
+        VAE(VAEConfig(image_size=32, latent_dim=8, channels=(8, 16, 16))),
+        PreprocessPolicy(32),
+        training,
+    )
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    browser.get_log("browser")
+    with running_service(checkpoint) as url:
+        browser.get(f"{url}/")
+        wait_for(browser, lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+        rows: list[list[str]] = browser.execute_script(
+            """
+            return [...document.querySelectorAll('#model-card .card-part:last-child dt')].map((dt) => {
+              const dd = dt.nextElementSibling;
+              return [dt.textContent, dd.classList.contains('nested') ? '' : dd.textContent];
+            });
+            """
+        )
+        screenshot(browser, "web-model-card-training")
+    labels = [label for label, _ in rows]
+    values = dict(rows)
+    for naive in ("Lr", "Ema", "Kl", "Psnr", "Ssim", "Mse", "Signature", "Lr schedule", "Val lpips"):
+        assert naive not in labels
+    assert values["PSNR"] == "24.12 dB"
+    assert values["SSIM"] == "0.7123" and values["MSE"] == "0.0039" and values["KL"] == "12.5"
+    assert values["Reconstruction loss"] == "0.4"
+    assert values["Training time"] == "812.4 s" and values["KL warm-up"] == "5 epochs"
+    assert values["Validation LPIPS"] == "0.21"
+    # Each fact once: the signature adds only what the card does not already say (here the EMA decay and
+    # the channels), under "Settings".
+    for label in ("Learning rate", "Seed", "Recipe", "Batch size", "Augmentation", "Prior", "Warm-up steps"):
+        assert labels.count(label) == 1 + (label == "Seed"), label  # and the split's own seed
+    assert labels.count("EMA") == 1 and values["EMA"] == "0.999"
+    assert values["Channels per level"] == "8, 16, 16"
+    assert "Settings" in labels
+    for repeated in ("Data fingerprint", "Epochs", "Validation fraction", "Image size", "Resize policy"):
+        assert labels.count(repeated) == (repeated == "Validation fraction"), repeated  # the split's
+    assert not [e["message"] for e in browser.get_log("browser") if e.get("source") == "javascript"]
 
 
 def test_usable_at_phone_width(page: Any) -> None:
