@@ -615,6 +615,61 @@ def test_a_failed_interpolation_hides_the_previous_frames(page: Any, photos: dic
     screenshot(page, "web-interpolate-error")
 
 
+def test_changing_a_car_marks_the_frames_as_the_previous_pairs(
+    page: Any, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    # After another car B was picked, the red-to-blue frames kept playing at full strength and their text
+    # alternative still said "between car A and car B", as if they were the new pair's answer.
+    green = car_photo(tmp_path / "green-car.png", (40, 160, 60))
+
+    def looks_current() -> bool:
+        alt = str(by_id(page, "frame-img").get_attribute("alt"))
+        dim = float(
+            page.execute_script("return getComputedStyle(arguments[0]).opacity", by_id(page, "frame-img"))
+        )
+        return alt.startswith("Frame ") and "between car A and car B" in alt and dim == 1
+
+    def looks_previous(a: str, b: str) -> bool:
+        alt = str(by_id(page, "frame-img").get_attribute("alt"))
+        dim = float(
+            page.execute_script("return getComputedStyle(arguments[0]).opacity", by_id(page, "frame-img"))
+        )
+        notes = [n.text for n in page.find_elements("id", "interp-stale") if n.is_displayed()]
+        return (
+            alt.startswith("Previous pair") and a in alt and b in alt and dim < 0.5
+            and len(notes) == 1 and a in notes[0] and b in notes[0]
+            and by_id(page, "play").get_attribute("data-playing") == "false"
+        )  # fmt: skip
+
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "from “red-car.png” to “blue-car.png”" in msg.text)
+    assert looks_current() and not [n for n in page.find_elements("id", "interp-stale") if n.is_displayed()]
+
+    upload(page, "file-b", green)
+    assert by_id(page, "player").is_displayed()  # kept, to compare with, but not as the answer
+    assert looks_previous("red-car.png", "blue-car.png")
+    screenshot(page, "web-interpolate-previous-pair")
+
+    by_id(page, "interp-btn").click()
+    wait_for(page, lambda d: "from “red-car.png” to “green-car.png”" in msg.text)
+    assert looks_current() and not [n for n in page.find_elements("id", "interp-stale") if n.is_displayed()]
+
+    # A car picked while the frames are on their way: they arrive as the previous pair's.
+    hold_in_browser(page, "interpolate")
+    steps = by_id(page, "steps")
+    steps.clear()
+    steps.send_keys("4")
+    by_id(page, "interp-btn").click()
+    upload(page, "file-a", photos["blue"])
+    release_in_browser(page)
+    wait_for(page, lambda d: "4 frames" in msg.text)
+    assert len(page.find_elements("css selector", "#strip img")) == 4
+    assert looks_previous("red-car.png", "green-car.png")
+
+
 def test_a_failed_interpolation_names_the_car_the_service_could_not_use(
     page: Any, photos: dict[str, Path]
 ) -> None:

@@ -180,6 +180,7 @@ function startInterpolator() {
     button: $("interp-btn"),
     msg: $("interp-msg"),
     player: $("player"),
+    stale: $("interp-stale"),
     frame: $("frame-img"),
     play: $("play"),
     slider: $("frame"),

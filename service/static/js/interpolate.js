@@ -12,7 +12,27 @@ export function createInterpolator(els) {
   let current = 0;
   let direction = 1;
   let timer = null;
+  let pair = null; // the files the frames shown were made from
   const requests = newestRequest();
+  const stripLabel = els.strip.getAttribute("aria-label");
+
+  // Once car A or B is changed, the frames shown are of the previous pair: stopped, dimmed and labelled
+  // so (to a screen reader by their text alternatives) until the visitor interpolates again, as the
+  // explorer does with an image it could not replace. Not removed: nothing failed, and they stay to compare.
+  const isStale = () => pair !== null && (pair.a !== files.a || pair.b !== files.b);
+  function markStale() {
+    const stale = isStale();
+    els.player.classList.toggle("stale", stale);
+    els.stale.hidden = !stale;
+    if (stale) {
+      setPlaying(false);
+      const names = `“${pair.a.name}” and “${pair.b.name}”`;
+      els.stale.textContent = `Frames of the previous pair, ${names}: press Interpolate for the cars chosen now.`;
+    }
+    const label = stale ? `Frames of the previous pair, ${pair.a.name} to ${pair.b.name}` : stripLabel;
+    els.strip.setAttribute("aria-label", label);
+    if (frames.length) show(current);
+  }
 
   function pick(which, file) {
     files[which] = file;
@@ -25,6 +45,7 @@ export function createInterpolator(els) {
     // of course, a file that is no image, and a broken-image icon with a clipped alt text helps no one.
     els[`name_${which}`].textContent = file.name;
     allowButton(els.button, missingReason());
+    markStale();
   }
 
   function missingReason() {
@@ -35,7 +56,10 @@ export function createInterpolator(els) {
   function show(i) {
     current = i;
     els.frame.src = frames[i];
-    els.frame.alt = `Frame ${i + 1} of ${frames.length}, between car A and car B`;
+    const of = `${i + 1} of ${frames.length}`;
+    els.frame.alt = isStale()
+      ? `Previous pair's frame ${of}, between “${pair.a.name}” and “${pair.b.name}”, not the cars chosen now`
+      : `Frame ${of}, between car A and car B`;
     els.slider.value = String(i);
     els.slider.setAttribute("aria-valuetext", `Frame ${i + 1} of ${frames.length}`); // its value is 0-based
     els.frameOut.textContent = `${i + 1} of ${frames.length}`;
@@ -55,7 +79,8 @@ export function createInterpolator(els) {
     }, FRAME_MS);
   }
 
-  function render(images, format) {
+  function render(images, format, madeFrom) {
+    pair = madeFrom;
     frames = images.map((b64) => dataUrl(b64, format));
     els.slider.max = String(frames.length - 1);
     els.strip.textContent = "";
@@ -81,6 +106,8 @@ export function createInterpolator(els) {
     show(0);
     // Motion only when the visitor has not asked the system for less of it.
     setPlaying(!window.matchMedia("(prefers-reduced-motion: reduce)").matches);
+    // The visitor may have picked another car while these were on their way.
+    markStale();
   }
 
   async function interpolate() {
@@ -100,7 +127,7 @@ export function createInterpolator(els) {
       if (!current()) return;
       const res = await api("interpolate", { method: "POST", form, signal });
       if (!current()) return;
-      render(res.images, res.format);
+      render(res.images, res.format, { a, b });
       say(els.msg, `${res.images.length} frames from “${a.name}” to “${b.name}”.`, "ok");
     } catch (e) {
       if (!current()) return;
