@@ -1447,7 +1447,8 @@ def test_the_reload_banner_goes_when_the_service_runs_the_pages_model_again(
     with running_service(other, port=port):
         by_id(browser, "latent-zero").click()
         wait_for(browser, lambda d: by_id(d, "reload-btn").is_displayed())
-        assert "another model" in by_id(browser, "global-msg").text
+        # The banner's text comes a frame after its button (util.js say()).
+        wait_for(browser, lambda d: "another model" in by_id(d, "global-msg").text)
     assert not [e["message"] for e in browser.get_log("browser") if e.get("source") == "javascript"]
 
 
