@@ -448,7 +448,7 @@ class BodyLimitMiddleware:
             else:
                 try:
                     message = await _receive_by(receive, deadline)
-                except TimeoutError:  # the same class from Python 3.11 on
+                except TimeoutError:
                     if refused:
                         raise _BodyRefused from None
                     await refuse(self._too_slow(scope))

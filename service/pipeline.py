@@ -344,7 +344,7 @@ class Pipeline:
                 return await self._offload(self._prepare_budgeted, deferred.data)
         except CallerGone:
             raise Abandoned("decode withdrawn: the caller went away while it waited for room") from None
-        except TimeoutError:  # the wait for room (the builtin TimeoutError from Python 3.11)
+        except TimeoutError:  # the wait for room ran out
             self.batcher.observer.timed_out("decode")
             raise DeadlineExceeded(
                 f"no room to decode this large image within {self.timeout_s:g} s (others were decoding)"

@@ -162,11 +162,8 @@ def _choose(
     else:
         if split == "val":
             log.warning("the data is not this checkpoint's training data: evaluating all %d images", n)
-        eval_idx, fit_idx, fit_on = (
-            everything,
-            everything,
-            "all images given (not the checkpoint's training data)",
-        )
+        eval_idx = fit_idx = everything
+        fit_on = "all images given (not the checkpoint's training data)"
         split = "all"
     if limit is not None:
         eval_idx = eval_idx[:limit]

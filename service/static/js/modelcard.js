@@ -77,6 +77,8 @@ const WORDS = {
 };
 const UNIT_SUFFIXES = [[/(^|_)psnr$/, "dB"], [/_(seconds|s)$/, "s"], [/_minutes$/, "min"]];
 
+const isRecord = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+
 function humanize(key) {
   const words = String(key).split(/[_\s]+/).filter(Boolean).map((w) => WORDS[w.toLowerCase()] || w).join(" ");
   return words.charAt(0).toUpperCase() + words.slice(1);
@@ -113,13 +115,13 @@ function definitionList(entries, depth = 0) {
     const dt = document.createElement("dt");
     dt.textContent = label;
     const dd = document.createElement("dd");
-    if (value && typeof value === "object" && !Array.isArray(value) && depth < MAX_DEPTH) {
+    if (isRecord(value) && depth < MAX_DEPTH) {
       const inner = Object.entries(value);
       dd.className = "nested";
       if (inner.length) dd.append(definitionList(inner, depth + 1));
       else dd.textContent = "–";
     } else {
-      dd.textContent = typeof value === "object" && value !== null && !Array.isArray(value)
+      dd.textContent = isRecord(value)
         ? JSON.stringify(value).slice(0, 96)
         : withUnit(formatValue(value), value, unit);
     }
@@ -140,8 +142,8 @@ const same = (a, b) => a !== undefined && JSON.stringify(a) === JSON.stringify(b
  * signature is kept (under "Settings") only when the card does not already show that value elsewhere.
  */
 function trainingEntries(m) {
-  const t = m.training && typeof m.training === "object" && !Array.isArray(m.training) ? m.training : {};
-  const sig = t.signature && typeof t.signature === "object" && !Array.isArray(t.signature) ? t.signature : null;
+  const t = isRecord(m.training) ? m.training : {};
+  const sig = isRecord(t.signature) ? t.signature : null;
   const entries = Object.entries(t);
   if (!sig) return entries;
   const pick = (o, k) => (o && typeof o === "object" ? o[k] : undefined);
