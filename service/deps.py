@@ -19,7 +19,7 @@ from service.batcher import Batcher, Overloaded
 from service.config import Settings
 from service.errors import ApiError, request_id_of
 from service.pipeline import CallContext, Pipeline, ServedModel
-from service.schemas import ImageFormat, first_unknown, unknown_fields_message
+from service.schemas import FormatWord, ImageFormat, first_unknown, unknown_fields_message
 
 
 async def get_settings(request: Request) -> Settings:
@@ -128,11 +128,11 @@ async def output(
         ),
     ] = None,
     fmt: Annotated[
-        ImageFormat | None,
+        FormatWord | None,
         Query(
             alias="format",
-            description="encoding of the returned image(s): png, jpeg or webp (default: from Accept, "
-            "else png)",
+            description="encoding of the returned image(s): png, jpeg or webp, in any case (default: from "
+            "Accept, else png)",
         ),
     ] = None,
 ) -> Output:

@@ -10,6 +10,15 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
+
+def _a_word(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# `?format=PNG` or ` Jpeg ` is a word, not a name (as CARVAE_DEVICE=CPU is, service.config): taken in any
+# case, with spaces around it. The schema still lists the lower-case values, the ones answers carry.
+FormatWord = Annotated[ImageFormat, BeforeValidator(_a_word)]
+
 MAX_IMAGES = 64  # per /sample or /decode request: one grid of 8×8
 MAX_SEED = 2**53 - 1  # seeds round-trip exactly through JSON numbers in every client (JavaScript included)
 MAX_ABS_LATENT = 1000.0  # the prior is N(0, I); larger values only overflow activations

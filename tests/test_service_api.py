@@ -1042,6 +1042,21 @@ def test_accept_picks_the_encoding_of_the_image(client: TestClient) -> None:
     assert query_wins.headers["content-type"] == "image/png"
 
 
+def test_the_format_query_takes_any_case_as_the_settings_do(client: TestClient) -> None:
+    """`?format=PNG` was a 422 (the enum is lower case) while CARVAE_DEVICE=CPU is taken: a word, not a
+    name. /openapi.json still lists the lower-case values."""
+    photo = {"file": ("c.png", photo_bytes(), "image/png")}
+    for given, media in (("PNG", "image/png"), (" Jpeg ", "image/jpeg"), ("WebP", "image/webp")):
+        r = client.post("/reconstruct", params={"format": given}, files=photo)
+        assert r.status_code == 200 and r.headers["content-type"] == media, (given, r.text)
+    sampled = client.post("/sample?format=JPEG", json={"n": 1, "seed": 1}, headers=JSON_ACCEPT)
+    assert sampled.status_code == 200 and sampled.json()["format"] == "jpeg"
+    assert_error(client.post("/reconstruct?format=GIF", files=photo), 422, "validation_error")
+    spec = client.get("/openapi.json").json()
+    (param,) = [p for p in spec["paths"]["/reconstruct"]["post"]["parameters"] if p["name"] == "format"]
+    assert param["schema"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]
+
+
 def test_the_gil_switch_interval_is_short_while_serving_and_restored_after(service_checkpoint: Path) -> None:
     original = sys.getswitchinterval()  # other apps of this test session may be serving (and have set it)
     sys.setswitchinterval(0.004)
