@@ -17,7 +17,7 @@ from starlette.types import Receive
 
 from service.batcher import Batcher, Overloaded
 from service.config import Settings
-from service.errors import ApiError, request_id_of
+from service.errors import ApiError, clip, request_id_of
 from service.pipeline import CallContext, Pipeline, ServedModel
 from service.schemas import FormatWord, ImageFormat, first_unknown, unknown_fields_message
 
@@ -76,6 +76,21 @@ def negotiate(accept: str | None, fmt: ImageFormat | None) -> Output:
     `image/jpeg;q=0.5, image/*` PNG and WebP are rated 1 and JPEG 0.5, and in `*/*;q=0.9,
     application/json;q=0.5` every image type outranks JSON (axios' and fetch's `*/*` alone is not a
     request for JSON)."""
+    ranges = _accept_ranges(accept)
+    json_q, json_named = _quality(ranges, JSON)
+    rated = {f: _quality(ranges, media)[0] for media, f in _IMAGE_TYPES.items()}
+    as_json = json_named and json_q > 0 and json_q >= max(rated.values())
+    return Output(fmt if fmt is not None else _best_image(ranges, rated), as_json)
+
+
+def accepts_json(accept: str | None) -> bool:
+    """Whether JSON is acceptable at all under `accept`: a q above zero for application/json through the
+    most specific range that matches it, as in `negotiate` (no Accept, `*/*` and `application/*` do)."""
+    return _quality(_accept_ranges(accept), JSON)[0] > 0
+
+
+def _accept_ranges(accept: str | None) -> list[tuple[str, float]]:
+    """The media ranges of an Accept header, lower case, each with its q (0..1; 1 when not given)."""
     ranges: list[tuple[str, float]] = []
     for item in (accept or "").split(","):
         media, *params = (p.strip() for p in item.split(";"))
@@ -90,10 +105,7 @@ def negotiate(accept: str | None, fmt: ImageFormat | None) -> Output:
                 except ValueError:
                     q = 0.0
         ranges.append((media.lower(), min(max(q, 0.0), 1.0) if q == q else 0.0))  # q is 0..1; NaN: 0
-    json_q, json_named = _quality(ranges, JSON)
-    rated = {f: _quality(ranges, media)[0] for media, f in _IMAGE_TYPES.items()}
-    as_json = json_named and json_q > 0 and json_q >= max(rated.values())
-    return Output(fmt if fmt is not None else _best_image(ranges, rated), as_json)
+    return ranges
 
 
 def _quality(ranges: list[tuple[str, float]], media: str) -> tuple[float, bool]:
@@ -138,6 +150,25 @@ async def output(
 ) -> Output:
     _given_once("format", request.query_params.getlist("format"))
     return negotiate(accept, fmt)
+
+
+async def json_only(
+    request: Request,
+    accept: Annotated[
+        str | None,
+        Header(description="this route answers `application/json` only: an Accept ruling it out gets 406"),
+    ] = None,
+) -> None:
+    """For a route whose only answer is JSON (/encode): an Accept that rules JSON out (`image/png` alone)
+    is refused with 406 naming what the route returns, rather than answered with what was not asked for.
+    Judged as the image routes judge it (`accepts_json`)."""
+    if not accepts_json(accept):
+        raise ApiError(
+            406,
+            "not_acceptable",
+            f"{request.url.path} answers {JSON} only (Accept was {clip(accept or '', 120)!r}); send "
+            f"Accept: {JSON}, */*, or no Accept",
+        )
 
 
 def _given_once(name: str, values: list[Any]) -> None:

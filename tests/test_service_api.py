@@ -1042,6 +1042,30 @@ def test_accept_picks_the_encoding_of_the_image(client: TestClient) -> None:
     assert query_wins.headers["content-type"] == "image/png"
 
 
+def test_encode_refuses_an_accept_that_rules_out_json_with_406(client: TestClient) -> None:
+    """/encode answered JSON to `Accept: image/png` with a 200: a client told it got what it did not ask
+    for. Accept is judged as the image routes judge it; what takes JSON at all still gets it."""
+    for accept in ("image/png", "text/html", "image/*", "application/json;q=0, */*"):
+        err = assert_error(
+            client.post("/encode", files=upload(), headers={"Accept": accept}), 406, "not_acceptable"
+        )
+        assert "/encode answers application/json" in err["message"] and accept in err["message"], err
+    takes_json = [
+        None,
+        "*/*",
+        "application/*",
+        "application/json",
+        "image/png, application/json;q=0.1",
+        "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # a browser's
+    ]
+    for accept in takes_json:
+        r = client.post("/encode", files=upload(), headers={} if accept is None else {"Accept": accept})
+        assert r.status_code == 200 and len(r.json()["mu"]) == TINY.latent_dim, (accept, r.text)
+    responses = client.get("/openapi.json").json()["paths"]["/encode"]["post"]["responses"]
+    assert "application/json" in responses["406"]["description"]
+    assert "ErrorResponse" in json.dumps(responses["406"])
+
+
 def test_the_format_query_takes_any_case_as_the_settings_do(client: TestClient) -> None:
     """`?format=PNG` was a 422 (the enum is lower case) while CARVAE_DEVICE=CPU is taken: a word, not a
     name. /openapi.json still lists the lower-case values."""

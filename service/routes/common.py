@@ -19,6 +19,7 @@ _DEFAULTS = {name: field.default for name, field in Settings.model_fields.items(
 _ERROR_TEXT = {
     400: "empty file or unreadable body",
     401: "API key missing or wrong (only when CARVAE_API_KEY is set)",
+    406: "Accept rules out application/json, the only type this route answers",
     408: "the request body did not arrive within CARVAE_BODY_TIMEOUT_S",
     413: f"body over CARVAE_MAX_UPLOAD_BYTES ({_DEFAULTS['MAX_UPLOAD_BYTES'] // 2**20} MiB by default), or "
     f"image over CARVAE_MAX_IMAGE_PIXELS ({_DEFAULTS['MAX_IMAGE_PIXELS']:,} by default)",

@@ -12,6 +12,7 @@ from service.deps import (
     OutputDep,
     PipelineDep,
     form_fields,
+    json_only,
     known_query,
     single_upload,
     single_value,
@@ -55,11 +56,12 @@ async def reconstruct(
     "/encode",
     summary="Encode a car photo to its latent distribution",
     description="The posterior q(z|x) of the photo as the model sees it (the same preprocessing as "
-    "/reconstruct): its mean μ and log-variance log σ², latent_dim floats each. Always JSON.",
+    "/reconstruct): its mean μ and log-variance log σ², latent_dim floats each. Always JSON: an Accept "
+    "that rules JSON out (`image/png` alone) is answered 406.",
     response_model=EncodeResponse,
     response_description="the posterior's mean and log-variance",
-    responses=errors(*MODEL_ERRORS),
-    dependencies=[form_fields(*FILE_PARTS["/encode"])],
+    responses=errors(*sorted({*MODEL_ERRORS, 406})),
+    dependencies=[form_fields(*FILE_PARTS["/encode"]), Depends(json_only)],
 )
 async def encode(
     request: Request,
