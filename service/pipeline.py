@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
@@ -264,6 +265,10 @@ class CallContext:
     cancel_on: Callable[[], Awaitable[Any]] | None = None
 
 
+class DecodeTimedOut(DeadlineExceeded):
+    """An upload got no room in the decode budget before the request's deadline (a 504, as any deadline)."""
+
+
 @dataclass(frozen=True)
 class _Deferred:
     """An upload whose decode waits for the memory budget (service.budget)."""
@@ -344,19 +349,30 @@ class Pipeline:
                 return await self._offload(self._prepare_budgeted, deferred.data)
         except CallerGone:
             raise Abandoned("decode withdrawn: the caller went away while it waited for room") from None
-        except TimeoutError:  # the wait for room ran out
-            self.batcher.observer.timed_out("decode")
-            raise DeadlineExceeded(
+        except TimeoutError:  # the wait for room ran out; counted once per request (_counting_decode_timeout)
+            raise DecodeTimedOut(
                 f"no room to decode this large image within {self.timeout_s:g} s (others were decoding)"
             ) from None
 
+    @contextlib.contextmanager
+    def _counting_decode_timeout(self) -> Iterator[None]:
+        """Around a request's decodes: one decode timeout counted for the request, however many of its
+        uploads ran out of time (/interpolate's two wait side by side and used to count two for one 504)."""
+        try:
+            yield
+        except DecodeTimedOut:
+            self.batcher.observer.timed_out("decode")
+            raise
+
     async def reconstruct(self, data: Upload, fmt: ImageFormat, as_json: bool, ctx: CallContext) -> Rendered:
-        view = await self.decode_upload(data, ctx=ctx)
+        with self._counting_decode_timeout():
+            view = await self.decode_upload(data, ctx=ctx)
         encode = functools.partial(self.encoder.reconstruction, view, fmt=fmt, as_json=as_json)
         return await self._predict_and_encode("reconstruct", view, 1, ctx, encode)
 
     async def encode(self, data: Upload, ctx: CallContext) -> Rendered:
-        view = await self.decode_upload(data, ctx=ctx)
+        with self._counting_decode_timeout():
+            view = await self.decode_upload(data, ctx=ctx)
         return await self._predict_and_encode("encode", view[None], 1, ctx, self.encoder.latents)
 
     async def sample(
@@ -379,9 +395,10 @@ class Pipeline:
     async def interpolate(
         self, data_a: Upload, data_b: Upload, steps: int, fmt: ImageFormat, as_json: bool, ctx: CallContext
     ) -> Rendered:
-        view_a, view_b = await asyncio.gather(
-            self.decode_upload(data_a, "file_a", ctx), self.decode_upload(data_b, "file_b", ctx)
-        )
+        with self._counting_decode_timeout():
+            view_a, view_b = await asyncio.gather(
+                self.decode_upload(data_a, "file_a", ctx), self.decode_upload(data_b, "file_b", ctx)
+            )
         mu, _ = await self._predict("encode", np.stack([view_a, view_b]), 2, ctx)
         z = interpolate_latents(mu[0], mu[1], steps)
         encode = functools.partial(self.encoder.images, fmt=fmt, as_json=as_json, columns=steps)

@@ -11,11 +11,14 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import serving
 
 from carvae.preprocess import DecodeLimits, FootprintExceeded, PreprocessPolicy, decode_footprint, prepare
@@ -204,3 +207,32 @@ def test_photos_pass_waiting_bombs_and_a_bomb_waits_no_longer_than_its_deadline(
     assert all(code == "timeout" for status, _, code in results if status == 504)
     assert max(elapsed for _, elapsed, _ in results) < 2 + 3  # the deadline, plus one decode in progress
     assert 'carvae_timeouts_total{stage="decode"} 0.0' not in metrics
+
+
+def _decode_timeouts(client: TestClient) -> float:
+    samples = (s for fam in text_string_to_metric_families(client.get("/metrics").text) for s in fam.samples)
+    return next(
+        s.value for s in samples if s.name == "carvae_timeouts_total" and s.labels["stage"] == "decode"
+    )
+
+
+def test_one_request_whose_two_uploads_run_out_of_time_counts_one_decode_timeout(make_client: Any) -> None:
+    """/interpolate decodes its two uploads side by side: when both waited for the budget past the
+    deadline, each counted a decode timeout, and carvae_timeouts_total said two requests where one got
+    its 504."""
+    client = make_client(DECODE_MEMORY_MB=64, REQUEST_TIMEOUT_S=0.3)
+    budget = client.app.state.pipeline.decode_budget  # type: ignore[attr-defined]
+    budget.held = budget.limit  # another decode holds all the room until the deadline passes
+    bomb = _flat_png(2000, "RGBA")  # 96 MB to decode: over BUDGETED_ABOVE, so it waits for room
+    try:
+        files = {"file_a": ("a.png", bomb, "image/png"), "file_b": ("b.png", bomb, "image/png")}
+        both = client.post("/interpolate", files=files)
+        assert both.status_code == 504 and both.json()["error"]["code"] == "timeout", both.text
+        assert _decode_timeouts(client) == 1
+        one = client.post("/reconstruct", files={"file": ("a.png", bomb, "image/png")})
+        assert one.status_code == 504
+        assert _decode_timeouts(client) == 2
+    finally:
+        budget.held = 0
+    photos = {"file_a": ("a.png", _flat_png(64, "RGB")), "file_b": ("b.png", _flat_png(64, "RGB"))}
+    assert client.post("/interpolate", files=photos).status_code == 200
