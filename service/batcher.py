@@ -200,6 +200,7 @@ class Batcher:
         while self._pending:
             job = self._pending.popleft()
             if not job.future.done():
+                self.observer.rejected("stopping")
                 job.future.set_exception(Overloaded("the service is shutting down"))
         self.observer.queue_depth(0)
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -30,7 +30,12 @@ async def get_settings(request: Request) -> Settings:
 async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None or not request.app.state.ready:
-        raise Overloaded("the model is not loaded yet")
+        # The lifespan builds the pipeline, then sets ready; as it stops, it clears ready (pipeline kept).
+        reason, why = "not_loaded", "the model is not loaded yet"
+        if pipeline is not None:
+            reason, why = "stopping", "the service is stopping"
+        request.app.state.metrics.rejected(reason)
+        raise Overloaded(why)
     return pipeline
 
 

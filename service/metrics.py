@@ -37,7 +37,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Every label value these counters can take, exported at 0 from the start: a counter that appears only
 # after its first event reads as "no such metric" to a dashboard or an alert on rate().
-REJECT_REASONS = ("in_flight", "queue_full", "not_running")
+# not_loaded: a model request before the model is loaded; stopping: one the service's stop refused (a job
+# still queued when the batcher stopped, a request the server cancelled) or that came after it began.
+REJECT_REASONS = ("in_flight", "queue_full", "not_running", "not_loaded", "stopping")
 TIMEOUT_STAGES = ("decode", "queue", "wait")
 # What the server itself refuses or closes before the app sees a request (service.connections).
 SERVER_REFUSALS = (
@@ -99,7 +101,11 @@ class Metrics:
             registry=r,
         )
         self.rejected_total = Counter(
-            "carvae_rejected", "requests refused with 503 (overload)", ["reason"], registry=r
+            "carvae_rejected",
+            "requests refused with 503: overload (in_flight, queue_full), the model worker not running "
+            "(not_running), the model not loaded yet (not_loaded), the service stopping (stopping)",
+            ["reason"],
+            registry=r,
         )
         self.timeouts_total = Counter(
             "carvae_timeouts", "requests answered 504 (deadline passed)", ["stage"], registry=r

@@ -158,6 +158,7 @@ class RequestContextMiddleware:
             # the request's outermost layer, so the cancellation ends here.
             log.warning("request_id=%s cancelled by the server's stop", rid, extra={"request_id": rid})
             if not started:
+                self.metrics.rejected("stopping")
                 response = error_response(
                     503, "unavailable", "the service stopped before this request was answered", rid
                 )

@@ -274,9 +274,11 @@ def test_a_request_cancelled_by_the_stop_gets_a_json_503() -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.disconnect"}
 
+    metrics = Metrics()
+
     async def run() -> None:
         scope = {"type": "http", "method": "POST", "path": "/reconstruct", "headers": []}
-        task = asyncio.create_task(RequestContextMiddleware(stuck, Metrics())(scope, receive, send))
+        task = asyncio.create_task(RequestContextMiddleware(stuck, metrics)(scope, receive, send))
         await asyncio.sleep(0.05)
         task.cancel()
         await task  # does not raise
@@ -285,3 +287,5 @@ def test_a_request_cancelled_by_the_stop_gets_a_json_503() -> None:
     assert sent[0]["status"] == 503
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
     assert body["error"]["code"] == "unavailable"
+    # a 503 of the stop: counted with the service's other refusals
+    assert metrics.registry.get_sample_value("carvae_rejected_total", {"reason": "stopping"}) == 1

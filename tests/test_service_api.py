@@ -299,6 +299,26 @@ def test_readyz_is_503_when_not_ready(client: TestClient) -> None:
 
 
 # -- bad input -------------------------------------------------------------------------------------
+def test_refusals_before_the_model_is_loaded_and_while_stopping_are_counted(client: TestClient) -> None:
+    """Their 503s were in no carvae_rejected_total series: an alert on refusals missed a service that
+    refused everything because it was stopping (or not loaded). Each has its reason, and says which."""
+    state = client.app.state  # type: ignore[attr-defined]
+    pipeline = state.pipeline
+    try:
+        state.ready = False  # as the lifespan's stop leaves it: the pipeline is still there
+        err = assert_error(client.post("/reconstruct", files=upload()), 503, "overloaded")
+        assert "stopping" in err["message"]
+        state.pipeline = None  # as before the lifespan has loaded the model
+        err = assert_error(client.post("/encode", files=upload()), 503, "overloaded")
+        assert "not loaded" in err["message"]
+        assert_error(client.get("/v1/model"), 503, "overloaded")
+    finally:
+        state.pipeline, state.ready = pipeline, True
+    text = client.get("/metrics").text
+    rejected = {s.labels["reason"]: s.value for s in metric_samples(text, "carvae_rejected_total")}
+    assert rejected == {"in_flight": 0, "queue_full": 0, "not_running": 0, "not_loaded": 2, "stopping": 1}
+
+
 def test_upload_errors(client: TestClient) -> None:
     assert_error(client.post("/reconstruct", files=upload(b"")), 400, "empty_file")
     assert_error(client.post("/reconstruct"), 422, "missing_field")
@@ -773,7 +793,7 @@ def test_refusal_and_timeout_counters_exist_at_zero_before_any_event(service_che
         text = fresh.get("/metrics").text
     rejected = {s.labels["reason"]: s.value for s in metric_samples(text, "carvae_rejected_total")}
     timeouts = {s.labels["stage"]: s.value for s in metric_samples(text, "carvae_timeouts_total")}
-    assert rejected == {"in_flight": 0, "queue_full": 0, "not_running": 0}
+    assert rejected == {"in_flight": 0, "queue_full": 0, "not_running": 0, "not_loaded": 0, "stopping": 0}
     assert timeouts == {"decode": 0, "queue": 0, "wait": 0}
 
 

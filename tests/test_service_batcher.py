@@ -324,6 +324,41 @@ def test_stop_drains_queued_jobs_and_then_refuses() -> None:
     run(scenario)
 
 
+def test_jobs_still_queued_when_the_stop_gives_up_are_refused_and_counted() -> None:
+    rec = Recorder()
+    rec.gate.clear()
+    refused: list[str] = []
+
+    class Observer:
+        def queue_depth(self, depth: int) -> None:
+            pass
+
+        def batch(self, op: str, rows: int, wait: float, waits: Any, compute_s: float) -> None:
+            pass
+
+        def rejected(self, reason: str) -> None:
+            refused.append(reason)
+
+        def timed_out(self, stage: str) -> None:
+            pass
+
+    async def scenario() -> None:
+        b = await started({"x": rec}, max_batch_size=1, observer=Observer())
+        running = asyncio.ensure_future(b.submit("x", 0))
+        await asyncio.sleep(0.05)  # in the handler, blocked
+        queued = [asyncio.ensure_future(b.submit("x", i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        await b.stop(drain_timeout_s=0.1)
+        rec.gate.set()
+        for job in queued:
+            with pytest.raises(Overloaded, match="shutting down"):
+                await job
+        running.cancel()
+
+    run(scenario)
+    assert refused == ["stopping", "stopping"]
+
+
 def test_unknown_op_is_a_programming_error() -> None:
     async def scenario() -> None:
         b = await started({"x": Recorder()})
