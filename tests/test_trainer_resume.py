@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from carvae.checkpoint import load_checkpoint
 from trainer.__main__ import main
+from trainer.cli import duration
 from trainer.state import load_state, read_metrics
 
 TINY = "--data synthetic --synthetic-count 64 --image-size 16 --channels 8,16 --latent-dim 8 --batch-size 16"
@@ -88,12 +90,20 @@ def test_resume_of_a_run_whose_budget_is_spent_says_so(tmp_path: Path, capsys) -
     # A larger --epochs alone cannot extend it: the stored budget is spent.
     assert main(["--resume", str(out), "--epochs", "5", "--no-progress"]) == 0
     assert len(read_metrics(out)) == 1
-    assert "nothing to train: the --max-minutes budget (1e-05 min) is spent after 1 epochs" in (
-        capsys.readouterr().out
-    )
+    said = capsys.readouterr().out
+    assert "nothing to train: the --max-minutes budget (1e-05 min) is spent after 1 epochs" in said
+    # A second of training is said in seconds: "(0.0 min of training)" read as "nothing happened".
+    assert re.search(r"after 1 epochs \(\d+\.\d s of training\)", said), said
     assert main(["--resume", str(out), "--max-minutes", "1000", "--no-progress"]) == 0
     assert "nothing to train" not in capsys.readouterr().out
     assert len(read_metrics(out)) == 5
+
+
+@pytest.mark.parametrize(
+    ("seconds", "said"), [(0.04, "0.0 s"), (3.26, "3.3 s"), (41.4, "41 s"), (59.6, "60 s"), (150, "2.5 min")]
+)
+def test_durations_are_said_in_seconds_below_a_minute(seconds: float, said: str) -> None:
+    assert duration(seconds) == said
 
 
 @pytest.mark.slow

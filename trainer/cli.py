@@ -31,6 +31,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def duration(seconds: float) -> str:
+    """A measured time for a log line: seconds up to a minute, minutes beyond. "0.0 min" for a short run
+    read as "nothing happened"."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
 def bar_interval() -> float:
     """Seconds between a progress bar's redraws: smooth on a terminal; in a log file (Docker, CI) every
     redraw is a line, so rarely there."""

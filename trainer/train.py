@@ -30,7 +30,7 @@ from carvae.losses import RECIPES, psnr, vae_loss
 from carvae.model import VAE, VAEConfig
 from carvae.preprocess import RESIZE_POLICIES, PreprocessPolicy
 from trainer import distributed, plots
-from trainer.cli import bar_interval
+from trainer.cli import bar_interval, duration
 from trainer.data import (
     DataError,
     Dataset,
@@ -666,11 +666,11 @@ class _Run:
         spent = self.resume and p.epochs_done >= p.planned_epochs and p.epochs_done < cfg.epochs
         if spent and self.info.is_main:
             log.warning(
-                "nothing to train: the --max-minutes budget (%g min) is spent after %d epochs (%.1f min of "
+                "nothing to train: the --max-minutes budget (%g min) is spent after %d epochs (%s of "
                 "training); pass a larger --max-minutes to extend the run",
                 cfg.max_minutes,
                 p.epochs_done,
-                p.elapsed_s / 60,
+                duration(p.elapsed_s),
             )
         elif self.resume and p.epochs_done >= cfg.epochs and self.info.is_main:
             # Resuming a finished run only re-writes its files; said so, the missing --epochs is obvious.
