@@ -416,7 +416,7 @@ def test_read_only_output_folder_is_one_error_line_and_exit_2(tmp_path: Path, mo
     assert main(["--smoke", "--out", str(out), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot write") and "Read-only file system" in err and "\n" not in err
-    assert not any(out.iterdir())
+    assert not out.exists()  # created by this run and left empty: removed
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
@@ -483,7 +483,39 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args: list[s
     assert main([a.replace("{tmp}", str(tmp_path)) for a in args] + FAST) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+@pytest.mark.parametrize("data", ["missing", "no-images"])
+def test_a_failed_start_leaves_no_run_folder_it_created(tmp_path: Path, capsys, data: str) -> None:
+    """A fresh --out (and the folders above it that it needed) is gone after a failed start: `ls runs/`
+    and the next --if-missing or --resume saw an empty run that never was."""
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "notes.txt").write_text("not a photo")
+    out = tmp_path / "runs" / "new" / "run"
+    args = [a for a in TINY if a not in ("--synthetic-count", "24")]
+    args[args.index("synthetic")] = str(tmp_path / data)
+    assert main([*args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("held", [[], ["notes.txt"], ["sub/keep.txt"]])
+def test_a_failed_start_leaves_a_folder_that_was_there_as_it_was(
+    tmp_path: Path, capsys, held: list[str]
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in held:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("the user's")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    args = [a for a in TINY if a not in ("--synthetic-count", "24")]
+    args[args.index("synthetic")] = str(tmp_path / "missing")
+    assert main([*args, "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert out.is_dir() and sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+    assert all((out / name).read_text() == "the user's" for name in held)
 
 
 def test_resume_refuses_to_change_what_is_trained(

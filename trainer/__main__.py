@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         default=None,
         metavar="RUN_DIR",
-        help="run folder, created if needed; inside --data it is left out of the photos, and it cannot be "
-        "--data itself (default: none; required unless --resume)",
+        help="run folder, created if needed (and removed again if a failed start leaves it empty); inside "
+        "--data it is left out of the photos, and it cannot be --data itself (default: none; required "
+        "unless --resume)",
     )
     io.add_argument(
         "--synthetic-count",
@@ -416,9 +417,43 @@ def _stop_like_ctrl_c(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _missing_folders(path: str | None) -> list[Path]:
+    """`path` and those of its parent folders that do not exist yet, deepest first."""
+    if not path or not path.strip():
+        return []
+    missing = []
+    for folder in (Path(path).absolute(), *Path(path).absolute().parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove the run folders this invocation created, deepest first, where a failed start left them
+    empty: `ls runs/` and the next --if-missing or --resume saw a run that never was. rmdir removes only
+    an empty folder, so nothing anyone put there is lost."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or not ours to remove): neither are the folders above it
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    created = _missing_folders(args.resume or args.out)
+    status = 1
+    try:
+        status = _main(args, argv)
+        return status
+    finally:
+        if status != 0:
+            _remove_if_empty(created)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     # `docker stop`, Kubernetes and batch schedulers stop with SIGTERM: end the way Ctrl-C does (status 130,
     # the last completed epoch resumable) instead of dying mid-line — and as a container's PID 1 without
     # an init, Python would not stop at all on a signal it has no handler for.
