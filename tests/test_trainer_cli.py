@@ -174,12 +174,11 @@ def test_evaluate_diagnostics_pca_curve_and_refined_latent(smoke_run: tuple[Path
         result["psnr"]["mean"], abs=1e-4
     )
 
-    for bad in (["--pca-k", "0"], ["--pca-k", "a,b"]):
+    for bad in (["--pca-k", "0"], ["--pca-k", "a,b"], ["--refine-steps", "-1"]):
         with pytest.raises(SystemExit) as exc:
             evaluate_mod.main([*ckpt, *bad])
         assert exc.value.code == 2
-    assert evaluate_mod.main([*ckpt, "--refine-steps", "-1"]) == 2
-    assert "--refine-steps" in capsys.readouterr().err
+        assert f"argument {bad[0]}:" in capsys.readouterr().err
 
 
 def test_refine_latents_leaves_the_model_as_it_was(smoke_run: tuple[Path, str]) -> None:
@@ -674,11 +673,43 @@ def test_the_runs_own_folder_inside_the_data_is_never_training_data(tmp_path: Pa
     assert json.loads(capsys.readouterr().out)["data"]["matches_training"]
 
 
-def test_evaluate_refuses_a_batch_size_below_1(tiny_checkpoint: Path, capsys) -> None:
-    for bad in ("0", "-1"):
-        args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--batch-size", bad]
-        assert evaluate_mod.main(args) == 2
-        assert capsys.readouterr().err == "error: --batch-size must be >= 1\n"
+def _usage_error(run: Any, args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The stderr of a command that refused its arguments the way argparse does: exit 2, usage line."""
+    with pytest.raises(SystemExit) as e:
+        run(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m trainer") and "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "low"), [("--batch-size", 1), ("--limit", 1), ("--workers", 1), ("--refine-steps", 0)]
+)
+def test_evaluate_refuses_a_count_below_its_minimum(
+    tiny_checkpoint: Path, capsys, flag: str, low: int
+) -> None:
+    for bad in (str(low - 1), "-5"):
+        args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--no-pca", flag, bad]
+        line = _usage_error(evaluate_mod.main, args, capsys)
+        said = f"argument {flag}: expected an integer >= {low}, got '{bad}'"
+        assert line == f"python -m trainer.evaluate: error: {said}"
+
+
+def test_workers_means_the_same_in_both_commands(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
+    """--workers 0 was refused by the trainer (one line naming no flag) and accepted by evaluate (it
+    decoded in-process, as 1 does). Both refuse it now, alike, and say what 1 means."""
+    trainer_line = _usage_error(main, ["--smoke", "--out", str(tmp_path / "run"), "--workers", "0"], capsys)
+    assert trainer_line == "python -m trainer: error: argument --workers: expected an integer >= 1, got '0'"
+    assert not (tmp_path / "run").exists()
+    evaluate_args = ["--checkpoint", str(tiny_checkpoint), "--data", "synthetic", "--workers", "0"]
+    evaluate_line = _usage_error(evaluate_mod.main, evaluate_args, capsys)
+    assert evaluate_line.split(": ", 1)[1] == trainer_line.split(": ", 1)[1]
+    helps = [
+        next(a.help for a in parser._actions if a.dest == "workers")
+        for parser in (build_parser(), evaluate_mod.build_parser())
+    ]
+    assert helps[0] == helps[1] and "1: decode in this process" in helps[0]
 
 
 @pytest.mark.parametrize("flag", ["--data", "--cache-dir", "--checkpoint"])

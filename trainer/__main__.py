@@ -21,7 +21,7 @@ from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError
 from carvae.losses import RECIPES
 from carvae.preprocess import RESIZE_POLICIES
-from trainer.cli import HelpFormatter, refuse_empty_paths, setup_logging
+from trainer.cli import WORKERS_HELP, HelpFormatter, int_at_least, refuse_empty_paths, setup_logging
 from trainer.data import AUGMENTATIONS, CACHE_IDLE_S, CACHE_KEEP, DataError, data_fingerprint
 from trainer.distributed import PRECISIONS, exit_process
 from trainer.schedule import LR_SCHEDULES
@@ -123,12 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "delete the folder to clear it, it is rebuilt as needed (default: RUN_DIR/../.cache, shared by the "
         "runs beside RUN_DIR)",
     )
-    io.add_argument(
-        "--workers",
-        type=int,
-        default=d.workers,
-        help="processes decoding images on the first load (default: the CPU count, at most 8)",
-    )
+    io.add_argument("--workers", type=int_at_least(1), default=d.workers, help=WORKERS_HELP)
 
     m = p.add_argument_group("model")
     m.add_argument("--latent-dim", type=int, default=d.latent_dim, help="latent size")

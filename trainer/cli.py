@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from tqdm import tqdm
 
@@ -19,6 +20,29 @@ def refuse_empty_paths(args: argparse.Namespace, names: tuple[str, ...]) -> None
         value = getattr(args, name)
         if value is not None and not value.strip():
             raise ValueError(f"--{name.replace('_', '-')} must not be empty")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type` for an integer flag of `low` or more: a value below is refused the way argparse
+    refuses a non-number (usage line, the flag named, exit 2), before any work is done."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+# Both commands decode with the same loader and say the same about it: 1 is "in this process"; 0 meant
+# nothing more (the loader only starts a pool above 1) and was accepted by one command, refused by the other.
+WORKERS_HELP = (
+    "processes decoding images (1: decode in this process, no pool; default: the CPU count, at most 8)"
+)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -35,7 +35,7 @@ from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError, pick_device
 from carvae.losses import psnr, ssim
 from carvae.model import VAE
-from trainer.cli import HelpFormatter, refuse_empty_paths, setup_logging
+from trainer.cli import WORKERS_HELP, HelpFormatter, int_at_least, refuse_empty_paths, setup_logging
 from trainer.data import (
     DataError,
     Dataset,
@@ -293,15 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="val",
         help="val = the checkpoint's recorded validation split (when --data is its training data)",
     )
-    p.add_argument("--limit", type=int, default=None, help="score at most this many images (default: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     p.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        help="processes decoding images (default: the CPU count, at most 8)",
+        "--limit", type=int_at_least(1), default=None, help="score at most this many images (default: all)"
     )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int_at_least(1), default=default_workers(), help=WORKERS_HELP)
     p.add_argument(
         "--cache-dir",
         default=None,
@@ -318,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--refine-steps",
-        type=int,
+        type=int_at_least(0),
         default=0,
         metavar="N",
         help="also optimise each image's latent for N Adam steps against the image, decoder fixed "
@@ -343,15 +340,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         refuse_empty_paths(args, ("checkpoint", "data", "cache_dir"))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.limit is not None and args.limit < 1:
-        print("error: --limit must be >= 1", file=sys.stderr)
-        return 2
-    if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    if args.refine_steps < 0:
-        print("error: --refine-steps must be >= 0", file=sys.stderr)
         return 2
     setup_logging("stderr")  # stdout carries only the JSON
     try:
