@@ -8,6 +8,7 @@ which the service's dynamic batching relies on.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -16,6 +17,18 @@ from torch import nn
 
 ARCHITECTURE = "carvae-resconv-v1"
 PRIOR_BUFFERS = ("prior_loc", "prior_scale_tril", "prior_whiten")
+
+
+class ConfigError(ValueError):
+    """A configuration that is refused, naming the settings at fault: `template` refers to each of
+    `fields` as {field}, so a command line can name its flags where str() names the fields."""
+
+    def __init__(self, template: str, *fields: str) -> None:
+        self.template, self.fields = template, fields
+        super().__init__(self.describe(str))
+
+    def describe(self, name: Callable[[str], str]) -> str:
+        return self.template.format(**{f: name(f) for f in self.fields})
 
 
 @dataclass(frozen=True)
@@ -33,17 +46,26 @@ class VAEConfig:
     architecture: str = ARCHITECTURE
 
     def __post_init__(self) -> None:
-        if self.image_size < 8 or self.image_size & (self.image_size - 1):
-            raise ValueError(f"image_size must be a power of two >= 8, got {self.image_size}")
+        size, g = self.image_size, self.latent_grid
+        if size < 8 or size & (size - 1):
+            raise ConfigError(f"{{image_size}} must be a power of two >= 8, got {size}", "image_size")
         if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+            raise ConfigError(f"{{latent_dim}} must be >= 1, got {self.latent_dim}", "latent_dim")
         if not self.channels or any(c < 8 or c % 8 for c in self.channels):
-            raise ValueError(f"channels must be multiples of 8, got {self.channels}")
-        g = self.latent_grid
-        if g != 1 and (g < 4 or g & (g - 1) or g > self.image_size // 4):
-            raise ValueError(f"latent_grid must be 1 or a power of two from 4 to image_size/4, got {g}")
+            raise ConfigError(f"{{channels}} must be multiples of 8, got {self.channels}", "channels")
+        if g != 1 and (g < 4 or g & (g - 1) or g > size // 4):
+            raise ConfigError(
+                f"{{latent_grid}} must be 1 or a power of two from 4 to {{image_size}}/4 ({size // 4} at "
+                f"{size} px), got {g}",
+                "latent_grid",
+                "image_size",
+            )
         if self.latent_dim % (g * g):
-            raise ValueError(f"latent_dim {self.latent_dim} is not a multiple of latent_grid² = {g * g}")
+            raise ConfigError(
+                f"{{latent_dim}} {self.latent_dim} is not a multiple of {{latent_grid}}² = {g * g}",
+                "latent_dim",
+                "latent_grid",
+            )
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
 
     @property

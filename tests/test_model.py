@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from carvae.model import VAE, VAEConfig
+from carvae.model import VAE, ConfigError, VAEConfig
 
 
 def tiny(size: int = 32, latent: int = 8) -> VAE:
@@ -85,22 +85,25 @@ def test_sampling_is_seeded_and_temperature_scales_the_prior() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "at_fault"),
     [
-        {"image_size": 48},
-        {"image_size": 4},
-        {"latent_dim": 0},
-        {"channels": (12, 16)},
-        {"channels": ()},
-        {"latent_grid": 2},  # grids start at 4×4
-        {"latent_grid": 6},  # not a power of two
-        {"latent_grid": 32},  # finer than image_size / 4
-        {"latent_grid": 8, "latent_dim": 100},  # 100 values do not fill an 8×8 map
+        ({"image_size": 48}, {"image_size"}),
+        ({"image_size": 4}, {"image_size"}),
+        ({"latent_dim": 0}, {"latent_dim"}),
+        ({"channels": (12, 16)}, {"channels"}),
+        ({"channels": ()}, {"channels"}),
+        ({"latent_grid": 2}, {"latent_grid", "image_size"}),  # grids start at 4×4
+        ({"latent_grid": 6}, {"latent_grid", "image_size"}),  # not a power of two
+        ({"latent_grid": 32}, {"latent_grid", "image_size"}),  # finer than image_size / 4
+        ({"latent_grid": 8, "latent_dim": 100}, {"latent_dim", "latent_grid"}),  # 100 do not fill 8×8
     ],
 )
-def test_invalid_configs_are_refused(kwargs: dict) -> None:
-    with pytest.raises(ValueError):
+def test_invalid_configs_are_refused_naming_the_fields_at_fault(kwargs: dict, at_fault: set[str]) -> None:
+    with pytest.raises(ConfigError) as e:
         VAEConfig(**kwargs)
+    # the fields, so that a command line can name its flags; str() names them as fields
+    assert set(e.value.fields) == at_fault and all(f in str(e.value) for f in at_fault)
+    assert all(f"<{f}>" in e.value.describe(lambda name: f"<{name}>") for f in at_fault)
 
 
 def test_config_round_trip_and_level_channels() -> None:

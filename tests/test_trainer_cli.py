@@ -453,11 +453,6 @@ def test_full_disk_mid_run_keeps_every_file_whole(tmp_path: Path, monkeypatch, c
     [
         (["--data", "{tmp}/missing", "--out", "{tmp}/run"], "does not exist"),
         (["--out", "{tmp}/run"], "--data and --out are required"),
-        (
-            ["--data", "synthetic", "--out", "{tmp}/run", "--channels", "12,16"],
-            "channels must be multiples of 8",
-        ),
-        (["--data", "synthetic", "--out", "{tmp}/run", "--image-size", "48"], "power of two"),
         (["--data", "synthetic", "--out", "{tmp}/run", "--augment", "rotate"], "unknown augmentation"),
         (["--data", "synthetic", "--out", "{tmp}/run", "--device", "tpu"], "unknown device"),
         (["--resume", "{tmp}/nothing"], "not a run folder"),
@@ -469,7 +464,6 @@ def test_full_disk_mid_run_keeps_every_file_whole(tmp_path: Path, monkeypatch, c
         (["--smoke", "--out", "{tmp}/run", "--beta", "inf"], "must be finite"),
         (["--smoke", "--out", "{tmp}/run", "--kl-warmup-epochs", "inf"], "must be finite"),
         (["--smoke", "--out", "{tmp}/run", "--grad-clip", "inf"], "must be finite"),
-        (["--smoke", "--out", "{tmp}/run", "--blocks-per-level", "-1"], "blocks per level must be >= 0"),
         (["--smoke", "--out", "{tmp}/run", "--warmup-steps", "-1"], "warm-up steps must be >= 0"),
         (["--smoke", "--out", "{tmp}/run", "--lr-step-epoch", "-1"], "lr step epoch must be >= 0"),
         (["--smoke", "--out", ""], "--out must not be empty"),
@@ -483,6 +477,56 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args: list[s
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not (tmp_path / "run").exists()  # nothing written, not even the folder
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # the synthetic cars are drawn at 16 px or more: said as a flag error, not "size must be …"
+        (
+            ["--data", "synthetic", "--image-size", "8"],
+            "--image-size must be from 16 to 1024 with --data synthetic",
+        ),
+        (["--smoke", "--image-size", "8"], "--image-size must be from 16 to 1024 with --data synthetic"),
+        (["--data", "synthetic", "--image-size", "48"], "--image-size must be a power of two >= 8, got 48"),
+        (["--data", "synthetic", "--channels", "12,16"], "--channels must be multiples of 8, got (12, 16)"),
+        (
+            ["--smoke", "--latent-grid", "4", "--latent-dim", "12"],
+            "--latent-dim 12 is not a multiple of --latent-grid² = 16",
+        ),
+        (
+            ["--smoke", "--latent-grid", "32"],
+            "--latent-grid must be 1 or a power of two from 4 to --image-size/4 (16 at 64 px), got 32",
+        ),
+        (
+            ["--smoke", "--latent-grid", "6", "--image-size", "128"],
+            "from 4 to --image-size/4 (32 at 128 px), got 6",
+        ),
+        (["--smoke", "--latent-dim", "0"], "argument --latent-dim: expected an integer >= 1, got '0'"),
+        (["--smoke", "--latent-grid", "0"], "argument --latent-grid: expected an integer >= 1, got '0'"),
+        (
+            ["--smoke", "--blocks-per-level", "-1"],
+            "argument --blocks-per-level: expected an integer >= 0, got '-1'",
+        ),
+    ],
+)
+def test_a_model_shape_the_model_refuses_is_a_flag_error(
+    tmp_path: Path, capsys, args: list[str], message: str
+) -> None:
+    """Errors named fields (latent_grid) or none at all (`--image-size 8` with synthetic data said "size
+    must be an integer in [16, 1024]"): they are argparse errors naming the flags and the allowed values."""
+    line = _usage_error(main, [*args, "--out", str(tmp_path / "run"), *FAST], capsys)
+    assert line.startswith("python -m trainer: error: ") and message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_shape_change_on_resume_is_named_by_its_flag(
+    smoke_run: tuple[Path, str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    line = _usage_error(main, ["--resume", str(out), "--image-size", "8", *FAST], capsys)
+    assert "--image-size must be from 16 to 1024 with --data synthetic" in line
 
 
 @pytest.mark.parametrize("data", ["missing", "no-images"])

@@ -17,9 +17,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from carvae import synthetic
 from carvae.checkpoint import CheckpointError, load_checkpoint
 from carvae.device import DeviceError
 from carvae.losses import RECIPES
+from carvae.model import ConfigError
 from carvae.preprocess import RESIZE_POLICIES
 from trainer.cli import WORKERS_HELP, HelpFormatter, int_at_least, refuse_empty_paths, setup_logging
 from trainer.data import AUGMENTATIONS, CACHE_IDLE_S, CACHE_KEEP, DataError, data_fingerprint
@@ -97,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=int,
         default=d.image_size,
-        help="square training size in pixels (a power of two; 64 and 128 are the tested settings)",
+        help=f"square training size in pixels (a power of two >= 8, from {synthetic.MIN_SIZE} to "
+        f"{synthetic.MAX_SIZE} with --data synthetic; 64 "
+        "and 128 are the tested settings)",
     )
     io.add_argument(
         "--resize-policy",
@@ -126,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--workers", type=int_at_least(1), default=d.workers, help=WORKERS_HELP)
 
     m = p.add_argument_group("model")
-    m.add_argument("--latent-dim", type=int, default=d.latent_dim, help="latent size")
+    m.add_argument("--latent-dim", type=int_at_least(1), default=d.latent_dim, help="latent size")
     m.add_argument(
         "--channels",
         type=_channels,
@@ -134,11 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="channels per resolution level, from size/2 down to 4×4 (stretched/cut to fit)",
     )
     m.add_argument(
-        "--blocks-per-level", type=int, default=d.blocks_per_level, help="residual blocks per level"
+        "--blocks-per-level",
+        type=int_at_least(0),
+        default=d.blocks_per_level,
+        help="residual blocks per level",
     )
     m.add_argument(
         "--latent-grid",
-        type=int,
+        type=int_at_least(1),
         default=d.latent_grid,
         help="1: the latent is one vector (fully connected bottleneck from 4×4); G (4, 8, …): a G×G map of "
         "latent-dim/G² channels reached by convolutions (the encoder stops at G×G)",
@@ -441,14 +448,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     created = _missing_folders(args.resume or args.out)
     status = 1
     try:
-        status = _main(args, argv)
+        status = _main(parser, args, argv)
         return status
     finally:
         if status != 0:
             _remove_if_empty(created)
 
 
-def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     # `docker stop`, Kubernetes and batch schedulers stop with SIGTERM: end the way Ctrl-C does (status 130,
     # the last completed epoch resumable) instead of dying mid-line — and as a container's PID 1 without
     # an init, Python would not stop at all on a signal it has no handler for.
@@ -476,6 +487,10 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             log.info("training (--if-missing: %s)", why)
         train(cfg, resume=args.resume is not None, overwrite=overwrite)
         return 0
+    except ConfigError as e:
+        # Flag values the model refuses, alone or together: reported as argparse reports a bad value,
+        # worded with the flags (a field name such as latent_grid is not what the user typed).
+        parser.error(e.describe(_flag))
     except (OutputError, DataError, ResumeError, DeviceError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
