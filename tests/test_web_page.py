@@ -399,7 +399,7 @@ def test_the_model_card_labels_the_training_record_and_shows_each_fact_once(
             **{"epochs": 40, "lr": 0.002, "lr_schedule": "cosine", "warmup_steps": 100, "ema": 0.999},
             **{"val_fraction": 0.1, "resize_policy": "stretch", "augment": ["hflip"], "prior": "fitted"},
         },
-        "data": {"source": "folder", "files": 120, "count": 118, "skipped": 2, "fingerprint": "abc123"},
+        "data": {"source": "synthetic", "count": 118, "skipped": 0, "seed": 0, "fingerprint": "abc123"},
         "split": {"seed": 0, "val_fraction": 0.1, "train": 106, "val": 12, "val_hash": "def456"},
         **settings,
         "prior": "fitted",
@@ -415,7 +415,9 @@ def test_the_model_card_labels_the_training_record_and_shows_each_fact_once(
             "planned_epochs": 40,
         },
         "train_seconds": 812.4,
+        "device": "cuda:0",
         "val_lpips": 0.21,  # a key the page has no label for
+        "constructor": 1,  # and one that is also a name every JavaScript object has
     }
     checkpoint = tmp_path / "trained.safetensors"
     torch.manual_seed(0)
@@ -451,7 +453,12 @@ def test_the_model_card_labels_the_training_record_and_shows_each_fact_once(
     # Each fact once: the signature adds only what the card does not already say (here the EMA decay and
     # the channels), under "Settings".
     for label in ("Learning rate", "Seed", "Recipe", "Batch size", "Augmentation", "Prior", "Warm-up steps"):
-        assert labels.count(label) == 1 + (label == "Seed"), label  # and the split's own seed
+        assert labels.count(label) == 1, label
+    # The run's seed, the split's and the synthetic data's were all "Seed"; the device the run trained on
+    # was "Device", as is the one the service runs on (the card's first part).
+    assert labels.count("Split seed") == 1 and labels.count("Data seed") == 1
+    assert values["Training device"] == "cuda:0" and "Device" not in labels
+    assert values["Constructor"] == "1"
     assert labels.count("EMA") == 1 and values["EMA"] == "0.999"
     assert values["Channels per level"] == "8, 16, 16"
     assert "Settings" in labels

@@ -64,9 +64,17 @@ const LABELS = {
   blocks_per_level: ["Blocks per level"],
   latent_grid: ["Latent grid"],
   resize_policy: ["Resize policy"],
-  device: ["Device"],
+  // Where the run trained; the card's "Device" above is where this service runs the model now.
+  device: ["Training device"],
   torch_version: ["PyTorch version"],
   finished_at: ["Finished at"],
+};
+
+// Keys that mean another thing inside one part of the record, by the key of that part: the run's seed,
+// the split's (train/data.py Split.describe) and the synthetic data's were all "Seed" on the one card.
+const LABELS_IN = {
+  split: { seed: ["Split seed"] },
+  data: { seed: ["Data seed"] },
 };
 
 // For keys a newer trainer (or another tool) writes: whole words that are abbreviations read as such, so
@@ -78,15 +86,21 @@ const WORDS = {
 const UNIT_SUFFIXES = [[/(^|_)psnr$/, "dB"], [/_(seconds|s)$/, "s"], [/_minutes$/, "min"]];
 
 const isRecord = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
+// A table's entry for a key of the record, and not what every object has ("constructor", "toString").
+const own = (table, key) => (table && Object.hasOwn(table, key) ? table[key] : undefined);
 
 function humanize(key) {
-  const words = String(key).split(/[_\s]+/).filter(Boolean).map((w) => WORDS[w.toLowerCase()] || w).join(" ");
+  const words = String(key)
+    .split(/[_\s]+/)
+    .filter(Boolean)
+    .map((w) => own(WORDS, w.toLowerCase()) || w)
+    .join(" ");
   return words.charAt(0).toUpperCase() + words.slice(1);
 }
 
-/** [label, unit or null] for a key of the record. */
-function describeKey(key) {
-  const known = LABELS[key];
+/** [label, unit or null] for a key of the record, inside the part of it under `parent` (if any). */
+function describeKey(key, parent) {
+  const known = own(own(LABELS_IN, parent), key) || own(LABELS, key);
   if (known) return [known[0], known[1] || null];
   const suffix = UNIT_SUFFIXES.find(([re]) => re.test(String(key).toLowerCase()));
   return [humanize(key), suffix ? suffix[1] : null];
@@ -108,17 +122,17 @@ export function formatValue(v) {
   return s.length > 96 ? `${s.slice(0, 93)}…` : s;
 }
 
-function definitionList(entries, depth = 0) {
+function definitionList(entries, depth = 0, parent = null) {
   const dl = document.createElement("dl");
   for (const [key, value] of entries) {
-    const [label, unit] = describeKey(key);
+    const [label, unit] = describeKey(key, parent);
     const dt = document.createElement("dt");
     dt.textContent = label;
     const dd = document.createElement("dd");
     if (isRecord(value) && depth < MAX_DEPTH) {
       const inner = Object.entries(value);
       dd.className = "nested";
-      if (inner.length) dd.append(definitionList(inner, depth + 1));
+      if (inner.length) dd.append(definitionList(inner, depth + 1, key));
       else dd.textContent = "–";
     } else {
       dd.textContent = isRecord(value)
