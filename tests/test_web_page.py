@@ -677,6 +677,64 @@ def test_changing_a_car_marks_the_frames_as_the_previous_pairs(
     assert looks_previous("red-car.png", "green-car.png")
 
 
+def test_the_previous_pairs_frames_cannot_be_played_until_the_new_ones_come(
+    page: Any, photos: dict[str, Path], tmp_path: Path
+) -> None:
+    # Dimmed and labelled as the previous pair's once car B was changed, the frames still played at a press
+    # of Play (or moved with the frame slider or a frame of the strip), as if they were the answer.
+    from selenium.webdriver.common.keys import Keys
+
+    green = car_photo(tmp_path / "green-car.png", (40, 160, 60))
+    reason = "These are the previous pair's frames: press Interpolate for the cars chosen now"
+
+    def controls() -> list[Any]:
+        strip = page.find_elements("css selector", "#strip button")
+        return [by_id(page, "play"), by_id(page, "frame"), *strip]
+
+    def disabled_for_a_screen_reader(element_id: str) -> bool:
+        props = {p["name"]: p["value"].get("value") for p in ax_node(page, element_id).get("properties", [])}
+        return props.get("disabled") is True
+
+    def focused() -> str:
+        return str(page.execute_script("return document.activeElement.id"))
+
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "from “red-car.png” to “blue-car.png”" in msg.text)
+    play = by_id(page, "play")
+    if play.get_attribute("data-playing") == "true":
+        play.click()  # the player starts by itself unless reduced motion is asked for
+    assert focused() == "play" and all(c.is_enabled() for c in controls())
+
+    # Dropped with the mouse, so the keyboard focus is still on Play.
+    drop_on(page, "drop-b", png=green)
+    wait_for(page, lambda d: by_id(d, "interp-stale").is_displayed())
+    assert not [c for c in controls() if c.is_enabled()]
+    assert disabled_reason(page, "play") == (reason, reason)
+    assert disabled_reason(page, "frame") == (reason, reason)
+    assert disabled_for_a_screen_reader("play") and disabled_for_a_screen_reader("frame")
+    # On to what the note says to press, not dropped to the page's start.
+    assert focused() == "interp-btn"
+    shown = src_of(page, "frame-img")
+    page.execute_script("arguments[0].click()", play)
+    page.execute_script("return new Promise((r) => setTimeout(r, 500))")
+    assert play.get_attribute("data-playing") == "false" and src_of(page, "frame-img") == shown
+    screenshot(page, "web-interpolate-previous-pair-disabled")
+
+    page.switch_to.active_element.send_keys(Keys.ENTER)
+    wait_for(page, lambda d: "from “red-car.png” to “green-car.png”" in msg.text)
+    assert all(c.is_enabled() for c in controls())
+    assert disabled_reason(page, "play") == ("", "") and disabled_reason(page, "frame") == ("", "")
+    assert not disabled_for_a_screen_reader("play")
+    if play.get_attribute("data-playing") == "true":
+        play.click()
+    shown = src_of(page, "frame-img")
+    play.click()
+    wait_for(page, lambda d: src_of(d, "frame-img") != shown)  # the new pair plays
+
+
 def test_a_failed_interpolation_names_the_car_the_service_could_not_use(
     page: Any, photos: dict[str, Path]
 ) -> None:

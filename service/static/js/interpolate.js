@@ -19,6 +19,8 @@ export function createInterpolator(els) {
   // Once car A or B is changed, the frames shown are of the previous pair: stopped, dimmed and labelled
   // so (to a screen reader by their text alternatives) until the visitor interpolates again, as the
   // explorer does with an image it could not replace. Not removed: nothing failed, and they stay to compare.
+  // Their controls are disabled meanwhile, saying why: Play (or the slider, or a frame of the strip) set the
+  // previous pair moving again as if it were the answer.
   const isStale = () => pair !== null && (pair.a !== files.a || pair.b !== files.b);
   function markStale() {
     const stale = isStale();
@@ -29,6 +31,12 @@ export function createInterpolator(els) {
       const names = `“${pair.a.name}” and “${pair.b.name}”`;
       els.stale.textContent = `Frames of the previous pair, ${names}: press Interpolate for the cars chosen now.`;
     }
+    const controls = [els.play, els.slider, ...els.strip.querySelectorAll("button")];
+    // A control disabled with the keyboard focus on it drops the focus to the page's start (a car dropped
+    // with the mouse leaves it where it was); it goes on to what the note says to press instead.
+    if (stale && controls.includes(document.activeElement)) els.button.focus();
+    const reason = stale ? "These are the previous pair's frames: press Interpolate for the cars chosen now" : "";
+    for (const control of controls) allowButton(control, reason);
     const label = stale ? `Frames of the previous pair, ${pair.a.name} to ${pair.b.name}` : stripLabel;
     els.strip.setAttribute("aria-label", label);
     if (frames.length) show(current);
