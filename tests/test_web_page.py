@@ -735,6 +735,21 @@ def test_the_previous_pairs_frames_cannot_be_played_until_the_new_ones_come(
     wait_for(page, lambda d: src_of(d, "frame-img") != shown)  # the new pair plays
 
 
+def test_choosing_the_same_photo_again_keeps_the_frames_current(page: Any, photos: dict[str, Path]) -> None:
+    # The same file chosen again (a second look in the file dialog) marked its own frames as "the previous
+    # pair, “red-car.png” and “blue-car.png”", beside a car A and car B of those very names.
+    upload(page, "file-a", photos["red"])
+    upload(page, "file-b", photos["blue"])
+    by_id(page, "interp-btn").click()
+    msg = by_id(page, "interp-msg")
+    wait_for(page, lambda d: "from “red-car.png” to “blue-car.png”" in msg.text)
+    upload(page, "file-b", photos["blue"])
+    assert by_id(page, "name-b").text == "blue-car.png"
+    assert not by_id(page, "interp-stale").is_displayed()
+    assert by_id(page, "play").is_enabled()
+    assert str(by_id(page, "frame-img").get_attribute("alt")).startswith("Frame ")
+
+
 def test_a_failed_interpolation_names_the_car_the_service_could_not_use(
     page: Any, photos: dict[str, Path]
 ) -> None:

@@ -21,7 +21,12 @@ export function createInterpolator(els) {
   // explorer does with an image it could not replace. Not removed: nothing failed, and they stay to compare.
   // Their controls are disabled meanwhile, saying why: Play (or the slider, or a frame of the strip) set the
   // previous pair moving again as if it were the answer.
-  const isStale = () => pair !== null && (pair.a !== files.a || pair.b !== files.b);
+  // The same photo chosen again is a new File object: compared as such, its own frames read as the
+  // "previous pair" of a pair named exactly as the one chosen now.
+  const sameFile = (x, y) =>
+    x === y ||
+    (x !== null && y !== null && x.name === y.name && x.size === y.size && x.lastModified === y.lastModified);
+  const isStale = () => pair !== null && !(sameFile(pair.a, files.a) && sameFile(pair.b, files.b));
   function markStale() {
     const stale = isStale();
     els.player.classList.toggle("stale", stale);
