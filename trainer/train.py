@@ -25,12 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
+from carvae import synthetic
 from carvae.checkpoint import save_checkpoint
 from carvae.losses import RECIPES, psnr, vae_loss
 from carvae.model import VAE, ConfigError, VAEConfig
 from carvae.preprocess import RESIZE_POLICIES, PreprocessPolicy
-from carvae.synthetic import MAX_SIZE as SYNTHETIC_MAX_SIZE
-from carvae.synthetic import MIN_SIZE as SYNTHETIC_MIN_SIZE
 from trainer import distributed, plots
 from trainer.cli import bar_interval, duration
 from trainer.data import (
@@ -205,10 +204,10 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
         self.model_config()  # validates image size, latent size and channels
-        if self.data == "synthetic" and not SYNTHETIC_MIN_SIZE <= self.image_size <= SYNTHETIC_MAX_SIZE:
+        if self.data == "synthetic" and not synthetic.MIN_SIZE <= self.image_size <= synthetic.MAX_SIZE:
             # Photos are scaled to any size the model takes; the synthetic cars are drawn at these only.
             raise ConfigError(
-                f"{{image_size}} must be from {SYNTHETIC_MIN_SIZE} to {SYNTHETIC_MAX_SIZE} with {{data}} "
+                f"{{image_size}} must be from {synthetic.MIN_SIZE} to {synthetic.MAX_SIZE} with {{data}} "
                 f"synthetic (the sizes the synthetic cars are drawn at), got {self.image_size}",
                 "image_size",
                 "data",
