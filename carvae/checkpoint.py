@@ -213,13 +213,17 @@ def load_checkpoint(
             f"checkpoint {path} failed its integrity check (content hash {digest[:12]} != recorded "
             f"{str(meta.get('content_hash'))[:12]}): the file is corrupt"
         )
-    model = VAE(cfg)
-    # Checkpoints written before the fitted prior existed sample from N(0, I): the defaults.
-    defaults = model.state_dict()
-    tensors.update({k: defaults[k] for k in PRIOR_BUFFERS if k not in tensors})
-    mismatch = _state_mismatch(defaults, tensors)
+    # The config comes from the file's metadata, which the content hash does not cover: a config far larger
+    # than the weights (a tampered or foreign file) must be refused before a model of its size is allocated.
+    with torch.device("meta"):
+        shapes = VAE(cfg).state_dict()
+    # Checkpoints written before the fitted prior existed sample from N(0, I): the defaults, filled in below.
+    mismatch = _state_mismatch(shapes, {**{k: shapes[k] for k in PRIOR_BUFFERS}, **tensors})
     if mismatch:
         raise CheckpointError(f"checkpoint {path} does not match its model config ({mismatch})")
+    model = VAE(cfg)
+    defaults = model.state_dict()
+    tensors.update({k: defaults[k] for k in PRIOR_BUFFERS if k not in tensors})
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -51,8 +51,11 @@ class VAEConfig:
             raise ConfigError(f"{{image_size}} must be a power of two >= 8, got {size}", "image_size")
         if self.latent_dim < 1:
             raise ConfigError(f"{{latent_dim}} must be >= 1, got {self.latent_dim}", "latent_dim")
-        if not self.channels or any(c < 8 or c % 8 for c in self.channels):
-            raise ConfigError(f"{{channels}} must be multiples of 8, got {self.channels}", "channels")
+        # _norm's GroupNorm splits c channels into min(32, c // 4) groups, which must divide c.
+        if not self.channels or any(c < 8 or c % 8 or c % min(32, c // 4) for c in self.channels):
+            raise ConfigError(
+                f"{{channels}} must be multiples of 8 (of 32 from 128 up), got {self.channels}", "channels"
+            )
         if g != 1 and (g < 4 or g & (g - 1) or g > size // 4):
             raise ConfigError(
                 f"{{latent_grid}} must be 1 or a power of two from 4 to {{image_size}}/4 ({size // 4} at "
@@ -222,8 +225,11 @@ class VAE(nn.Module):
         # user of the public API: a sample is decode(randn), a latent slider spans ±3 standard deviations.
         d = cfg.latent_dim
         self.register_buffer("prior_loc", torch.zeros(d))
-        self.register_buffer("prior_scale_tril", torch.eye(d))
-        self.register_buffer("prior_whiten", torch.eye(d))  # the inverse of prior_scale_tril
+        # Identities, made without torch.eye: on the meta device (load_checkpoint's shape check) eye goes
+        # through torch._refs, whose first call imports torch._dynamo — over a second of start-up.
+        self.register_buffer("prior_scale_tril", torch.zeros(d, d).fill_diagonal_(1))
+        # the inverse of prior_scale_tril
+        self.register_buffer("prior_whiten", torch.zeros(d, d).fill_diagonal_(1))
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, 3, H, W) in [0, 1] -> (mu, logvar), each (N, latent_dim), in the prior's standardised

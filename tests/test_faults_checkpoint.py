@@ -126,6 +126,17 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
         lambda g, p: _rewrite(g, p, _config_edit(latent_dim=64)),
         "does not match its model config (",
     ),
+    # The hash covers the weights, not the metadata: a config a million times the weights' size is refused
+    # by shape, before a model of that size is allocated (it was: "can't allocate 4096000000000 bytes").
+    "config-far-larger-than-weights": (
+        lambda g, p: _rewrite(g, p, _config_edit(latent_dim=1_000_000_000)),
+        "does not match its model config (",
+    ),
+    # 136 channels pass "multiples of 8" but not GroupNorm's 32 groups: was a ValueError traceback
+    "channels-groupnorm-cannot-split": (
+        lambda g, p: _rewrite(g, p, _config_edit(channels=[32, 64, 136, 256])),
+        "has invalid metadata (channels must be multiples of 8 (of 32 from 128 up)",
+    ),
     "metadata-not-json": (
         lambda g, p: _rewrite(g, p, lambda t, m: m.update(model_config="{not json")),
         "has invalid metadata",

@@ -489,7 +489,12 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args: list[s
         ),
         (["--smoke", "--image-size", "8"], "--image-size must be from 16 to 1024 with --data synthetic"),
         (["--data", "synthetic", "--image-size", "48"], "--image-size must be a power of two >= 8, got 48"),
-        (["--data", "synthetic", "--channels", "12,16"], "--channels must be multiples of 8, got (12, 16)"),
+        (
+            ["--data", "synthetic", "--channels", "12,16"],
+            "--channels must be multiples of 8 (of 32 from 128 up), got (12, 16)",
+        ),
+        # GroupNorm's 32 groups cannot split 136: said before any data is read, naming the flag
+        (["--smoke", "--channels", "32,64,136,256"], "--channels must be multiples of 8 (of 32 from 128 up)"),
         (
             ["--smoke", "--latent-grid", "4", "--latent-dim", "12"],
             "--latent-dim 12 is not a multiple of --latent-grid² = 16",

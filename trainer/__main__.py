@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels",
         type=_channels,
         default=",".join(map(str, d.channels)),
-        help="channels per resolution level, from size/2 down to 4×4 (stretched/cut to fit)",
+        help="channels per resolution level, from size/2 down to 4×4 (stretched/cut to fit); multiples of 8, "
+        "and of 32 from 128 up",
     )
     m.add_argument(
         "--blocks-per-level",
