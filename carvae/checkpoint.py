@@ -197,9 +197,19 @@ def load_checkpoint(
             f"this carvae builds {ARCHITECTURE!r}"
         )
     try:
-        cfg = VAEConfig.from_dict(json.loads(meta["model_config"]))
-        policy = PreprocessPolicy.from_dict(json.loads(meta["preprocess"]))
-        training = json.loads(meta.get("training", "{}"))
+        parsed = {k: json.loads(meta[k]) for k in ("model_config", "preprocess")}
+        parsed["training"] = json.loads(meta.get("training", "{}"))
+        for key, value in parsed.items():
+            if not isinstance(value, dict):
+                raise TypeError(f"{key} must be a JSON object, got {type(value).__name__}")
+        cfg = VAEConfig.from_dict(parsed["model_config"])
+        policy = PreprocessPolicy.from_dict(parsed["preprocess"])
+        training = parsed["training"]
+        if policy.image_size != cfg.image_size:
+            # Inputs of another size than the model's would fail every request, not the start-up.
+            raise ValueError(
+                f"preprocess image_size {policy.image_size} != model_config image_size {cfg.image_size}"
+            )
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has invalid metadata ({_one_line(e)})") from None
     try:

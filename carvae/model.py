@@ -46,6 +46,17 @@ class VAEConfig:
     architecture: str = ARCHITECTURE
 
     def __post_init__(self) -> None:
+        # A config also comes from a checkpoint's JSON metadata, where 64.0, "64" or true can stand in for 64.
+        for name in ("image_size", "latent_dim", "blocks_per_level", "latent_grid"):
+            value = getattr(self, name)
+            if type(value) is not int:
+                raise ConfigError(f"{{{name}}} must be an integer, got {value!r}", name)
+        if not isinstance(self.channels, (tuple, list)) or any(type(c) is not int for c in self.channels):
+            raise ConfigError(f"{{channels}} must be integers, got {self.channels!r}", "channels")
+        if self.blocks_per_level < 0:
+            raise ConfigError(
+                f"{{blocks_per_level}} must be >= 0, got {self.blocks_per_level}", "blocks_per_level"
+            )
         size, g = self.image_size, self.latent_grid
         if size < 8 or size & (size - 1):
             raise ConfigError(f"{{image_size}} must be a power of two >= 8, got {size}", "image_size")

@@ -25,6 +25,9 @@ ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 # Transparent pixels are composited onto this colour (documented in the README).
 BACKGROUND = (255, 255, 255)
 RESIZE_POLICIES = ("stretch", "center-crop", "pad")
+# The preprocessing this code implements. A checkpoint recorded with another version was trained on inputs
+# this code cannot reproduce, so it is refused rather than served with different preprocessing.
+PREPROCESS_VERSION = 1
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -76,14 +79,24 @@ class PreprocessPolicy:
     resize: str = "stretch"  # whole photo resized to the square (no crop, no padding)
     resample: str = "bicubic"
     background: tuple[int, int, int] = BACKGROUND
-    version: int = 1
+    version: int = PREPROCESS_VERSION
 
     def __post_init__(self) -> None:
+        if self.version != PREPROCESS_VERSION:
+            raise ValueError(
+                f"preprocessing version {self.version!r} is not the one this carvae implements "
+                f"({PREPROCESS_VERSION})"
+            )
+        if type(self.image_size) is not int or self.image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {tuple(_RESAMPLE)}, got {self.resample!r}")
-        object.__setattr__(self, "background", tuple(int(c) for c in self.background))
+        bg = tuple(self.background)
+        if len(bg) != 3 or any(type(c) is not int or not 0 <= c <= 255 for c in bg):
+            raise ValueError(f"background must be three integers from 0 to 255, got {list(bg)}")
+        object.__setattr__(self, "background", bg)
 
     def to_dict(self) -> dict:
         d = asdict(self)

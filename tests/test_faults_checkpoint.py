@@ -51,6 +51,13 @@ def _config_edit(**changes: Any) -> Callable[[dict[str, torch.Tensor], dict[str,
     return edit
 
 
+def _preprocess_edit(**changes: Any) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
+    def edit(_: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        meta["preprocess"] = json.dumps({**json.loads(meta["preprocess"]), **changes})
+
+    return edit
+
+
 def _replace_first_tensor(rehash: bool) -> Callable[[dict[str, torch.Tensor], dict[str, str]], None]:
     def edit(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
         tensors[sorted(tensors)[0]] = torch.zeros(2, 2)
@@ -136,6 +143,29 @@ CASES: dict[str, tuple[Callable[[Path, Path], object], str]] = {
     "channels-groupnorm-cannot-split": (
         lambda g, p: _rewrite(g, p, _config_edit(channels=[32, 64, 136, 256])),
         "has invalid metadata (channels must be multiples of 8 (of 32 from 128 up)",
+    ),
+    # Each of these loaded before, and then every /reconstruct was a 500 (another input size than the
+    # model's), or the start-up a traceback (a float where an int belongs, a list for the training record),
+    # or the service would have composited transparent photos on a colour no training photo had.
+    "preprocess-size-differs-from-the-model": (
+        lambda g, p: _rewrite(g, p, _preprocess_edit(image_size=4096)),
+        "has invalid metadata (preprocess image_size 4096 != model_config image_size ",
+    ),
+    "preprocess-version-unknown": (
+        lambda g, p: _rewrite(g, p, _preprocess_edit(version=2)),
+        "has invalid metadata (preprocessing version 2 is not the one this carvae implements (1))",
+    ),
+    "preprocess-background-out-of-range": (
+        lambda g, p: _rewrite(g, p, _preprocess_edit(background=[300, -1, 5])),
+        "has invalid metadata (background must be three integers from 0 to 255, got [300, -1, 5])",
+    ),
+    "config-a-float-for-an-int": (
+        lambda g, p: _rewrite(g, p, _config_edit(latent_dim=4.0)),
+        "has invalid metadata (latent_dim must be an integer, got 4.0)",
+    ),
+    "training-record-not-an-object": (
+        lambda g, p: _rewrite(g, p, lambda t, m: m.update(training="[]")),
+        "has invalid metadata (training must be a JSON object, got list)",
     ),
     "metadata-not-json": (
         lambda g, p: _rewrite(g, p, lambda t, m: m.update(model_config="{not json")),
