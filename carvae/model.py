@@ -62,8 +62,8 @@ class VAEConfig:
             raise ConfigError(f"{{image_size}} must be a power of two >= 8, got {size}", "image_size")
         if self.latent_dim < 1:
             raise ConfigError(f"{{latent_dim}} must be >= 1, got {self.latent_dim}", "latent_dim")
-        # _norm's GroupNorm splits c channels into min(32, c // 4) groups, which must divide c.
-        if not self.channels or any(c < 8 or c % 8 or c % min(32, c // 4) for c in self.channels):
+        # _norm's GroupNorm must be able to split every level's channels into its groups.
+        if not self.channels or any(c < 8 or c % 8 or c % _norm_groups(c) for c in self.channels):
             raise ConfigError(
                 f"{{channels}} must be multiples of 8 (of 32 from 128 up), got {self.channels}", "channels"
             )
@@ -125,8 +125,12 @@ class VAEConfig:
         return cls(**known)
 
 
+def _norm_groups(ch: int) -> int:
+    return min(32, ch // 4)
+
+
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(32, ch // 4), num_channels=ch, eps=1e-5)
+    return nn.GroupNorm(num_groups=_norm_groups(ch), num_channels=ch, eps=1e-5)
 
 
 class ResBlock(nn.Module):
