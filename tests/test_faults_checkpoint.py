@@ -30,6 +30,7 @@ from service_fixtures import ROOT, make_settings, run_service, service_env
 from carvae.checkpoint import content_hash, load_checkpoint
 from service.__main__ import main
 from service.main import create_app
+from service.server import DrainingServer
 
 pytest_plugins = ["service_fixtures"]
 
@@ -206,6 +207,13 @@ def test_bad_checkpoint_is_one_line_and_exit_2(
         monkeypatch.setenv(f"CARVAE_{name}", str(value))
     # main() installs the service's SIGTERM/SIGINT handlers: not in pytest's own process.
     monkeypatch.setattr(signal, "signal", lambda *args: None)
+
+    # A checkpoint that slips through would start a server in pytest's own process and block forever:
+    # fail at once instead.
+    def served(*_: Any) -> None:
+        raise AssertionError(f"{case}: the bad checkpoint was loaded and the server started")
+
+    monkeypatch.setattr(DrainingServer, "run", served)
     with pytest.raises(SystemExit) as stopped:
         main([])
     assert stopped.value.code == 2
