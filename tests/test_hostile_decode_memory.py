@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -236,3 +237,43 @@ def test_one_request_whose_two_uploads_run_out_of_time_counts_one_decode_timeout
         budget.held = 0
     photos = {"file_a": ("a.png", _flat_png(64, "RGB")), "file_b": ("b.png", _flat_png(64, "RGB"))}
     assert client.post("/interpolate", files=photos).status_code == 200
+
+
+def test_when_one_upload_of_two_fails_the_other_stops_waiting_for_room(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/interpolate with a broken file_a and a large file_b: the answer is file_a's 4xx, and file_b's wait
+    for decode room must end with it (the caller has its answer: the wait is abandoned like a disconnected
+    client's), not wait out the deadline and then decode for nobody when room comes."""
+    client = make_client(DECODE_MEMORY_MB=64, REQUEST_TIMEOUT_S=5)
+    budget = client.app.state.pipeline.decode_budget  # type: ignore[attr-defined]
+    outcomes: list[tuple[str, float]] = []
+    real_hold = budget.hold
+
+    @asynccontextmanager
+    async def hold(*args: Any, **kwargs: Any) -> AsyncIterator[None]:
+        try:
+            async with real_hold(*args, **kwargs):
+                outcomes.append(("held", time.monotonic()))
+                yield
+        except BaseException as e:
+            outcomes.append((type(e).__name__, time.monotonic()))
+            raise
+
+    monkeypatch.setattr(budget, "hold", hold)
+    budget.held = budget.limit  # another decode holds all the room until the deadline
+    try:
+        files = {
+            "file_a": ("a.png", b"this is not an image", "image/png"),
+            "file_b": ("b.png", _flat_png(2000, "RGBA"), "image/png"),
+        }
+        started = time.monotonic()
+        answer = client.post("/interpolate", files=files)
+        assert 400 <= answer.status_code < 500 and "file_a" in answer.json()["error"]["message"], answer.text
+        deadline = time.monotonic() + 1
+        while not outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        budget.held = 0
+    assert [name for name, _ in outcomes] == ["CallerGone"], outcomes
+    assert outcomes[0][1] - started < 1, "file_b waited for room after file_a had failed"
