@@ -270,10 +270,10 @@ def test_when_one_upload_of_two_fails_the_other_stops_waiting_for_room(
         started = time.monotonic()
         answer = client.post("/interpolate", files=files)
         assert 400 <= answer.status_code < 500 and "file_a" in answer.json()["error"]["message"], answer.text
-        deadline = time.monotonic() + 1
-        while not outcomes and time.monotonic() < deadline:
+        # Polled for at most half the deadline: a wait that was not withdrawn ends with TimeoutError at 5 s.
+        while not outcomes and time.monotonic() < started + 2.5:
             time.sleep(0.02)
     finally:
         budget.held = 0
     assert [name for name, _ in outcomes] == ["CallerGone"], outcomes
-    assert outcomes[0][1] - started < 1, "file_b waited for room after file_a had failed"
+    assert outcomes[0][1] - started < 2.5, "file_b waited for room after file_a had failed"
