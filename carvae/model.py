@@ -257,9 +257,13 @@ class VAE(nn.Module):
         var = torch.exp(logvar) @ (w * w).T
         return (mu - self.prior_loc) @ w.T, torch.log(var.clamp_min(torch.finfo(var.dtype).tiny))
 
+    def unstandardise(self, z: torch.Tensor) -> torch.Tensor:
+        """The prior's standardised coordinates -> the decoder's own (the inverse of standardise's μ)."""
+        return self.prior_loc + z @ self.prior_scale_tril.T
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (N, latent_dim) in the prior's standardised coordinates -> images (N, 3, H, W) in [0, 1]."""
-        return self.decoder(self.prior_loc + z @ self.prior_scale_tril.T)
+        return self.decoder(self.unstandardise(z))
 
     @torch.no_grad()
     def fit_prior(self, mus: torch.Tensor, shrinkage: float = 1e-3) -> None:

@@ -4,10 +4,12 @@
 - `encode(x) -> (mu, logvar)`; `decode(z) -> images`.
 
 On CPU and CUDA the weights and inputs use the channels_last layout (oneDNN/cuDNN convolutions are
-faster on it: ~30 % less CPU per image here). With `torchscript=True` each entry point is traced once and
-frozen: a pass then runs as one call into TorchScript instead of ~150 Python-level module calls, so the
-model threads hardly need the GIL and no longer queue behind the event loop for it. Tracing records
-operations, not Python control flow, which is exact here because every entry point is deterministic
+faster on it: ~30 % less CPU per image here). With `torchscript=True` the encoder and the decoder are
+traced once and frozen: a pass then runs as one or two calls into TorchScript instead of ~150 Python-level
+module calls, so the model threads hardly need the GIL and no longer queue behind the event loop for it.
+The entry points share the two traced halves (the prior's coordinate change around them is a few small
+eager ops), so start-up traces, checks and warms up two graphs, not three that repeat each other. Tracing
+records operations, not Python control flow, which is exact here because both halves are deterministic
 (the random reparameterisation is never traced); `check_matches_eager` verifies it at start-up, and any
 failure falls back to the eager model.
 """
@@ -27,35 +29,6 @@ from carvae.model import VAE, VAEConfig
 log = logging.getLogger("carvae.service")
 
 
-class _Reconstruct(nn.Module):
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # As VAE.reconstruct (the encoder's own μ straight into the decoder), plus μ as encode reports it.
-        mu, logvar = self.vae.encoder(x)
-        return self.vae.decoder(mu), self.vae.standardise(mu, logvar)[0]
-
-
-class _Encode(nn.Module):
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vae.encode(x)
-
-
-class _Decode(nn.Module):
-    def __init__(self, vae: VAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z)
-
-
 class InferenceModel:
     """Thread-safe: the model threads call it concurrently (no state changes during a pass)."""
 
@@ -70,13 +43,12 @@ class InferenceModel:
             # Module.to takes memory_format at run time; its type stubs do not list it.
             model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._vae = model
-        self._reconstruct: Callable[..., Any] = _Reconstruct(model)
-        self._encode: Callable[..., Any] = _Encode(model)
-        self._decode: Callable[..., Any] = _Decode(model)
+        self._encoder: Callable[..., Any] = model.encoder
+        self._decoder: Callable[..., Any] = model.decoder
         self.traced = False
         if torchscript:
             try:
-                self._reconstruct, self._encode, self._decode = self._trace()
+                self._encoder, self._decoder = self._trace()
                 self.traced = True
             except Exception as e:  # an unusual model or backend: serve eagerly rather than not at all
                 log.warning("TorchScript tracing failed (%s: %s); serving eagerly", type(e).__name__, e)
@@ -91,26 +63,26 @@ class InferenceModel:
 
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images, mu = self._reconstruct(self.images_in(x))
-        return images, mu
+        # As VAE.reconstruct (the encoder's own μ straight into the decoder), plus μ as encode reports it.
+        mu, logvar = self._encoder(self.images_in(x))
+        return self._decoder(mu), self._vae.standardise(mu, logvar)[0]
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self._encode(self.images_in(x))
-        return mu, logvar
+        return self._vae.standardise(*self._encoder(self.images_in(x)))
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        images: torch.Tensor = self._decode(self.latents_in(z))
+        images: torch.Tensor = self._decoder(self._vae.unstandardise(self.latents_in(z)))
         return images
 
     def _trace(self) -> list[Callable[..., Any]]:
-        """The three entry points traced and frozen, checked against the eager ones."""
+        """The encoder and the decoder traced and frozen, checked against the eager ones."""
         s = self.image_size
         # Two rows, so nothing batch-size specific can be baked in as a constant (checked below at 1 and 3).
         x = self.images_in(torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0)))
         z = self.latents_in(torch.randn(2, self.latent_dim, generator=torch.Generator().manual_seed(0)))
-        eager: tuple[nn.Module, ...] = (_Reconstruct(self._vae), _Encode(self._vae), _Decode(self._vae))
+        eager: tuple[nn.Module, ...] = (self._vae.encoder, self._vae.decoder)
         # This torch marks TorchScript deprecated in favour of torch.compile, whose compile time (tens of
         # seconds on a CPU) does not fit a service that must be ready in seconds; if a later torch drops
         # it, the except in __init__ serves eagerly. GroupNorm's size check warns about a Python bool that
@@ -119,8 +91,8 @@ class InferenceModel:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = [
-                torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
-                for module, example in zip(eager, (x, x, z), strict=True)
+                torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+                for module, example in zip(eager, (x, z), strict=True)
             ]
         self.check_matches_eager(traced, eager)
         return traced
@@ -129,12 +101,12 @@ class InferenceModel:
     def check_matches_eager(
         self, traced: Sequence[Callable[..., Any]], eager: Sequence[Callable[..., Any]]
     ) -> None:
-        """The traced entry points give the eager model's results at other batch sizes too."""
+        """The traced halves give the eager model's results at other batch sizes too."""
         s = self.image_size
         for n in (1, 3):
             x = self.images_in(torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(n)))
             z = self.latents_in(torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(n)))
-            pairs = zip(traced, eager, (x, x, z), strict=True)
+            pairs = zip(traced, eager, (x, z), strict=True)
             for fast, reference, example in pairs:
                 got, want = fast(example), reference(example)
                 for g, w in zip(_flat(got), _flat(want), strict=True):
