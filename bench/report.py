@@ -28,13 +28,13 @@ def _median(values: list[Any]) -> float | None:
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per server: median start-up, and per concurrency the median of each figure over its clean
-    windows (all windows, flagged, when none was clean)."""
-    startups: dict[str, list[float]] = defaultdict(list)
+    """Per server: the median start-up (and the server's CPU for it) over its clean starts, and per
+    concurrency the median of each figure over its clean windows (all of them when none was clean)."""
+    startups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     windows: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         if "startup_s" in rec:
-            startups[rec["server"]].append(rec["startup_s"])
+            startups[rec["server"]].append(rec)
         else:
             windows[rec["server"]][rec["concurrency"]].append(rec)
     by_server: dict[str, dict[int, dict[str, Any]]] = {}
@@ -51,8 +51,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
                 max_other_cores=max(w["other_cores"] for w in use),
             )
             by_server[server][c] = row
+    clean_starts = {s: [r for r in v if not r.get("startup_noisy")] or v for s, v in startups.items()}
     return {
-        "startup_s": {s: _median(v) for s, v in startups.items()},
+        "startup_s": {s: _median([r["startup_s"] for r in v]) for s, v in clean_starts.items()},
+        "startup_cpu_s": {s: _median([r.get("startup_cpu_s") for r in v]) for s, v in clean_starts.items()},
         "by_server": by_server,
     }
 
@@ -156,8 +158,11 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *_service_table(result["service"]),
         "",
-        "Start-up to ready: "
-        + ", ".join(f"{s} {_fmt(v)} s" for s, v in result["service"]["startup_s"].items())
+        "Start-up to ready (in brackets the server's own CPU seconds for it): "
+        + ", ".join(
+            f"{s} {_fmt(v)} s ({_fmt(result['service'].get('startup_cpu_s', {}).get(s))})"
+            for s, v in result["service"]["startup_s"].items()
+        )
         + ".",
         "",
         "| target | value | goal | met |",

@@ -2,7 +2,8 @@
 
 Every server is started fresh for each round and stopped after it, so exactly one server is alive while
 it is measured and idle peers cost nothing. Start-up time is from spawn to the first 200 on its readiness
-path (our /readyz: model loaded and warmed up).
+path (our /readyz: model loaded and warmed up), with the CPU the server spent on it and the other load
+on the machine meanwhile, so that a start slowed by something else can be told from a slow server.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import machine
 from bench.assets import ROOT
 
 HOST = "127.0.0.1"
@@ -78,7 +80,9 @@ def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 
 class Running:
-    """A started server: `pid`, `port`, `startup_s`; `stop()` ends its whole process group."""
+    """A started server: `pid`, `port`, `startup_s`, `startup_cpu_s` (the server's own CPU seconds until
+    ready), `startup_other_cores` (the machine's other load meanwhile, in cores: everything but the server
+    and this process's polling); `stop()` ends its whole process group."""
 
     def __init__(self, spec: ServerSpec, log: Path, timeout_s: float = 120.0) -> None:
         self.spec = spec
@@ -91,12 +95,16 @@ class Running:
         if "--checkpoint" in argv:  # the peers take their port on the command line
             argv += ["--port", str(self.port)]
         self._log = log.open("ab")
+        busy0, own0 = machine.machine_busy_s(), time.process_time()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.pid = self.proc.pid
         self.startup_s = self._wait_ready(t0, timeout_s)
+        self.startup_cpu_s = machine.tree_cpu_s(self.pid)
+        other_s = machine.machine_busy_s() - busy0 - self.startup_cpu_s - (time.process_time() - own0)
+        self.startup_other_cores = max(0.0, other_s) / self.startup_s
 
     def _wait_ready(self, t0: float, timeout_s: float) -> float:
         while time.perf_counter() - t0 < timeout_s:

@@ -151,6 +151,7 @@ def test_a_fitted_prior_standardises_the_latent_coordinates() -> None:
     mu, logvar = model.encode(x)
     torch.testing.assert_close(model.decode(mu), model.reconstruct(x), atol=1e-5, rtol=0)
     torch.testing.assert_close(mu @ model.prior_scale_tril.T + model.prior_loc, raw_mu, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.unstandardise(mu), raw_mu, atol=1e-4, rtol=0)
     # a sample is a decode of N(0, I) in these coordinates, i.e. of N(loc, L Lᵀ) for the decoder
     z = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(
