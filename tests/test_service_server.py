@@ -203,6 +203,19 @@ def test_concurrent_clients_form_batches_with_identical_results(server: ServerPr
     assert batches < rows and singles < batches, samples  # some forward passes carried several requests
 
 
+def _gc_collections(url: str) -> float:
+    families = text_string_to_metric_families(httpx.get(url + "/metrics").text)
+    return sum(s.value for f in families for s in f.samples if s.name == "python_gc_collections_total")
+
+
+def test_the_collector_runs_once_started(server: ServerProcess) -> None:
+    """`python -m service` starts with the cyclic GC off (start-up speed) and the lifespan turns it back
+    on: left off, every reference cycle a request makes would be memory never returned."""
+    before = _gc_collections(server.url)
+    asyncio.run(_hammer(server.url, [photo_bytes(seed=i) for i in range(64)], concurrency=8))
+    assert _gc_collections(server.url) > before
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_readme_curl_line(server: ServerProcess, tmp_path: Path) -> None:
     (tmp_path / "car.jpg").write_bytes(photo_bytes(80, 50, seed=1, fmt="JPEG"))
