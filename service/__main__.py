@@ -5,38 +5,15 @@ incompatible checkpoint, a device that is not there or a bad setting ends start-
 (`carvae: error: ...`) and exit status 2, instead of a traceback from inside the server's lifespan.
 """
 
-# ruff: noqa: E402  (the signal handlers go in before the heavy imports below; see there)
 from __future__ import annotations
 
-import gc
 import os
-import signal
 import sys
 
-_serving = False
+from service import launch
 
-
-def _stop_cleanly(signum: int, frame: object) -> None:
-    if _serving:  # uvicorn has stopped gracefully and re-raised the signal: a requested stop is a success
-        sys.exit(0)
-    # Still starting: nothing to finish or flush but the streams. Not sys.exit: unwinding out of a
-    # half-done `import torch` can hang the interpreter's shutdown (seen: >10 s in 4 of 6 tries).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    # A stop requested during start-up ends the process at once with status 0. First thing: importing
-    # torch below takes ~2 s, and Python as a container's PID 1 (no init) ignores a signal it has no
-    # handler for. Only when run as a program: importing this module (tests) leaves the caller's alone.
-    signal.signal(signal.SIGTERM, _stop_cleanly)
-    signal.signal(signal.SIGINT, _stop_cleanly)
-    # No cyclic garbage collection while starting: importing torch and FastAPI and tracing the model
-    # create ~2·10^5 long-lived objects, and the collector's passes over them were ~9 % of start-up
-    # (0.3 s on a 2-core Zen 1). The lifespan freezes what is loaded and turns it back on (service.main);
-    # a start-up that fails ends the process anyway.
-    gc.disable()
+if __name__ == "__main__":  # before the heavy imports below (the console script: launch.serve)
+    launch.begin()
 
 import argparse
 import logging
@@ -157,11 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     too_few_files = ensure_open_files(settings.MAX_CONNECTIONS)
     if too_few_files:
         log.warning("%s", too_few_files)
-    # Again for the `carvae-serve` entry point, which imports this module. uvicorn later handles
-    # SIGTERM/SIGINT itself (drain, stop accepting, finish accepted requests, run the lifespan shutdown),
-    # restores these handlers and re-raises the signal: status 0 again.
-    signal.signal(signal.SIGTERM, _stop_cleanly)
-    signal.signal(signal.SIGINT, _stop_cleanly)
     log.debug("loading %s", settings.CHECKPOINT)  # debug: a failure below must stay ONE line at info
     try:
         device = pick_device(settings.DEVICE)
@@ -219,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
     server = DrainingServer(config, lambda: begin_drain(app), settings.SHUTDOWN_DELAY_S)
-    global _serving
-    _serving = True
+    launch.serving = True
     server.run()
     if not server.started:  # e.g. the port is taken: uvicorn has logged why
         return EXIT_NOT_STARTED

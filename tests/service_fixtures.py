@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -171,13 +171,18 @@ def run_service(timeout: float = 60, **settings: Any) -> subprocess.CompletedPro
 
 
 class ServerProcess:
-    """`python -m service` on a free loopback port, waited for until /readyz answers 200."""
+    """`python -m service` (or `command`) on a free loopback port, waited for until /readyz answers 200."""
 
-    def __init__(self, preexec_fn: Callable[[], object] | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        preexec_fn: Callable[[], object] | None = None,
+        command: Sequence[str] = (sys.executable, "-m", "service"),
+        **settings: Any,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
+            list(command),
             cwd=ROOT,
             env=service_env(HOST="127.0.0.1", PORT=self.port, **settings),
             stdout=subprocess.PIPE,
@@ -217,11 +222,14 @@ class ServerProcess:
 
 
 @contextmanager
-def serving(checkpoint: Path, **settings: Any) -> Iterator[ServerProcess]:
-    """A ready `python -m service` on the checkpoint, on CPU with one torch thread and warning logs unless
-    `settings` say otherwise; stopped afterwards."""
+def serving(
+    checkpoint: Path, command: Sequence[str] = (sys.executable, "-m", "service"), **settings: Any
+) -> Iterator[ServerProcess]:
+    """A ready `python -m service` (or `command`) on the checkpoint, on CPU with one torch thread and warning
+    logs unless `settings` say otherwise; stopped afterwards."""
     srv = ServerProcess(
-        **{"DEVICE": "cpu", "TORCH_THREADS": 1, "LOG_LEVEL": "warning", **settings, "CHECKPOINT": checkpoint}
+        command=command,
+        **{"DEVICE": "cpu", "TORCH_THREADS": 1, "LOG_LEVEL": "warning", **settings, "CHECKPOINT": checkpoint},
     )
     try:
         srv.wait_ready()

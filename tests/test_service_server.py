@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -203,17 +204,42 @@ def test_concurrent_clients_form_batches_with_identical_results(server: ServerPr
     assert batches < rows and singles < batches, samples  # some forward passes carried several requests
 
 
-def _gc_collections(url: str) -> float:
+def _gc_collections(url: str, generation: str | None = None) -> float:
     families = text_string_to_metric_families(httpx.get(url + "/metrics").text)
-    return sum(s.value for f in families for s in f.samples if s.name == "python_gc_collections_total")
+    return sum(
+        s.value
+        for f in families
+        for s in f.samples
+        if s.name == "python_gc_collections_total" and generation in (None, s.labels["generation"])
+    )
 
 
-def test_the_collector_runs_once_started(server: ServerProcess) -> None:
-    """`python -m service` starts with the cyclic GC off (start-up speed) and the lifespan turns it back
-    on: left off, every reference cycle a request makes would be memory never returned."""
-    before = _gc_collections(server.url)
-    asyncio.run(_hammer(server.url, [photo_bytes(seed=i) for i in range(64)], concurrency=8))
-    assert _gc_collections(server.url) > before
+_CONSOLE_SCRIPT = shutil.which("carvae-serve", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param((sys.executable, "-m", "service"), id="python -m service"),
+        pytest.param(
+            (_CONSOLE_SCRIPT or "carvae-serve",),
+            id="carvae-serve",
+            marks=pytest.mark.skipif(_CONSOLE_SCRIPT is None, reason="the package is not installed"),
+        ),
+    ],
+)
+def test_start_up_runs_without_the_collector_and_serving_with_it(
+    service_checkpoint: Path, command: tuple[str, ...]
+) -> None:
+    """Both launchers start with the cyclic GC off (start-up speed: importing torch with it on runs
+    several full collections) and the lifespan turns it back on: left off, every reference cycle a request
+    makes would be memory never returned. A stop is still status 0."""
+    with serving(service_checkpoint, command=command, MAX_WAIT_MS=10) as srv:
+        assert _gc_collections(srv.url, generation="2") == 0
+        before = _gc_collections(srv.url)
+        asyncio.run(_hammer(srv.url, [photo_bytes(seed=i) for i in range(64)], concurrency=8))
+        assert _gc_collections(srv.url) > before
+        assert srv.stop() == 0
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
