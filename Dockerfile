@@ -34,8 +34,10 @@ RUN pip-install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 # `make lock` writes; it also brings torch's own requirements to those versions). torch is already
 # satisfied, so it is not touched.
 COPY pyproject.toml constraints.txt /build/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
+# Those only the trainer imports ([tool.carvae] trainer-only) go to trainer-requirements.txt instead: the
+# trainer-deps stage below.
+COPY deploy/split-requirements.py /build/
+RUN python split-requirements.py pyproject.toml requirements.txt trainer-requirements.txt \
     && pip-install -r requirements.txt -c constraints.txt \
     && /opt/venv/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 # The torch wheel ships its C++ test suite, test binaries and C++ headers (~190 MB); nothing here runs
@@ -47,6 +49,17 @@ RUN if [ "${SLIM_TORCH}" = 1 ]; then \
         && find "${torch_dir}/bin" -mindepth 1 ! -name torch_shm_manager -exec rm -rf {} + \
         && /opt/venv/bin/python -c "import torch; torch.ones(2, 2).sum()"; \
     fi
+
+# --- trainer-deps: the trainer-only packages, in a folder of their own -----------------------------------
+# What the venv lacks for them (pip's own dry-run report lists it, their dependencies included), installed
+# without the rest into /opt/trainer-deps, which the trainer image adds to its path. The service image
+# leaves them out, and both images still share one layer for the big venv.
+FROM deps AS trainer-deps
+RUN pip-install --dry-run --quiet --report report.json -r trainer-requirements.txt -c constraints.txt \
+    && python -c "import json; print('\n'.join('%s==%s' % (p['metadata']['name'], p['metadata']['version']) for p in json.load(open('report.json'))['install']))" \
+        > trainer-pins.txt \
+    && cat trainer-pins.txt \
+    && pip-install --no-deps --target /opt/trainer-deps -r trainer-pins.txt
 
 # --- runtime: what both images share ------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -70,6 +83,8 @@ RUN chmod -R a+rX,go-w /app/carvae && python -m compileall -q /app/carvae
 
 # --- trainer: python -m trainer ------------------------------------------------------------------------
 FROM runtime AS trainer
+COPY --from=trainer-deps /opt/trainer-deps /opt/trainer-deps
+ENV PYTHONPATH=/app:/opt/trainer-deps
 COPY trainer/ /app/trainer/
 COPY deploy/trainer-entrypoint.sh /usr/local/bin/carvae-trainer
 RUN chmod -R a+rX,go-w /app/trainer && chmod 0755 /usr/local/bin/carvae-trainer \

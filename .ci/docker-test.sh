@@ -200,6 +200,33 @@ docker inspect -f "trainer container: read-only-rootfs/cap-drop/user: $lockdown"
 [[ "$(docker inspect -f "$lockdown" "$trainer_id")" == "true [ALL] 10001:10001 exit=0" ]] ||
     die "trainer container did not train read-only, without capabilities, as uid 10001"
 
+# The trainer-only packages ([tool.carvae] in pyproject.toml) are in the trainer image and not in the
+# service image, which served the checks above without them; the trainer drew its plots with them.
+trainer_only="$(python3 -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["carvae"]["trainer-only"]))')"
+has_packages='import sys
+from importlib.metadata import PackageNotFoundError, version
+def there(name):
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+found = {n: there(n) for n in sys.argv[1:]}
+print(" ".join(f"{n}={v}" for n, v in found.items()))
+sys.exit(0 if all(found.values()) else 1 if not any(found.values()) else 2)'
+packages_in() {  # image: prints name=version (or None) per package; status 0 all there, 1 none, 2 some
+    # shellcheck disable=SC2086  # one argument per package name
+    docker run --rm --network none --entrypoint python "$1" -c "$has_packages" $trainer_only
+}
+in_trainer="$(packages_in "carvae-trainer:$CARVAE_IMAGE_TAG")" || die "the trainer image lacks some of: $in_trainer"
+status=0
+in_service="$(packages_in "carvae-service:$CARVAE_IMAGE_TAG")" || status=$?
+[[ $status == 1 ]] || die "the service image has trainer-only packages: $in_service"
+echo "trainer-only packages: trainer image $in_trainer; service image none of them"
+plots="$(docker run --rm -v "${project}_models:/models:ro" --entrypoint ls "carvae-trainer:$CARVAE_IMAGE_TAG" /models/current)"
+for png in loss.png reconstructions.png samples.png; do
+    grep -qx "$png" <<<"$plots" || die "the trainer wrote no $png (in /models/current: $plots)"
+done
+
 # --- 8. a second `up` reuses the model (trainer --if-missing) ---------------------------------------------
 phase "second trainer run"
 checksum() {

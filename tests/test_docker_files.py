@@ -439,3 +439,63 @@ def test_entrypoint_looks_for_the_extensions_the_trainer_reads() -> None:
 
     looked_for = set(re.findall(r"-iname '\*(\.[a-z]+)'", ENTRYPOINT.read_text()))
     assert looked_for == set(IMAGE_EXTENSIONS)
+
+
+# -- the service image leaves out what only the trainer imports ---------------------------------------
+SPLIT = ROOT / "deploy" / "split-requirements.py"
+
+
+def _trainer_only() -> set[str]:
+    import tomllib
+
+    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["carvae"]["trainer-only"])
+
+
+def test_requirements_split_into_shared_and_trainer_only(tmp_path: Path) -> None:
+    import tomllib
+
+    shared, trainer = tmp_path / "shared.txt", tmp_path / "trainer.txt"
+    subprocess.run([sys.executable, SPLIT, ROOT / "pyproject.toml", shared, trainer], check=True)
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    got_shared, got_trainer = shared.read_text().splitlines(), trainer.read_text().splitlines()
+    assert sorted(got_shared + got_trainer) == sorted(dependencies)
+    assert {re.split(r"[<>=!~\[; ]", d)[0] for d in got_trainer} == _trainer_only() == {"matplotlib", "tqdm"}
+    assert any(d.startswith("torch") for d in got_shared)
+
+
+def test_a_trainer_only_name_that_is_no_dependency_stops_the_build(tmp_path: Path) -> None:
+    """A typo would otherwise leave the package out of both images."""
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(
+        '[project]\ndependencies = ["torch>=2", "Matplotlib>=3"]\n'
+        '[tool.carvae]\ntrainer-only = ["matplotlb"]\n'
+    )
+    out = subprocess.run(
+        [sys.executable, SPLIT, pyproject, tmp_path / "a", tmp_path / "b"], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "matplotlb" in out.stderr
+    # Names match as PEP 503 has it: "matplotlib" is "Matplotlib".
+    pyproject.write_text(pyproject.read_text().replace("matplotlb", "matplotlib"))
+    subprocess.run([sys.executable, SPLIT, pyproject, tmp_path / "a", tmp_path / "b"], check=True)
+    assert (tmp_path / "b").read_text() == "Matplotlib>=3\n"
+
+
+def test_the_service_imports_no_trainer_only_package() -> None:
+    """The service image has carvae/ and service/ but not the trainer-only packages: an import of one
+    there would fail only in Docker (.ci/docker-test.sh checks the built images)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    trainer_only = {d.lower() for d in _trainer_only()}
+    forbidden = {m for m, ds in packages_distributions().items() if {d.lower() for d in ds} & trainer_only}
+    assert {"matplotlib", "tqdm"} <= forbidden
+    for path in [*(ROOT / "carvae").rglob("*.py"), *(ROOT / "service").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for n in names:
+                assert n.split(".")[0] not in forbidden, f"{path.relative_to(ROOT)} imports {n}"
