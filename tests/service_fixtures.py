@@ -32,6 +32,7 @@ from service.config import Settings
 from service.main import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVICE_COMMAND = (sys.executable, "-m", "service")
 TINY = VAEConfig(image_size=32, latent_dim=8, channels=(8, 16, 32))
 
 
@@ -161,7 +162,7 @@ def service_env(**settings: Any) -> dict[str, str]:
 def run_service(timeout: float = 60, **settings: Any) -> subprocess.CompletedProcess[str]:
     """`python -m service` to completion (for start-up failures)."""
     return subprocess.run(
-        [sys.executable, "-m", "service"],
+        list(SERVICE_COMMAND),
         cwd=ROOT,
         env=service_env(**settings),
         capture_output=True,
@@ -176,7 +177,7 @@ class ServerProcess:
     def __init__(
         self,
         preexec_fn: Callable[[], object] | None = None,
-        command: Sequence[str] = (sys.executable, "-m", "service"),
+        command: Sequence[str] = SERVICE_COMMAND,
         **settings: Any,
     ) -> None:
         self.port = free_port()
@@ -223,7 +224,7 @@ class ServerProcess:
 
 @contextmanager
 def serving(
-    checkpoint: Path, command: Sequence[str] = (sys.executable, "-m", "service"), **settings: Any
+    checkpoint: Path, command: Sequence[str] = SERVICE_COMMAND, **settings: Any
 ) -> Iterator[ServerProcess]:
     """A ready `python -m service` (or `command`) on the checkpoint, on CPU with one torch thread and warning
     logs unless `settings` say otherwise; stopped afterwards."""

@@ -25,6 +25,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import (
     ROOT,
+    SERVICE_COMMAND,
     ServerProcess,
     decode_png,
     free_port,
@@ -220,7 +221,7 @@ _CONSOLE_SCRIPT = shutil.which("carvae-serve", path=str(Path(sys.executable).par
 @pytest.mark.parametrize(
     "command",
     [
-        pytest.param((sys.executable, "-m", "service"), id="python -m service"),
+        pytest.param(SERVICE_COMMAND, id="python -m service"),
         pytest.param(
             (_CONSOLE_SCRIPT or "carvae-serve",),
             id="carvae-serve",
