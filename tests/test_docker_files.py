@@ -15,8 +15,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -24,6 +26,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = ROOT / "deploy" / "trainer-entrypoint.sh"
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def _load_smoke() -> ModuleType:
@@ -406,8 +412,6 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
     """constraints.txt (what `make install`, the images and the wheelhouse install) must satisfy
     pyproject.toml: a range changed without `make lock` would otherwise make pip fail, or install an
     untested version for users without the lock."""
-    import tomllib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -417,7 +421,7 @@ def test_constraints_pin_every_dependency_within_its_range() -> None:
             name, _, version = line.partition("==")
             assert version, f"not an exact pin: {line!r}"
             pins[canonicalize_name(name)] = version
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = _pyproject()["project"]
     wanted = list(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         wanted += extra
@@ -446,17 +450,13 @@ SPLIT = ROOT / "deploy" / "split-requirements.py"
 
 
 def _trainer_only() -> set[str]:
-    import tomllib
-
-    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["carvae"]["trainer-only"])
+    return set(_pyproject()["tool"]["carvae"]["trainer-only"])
 
 
 def test_requirements_split_into_shared_and_trainer_only(tmp_path: Path) -> None:
-    import tomllib
-
     shared, trainer = tmp_path / "shared.txt", tmp_path / "trainer.txt"
     subprocess.run([sys.executable, SPLIT, ROOT / "pyproject.toml", shared, trainer], check=True)
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    dependencies = _pyproject()["project"]["dependencies"]
     got_shared, got_trainer = shared.read_text().splitlines(), trainer.read_text().splitlines()
     assert sorted(got_shared + got_trainer) == sorted(dependencies)
     assert {re.split(r"[<>=!~\[; ]", d)[0] for d in got_trainer} == _trainer_only() == {"matplotlib", "tqdm"}
