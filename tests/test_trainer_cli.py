@@ -280,6 +280,16 @@ def test_prior_standard_keeps_n01_and_the_fit_matches_the_training_codes(tmp_pat
     torch.testing.assert_close(mu.mean(0), torch.zeros_like(mu[0]), atol=1e-4, rtol=0)
 
 
+def test_wsd_schedule_trains_and_is_recorded(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "5", "--lr", "1e-3", "--lr-schedule", "wsd", "--out", str(out)]) == 0
+    lrs = [r["lr"] for r in read_metrics(out)]  # each epoch's last step's rate; 5 steps an epoch
+    assert lrs[:4] == [pytest.approx(1e-3)] * 4  # the stable phase: 4 of the 5 epochs
+    assert lrs[4] < 0.3e-3  # the decay: the last step of 25 is one step short of the floor (1e-5)
+    schedule = load_checkpoint(out / "model.safetensors").training["lr_schedule"]
+    assert schedule["kind"] == "wsd" and schedule["decay_fraction"] == 0.2 and schedule["planned_epochs"] == 5
+
+
 def test_time_budget_stops_after_the_epoch_that_reaches_it(tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["--smoke", "--out", str(out), "--epochs", "5", "--max-minutes", "0.0001", *FAST]) == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.metrics import ImageScores, WeightedMeans, validation_summary
-from trainer.schedule import MIN_LR_RATIO, LRSchedule, kl_weight, plan_epochs
+from trainer.schedule import MIN_LR_RATIO, WSD_DECAY, LRSchedule, kl_weight, plan_epochs
 
 
 def test_cosine_warms_up_peaks_and_anneals_to_the_floor_at_the_planned_end() -> None:
@@ -23,6 +23,39 @@ def test_cosine_warms_up_peaks_and_anneals_to_the_floor_at_the_planned_end() -> 
     assert s.at(400, planned_epochs=5) < s.at(400, planned_epochs=10)
     # warm-up never takes more than a tenth of a short run
     assert LRSchedule("cosine", 1e-3, 10, warmup_steps=500).at(1, planned_epochs=2) == pytest.approx(1e-3)
+
+
+def test_wsd_warms_up_holds_the_peak_and_decays_linearly_over_the_last_fifth() -> None:
+    s = LRSchedule("wsd", lr=1e-3, steps_per_epoch=100, warmup_steps=50)
+    lrs = [s.at(i, planned_epochs=10) for i in range(1000)]
+    assert lrs[0] == pytest.approx(1e-3 / 50) and lrs[49] == pytest.approx(1e-3)
+    decay_from = 50 + round((1 - WSD_DECAY) * 950)  # the last fifth of the steps after the warm-up
+    assert all(r == pytest.approx(1e-3) for r in lrs[49 : decay_from + 1])
+    tail = lrs[decay_from:]
+    assert all(a > b for a, b in itertools.pairwise(tail))
+    steps = [a - b for a, b in itertools.pairwise(tail)]
+    assert max(steps) == pytest.approx(min(steps), rel=1e-6)  # linear
+    assert lrs[-1] == pytest.approx(1e-3 * MIN_LR_RATIO, abs=1e-5)
+    assert s.describe() == {
+        "kind": "wsd",
+        "lr": 1e-3,
+        "warmup_steps": 50,
+        "min_lr": 1e-3 * MIN_LR_RATIO,
+        "decay_fraction": WSD_DECAY,
+    }
+
+
+def test_wsd_across_a_budget_replan_never_rises_and_still_ends_at_the_floor() -> None:
+    # planned at the --epochs cap (100) during the first epoch, re-planned to 4 after it, like --max-minutes
+    s = LRSchedule("wsd", lr=1e-3, steps_per_epoch=50, warmup_steps=20)
+    lrs = _rates_across_a_replan(s, 100, 4, at_step=50)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[20:]))
+    assert lrs[50] == pytest.approx(1e-3)
+    step = max(a - b for a, b in itertools.pairwise(lrs[50:]))
+    assert lrs[-1] - 1e-3 * MIN_LR_RATIO <= 1.01 * step  # the last step of 200: one step short of the floor
+    # after the warm-up, the decay takes the last fifth of the steps left at the re-plan (150 of 200)
+    decaying = sum(1 for r in lrs[20:] if r < 1e-3 * (1 - 1e-9))
+    assert abs(decaying - WSD_DECAY * 150) <= 2, decaying
 
 
 def _rates_across_a_replan(s: LRSchedule, first: int, then: int, at_step: int) -> list[float]:

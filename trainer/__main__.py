@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=LR_SCHEDULES,
         default=d.lr_schedule,
-        help="cosine: linear warm-up then cosine to 1%% of --lr at the (budget-aware) end; step: --lr "
-        "then --lr/10 from --lr-step-epoch on (the seed notebooks' recipe); constant",
+        help="cosine: linear warm-up then cosine to 1%% of --lr at the (budget-aware) end; wsd: linear "
+        "warm-up, --lr until the last fifth of the run, then linear to 1%% of --lr at the same end; step: "
+        "--lr then --lr/10 from --lr-step-epoch on (the seed notebooks' recipe); constant",
     )
     o.add_argument(
         "--lr-step-epoch", type=int, default=d.lr_step_epoch, help="epoch of the drop for --lr-schedule step"

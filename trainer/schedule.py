@@ -10,8 +10,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-LR_SCHEDULES = ("cosine", "step", "constant")
-MIN_LR_RATIO = 0.01  # cosine ends at 1 % of the peak rate
+LR_SCHEDULES = ("cosine", "wsd", "step", "constant")
+ANNEALED = ("cosine", "wsd")  # the schedules that warm up and end at the floor where the plan ends
+MIN_LR_RATIO = 0.01  # cosine and wsd end at 1 % of the peak rate
+WSD_DECAY = 0.2  # wsd: the last fifth of the run (after the warm-up) decays linearly to the floor
 STEP_FACTOR = 0.1  # the seeds' 1e-3 -> 1e-4
 
 
@@ -35,6 +37,9 @@ class LRSchedule:
     def at(self, step: int, planned_epochs: int, anchor: Anchor | None = None) -> float:
         """Rate for optimiser step `step` (0-based) of a run planned to last `planned_epochs` epochs.
         cosine: linear warm-up, then cosine from lr to MIN_LR_RATIO·lr at the planned end.
+        wsd (warm-up, stable, decay): linear warm-up, lr until the last WSD_DECAY of the run, then a linear
+        fall to MIN_LR_RATIO·lr at the planned end. Both follow the same progress, so a re-plan treats
+        them alike (replan).
         step: lr, then STEP_FACTOR·lr from epoch `step_epoch` on (the seeds' recipe). constant: lr."""
         if self.kind == "constant":
             return self.lr
@@ -45,6 +50,12 @@ class LRSchedule:
             return self.lr * (step + 1) / warmup
         floor = self.lr * MIN_LR_RATIO
         progress = self._progress(step, planned_epochs, anchor)
+        if self.kind == "wsd":
+            return (
+                self.lr
+                if progress <= 1 - WSD_DECAY
+                else floor + (self.lr - floor) * (1 - progress) / WSD_DECAY
+            )
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def replan(self, step: int, old_epochs: int, new_epochs: int, anchor: Anchor | None) -> Anchor | None:
@@ -60,7 +71,7 @@ class LRSchedule:
         budget of a few hundred steps, measured after the first epoch): kept, it would leave the rate
         climbing until the end and never at its peak, so it ends at the new plan's cap, or at once when
         the run is already past that."""
-        if self.kind != "cosine" or new_epochs == old_epochs:
+        if self.kind not in ANNEALED or new_epochs == old_epochs:
             return anchor
         warmup = self._warmup(old_epochs, anchor)
         reached = self._progress(step, old_epochs, anchor) if step >= warmup else 0.0
@@ -91,8 +102,10 @@ class LRSchedule:
 
     def describe(self) -> dict[str, object]:
         d: dict[str, object] = {"kind": self.kind, "lr": self.lr}
-        if self.kind == "cosine":
+        if self.kind in ANNEALED:
             d.update(warmup_steps=self.warmup_steps, min_lr=self.lr * MIN_LR_RATIO)
+        if self.kind == "wsd":
+            d.update(decay_fraction=WSD_DECAY)
         elif self.kind == "step":
             d.update(step_epoch=self.step_epoch, lr_after=self.lr * STEP_FACTOR)
         return d

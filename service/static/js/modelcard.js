@@ -53,6 +53,7 @@ const LABELS = {
   min_lr: ["Minimum learning rate"],
   lr_after: ["Learning rate after the step"],
   step_epoch: ["Step at epoch"],
+  decay_fraction: ["Share of the run spent decaying"],
   lr_step_epoch: ["Learning-rate step at epoch"],
   warmup_steps: ["Warm-up steps"],
   planned_epochs: ["Planned epochs"],
