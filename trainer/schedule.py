@@ -106,7 +106,7 @@ class LRSchedule:
             d.update(warmup_steps=self.warmup_steps, min_lr=self.lr * MIN_LR_RATIO)
         if self.kind == "wsd":
             d.update(decay_fraction=WSD_DECAY)
-        elif self.kind == "step":
+        if self.kind == "step":
             d.update(step_epoch=self.step_epoch, lr_after=self.lr * STEP_FACTOR)
         return d
 
