@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 import os
 import re
@@ -108,7 +109,7 @@ def test_smoke_run_writes_every_file_with_full_metadata(smoke_run: tuple[Path, s
     assert (
         t["best_val"]["psnr"] == pytest.approx(row["val_psnr"]) and t["final_val"]["ssim"] == row["val_ssim"]
     )
-    assert t["torch_version"] and t["train_images_per_s"] > 0 and t["lr_schedule"]["kind"] == "cosine"
+    assert t["torch_version"] and t["train_images_per_s"] > 0 and t["lr_schedule"]["kind"] == "wsd"
     # the calibrated decoder σ of the training set is stored for ELBO reporting
     assert float(ck.model.get_buffer("log_sigma")) == pytest.approx(t["log_sigma"]) != 0.0
     assert ck.policy.image_size == 64 and ck.policy.resize == "stretch"
@@ -280,14 +281,23 @@ def test_prior_standard_keeps_n01_and_the_fit_matches_the_training_codes(tmp_pat
     torch.testing.assert_close(mu.mean(0), torch.zeros_like(mu[0]), atol=1e-4, rtol=0)
 
 
-def test_wsd_schedule_trains_and_is_recorded(tmp_path: Path) -> None:
+def test_wsd_schedule_is_the_default_and_is_recorded(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main([*TINY, "--epochs", "5", "--lr", "1e-3", "--lr-schedule", "wsd", "--out", str(out)]) == 0
+    assert main([*TINY, "--epochs", "5", "--lr", "1e-3", "--out", str(out)]) == 0
     lrs = [r["lr"] for r in read_metrics(out)]  # each epoch's last step's rate; 5 steps an epoch
     assert lrs[:4] == [pytest.approx(1e-3)] * 4  # the stable phase: 4 of the 5 epochs
     assert lrs[4] < 0.3e-3  # the decay: the last step of 25 is one step short of the floor (1e-5)
     schedule = load_checkpoint(out / "model.safetensors").training["lr_schedule"]
     assert schedule["kind"] == "wsd" and schedule["decay_fraction"] == 0.2 and schedule["planned_epochs"] == 5
+
+
+def test_cosine_schedule_anneals_from_the_warm_up_on(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "5", "--lr", "1e-3", "--lr-schedule", "cosine", "--out", str(out)]) == 0
+    lrs = [r["lr"] for r in read_metrics(out)]
+    assert 0.9e-3 < lrs[0] < 1e-3 and all(a > b for a, b in itertools.pairwise(lrs)) and lrs[4] < 0.05e-3
+    schedule = load_checkpoint(out / "model.safetensors").training["lr_schedule"]
+    assert schedule["kind"] == "cosine" and "decay_fraction" not in schedule
 
 
 def test_time_budget_stops_after_the_epoch_that_reaches_it(tmp_path: Path) -> None:

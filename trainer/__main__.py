@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=LR_SCHEDULES,
         default=d.lr_schedule,
-        help="cosine: linear warm-up then cosine to 1%% of --lr at the (budget-aware) end; wsd: linear "
-        "warm-up, --lr until the last fifth of the run, then linear to 1%% of --lr at the same end; step: "
-        "--lr then --lr/10 from --lr-step-epoch on (the seed notebooks' recipe); constant",
+        help="wsd: linear warm-up, --lr until the last fifth of the run, then linear to 1%% of --lr at the "
+        "(budget-aware) end; cosine: linear warm-up then cosine to 1%% of --lr at the same end; step: --lr "
+        "then --lr/10 from --lr-step-epoch on (the seed notebooks' recipe); constant",
     )
     o.add_argument(
         "--lr-step-epoch", type=int, default=d.lr_step_epoch, help="epoch of the drop for --lr-schedule step"
@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--warmup-steps",
         type=int,
         default=d.warmup_steps,
-        help="linear LR warm-up steps for cosine (at most 10%% of the planned run; under --max-minutes a "
-        "re-plan may shorten a warm-up still under way to fit, never lengthen it)",
+        help="linear LR warm-up steps for wsd and cosine (at most 10%% of the planned run; under "
+        "--max-minutes a re-plan may shorten a warm-up still under way to fit, never lengthen it)",
     )
     o.add_argument(
         "--recipe",
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="training time budget in minutes (data loading excluded): the run plans its epochs (and the "
-        "cosine schedule) to end within it, re-plans after each epoch from the pace so far (the rate "
+        "learning-rate schedule) to end within it, re-plans after each epoch from the pace so far (the rate "
         "never rises again), and stops after the epoch that reaches it (default: no budget)",
     )
     o.add_argument(

@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-LR_SCHEDULES = ("cosine", "wsd", "step", "constant")
+LR_SCHEDULES = ("wsd", "cosine", "step", "constant")
 ANNEALED = ("cosine", "wsd")  # the schedules that warm up and end at the floor where the plan ends
 MIN_LR_RATIO = 0.01  # cosine and wsd end at 1 % of the peak rate
 WSD_DECAY = 0.2  # wsd: the last fifth of the run (after the warm-up) decays linearly to the floor
@@ -128,7 +128,7 @@ def plan_epochs(
 ) -> int:
     """How many epochs the run will have in total. With a budget, the epochs that still fit at the measured
     pace (mean epoch time, leaving out the first epoch's warm-up once later ones exist) are added to those
-    done — so the cosine schedule is stretched to end when the budget does instead of being cut mid-way."""
+    done — so the schedule is stretched to end when the budget does instead of being cut mid-way."""
     if budget_s is None or not epoch_seconds:
         return max_epochs
     times = list(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds)

@@ -136,7 +136,7 @@ class TrainConfig:
     blocks_per_level: int = VAEConfig().blocks_per_level
     latent_grid: int = VAEConfig().latent_grid
     lr: float = 5e-4
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "wsd"
     lr_step_epoch: int = 50
     warmup_steps: int = 100
     recipe: str = "sigma-vae"
@@ -280,7 +280,7 @@ class Progress:
     train_images: int = 0
     train_s: float = 0.0  # time in optimisation steps only, for images/s
     grad_ema: float | None = None
-    lr_anchor: Anchor | None = None  # where the cosine was last re-planned (trainer.schedule)
+    lr_anchor: Anchor | None = None  # where the schedule was last re-planned (trainer.schedule)
     best_epoch: int = 0
     best_val: dict[str, float] | None = None
     final_val: dict[str, float] | None = None
